@@ -1,0 +1,274 @@
+"""The anomaly-detection dataset with HALCON semantics: samples, reading, splitting, JSON manifest.
+
+A folder named ``good`` or ``ok`` (any case) holds normal images (label 'ok'); every other
+folder is a defect class (label 'nok'). Ground-truth masks are matched to images by file name
+within the same sub-folder, and every mask pixel > 0 is a defect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from anomax.data.images import IMAGE_SUFFIXES
+from anomax.errors import ConfigError, DatasetError
+from anomax.registry import DATASET_FORMATS
+
+GOOD_FOLDER_NAMES = ("good", "ok")
+SPLITS = ("train", "validation", "test")
+MANIFEST_VERSION = 1
+
+
+@dataclasses.dataclass
+class Sample:
+    image_id: int
+    image_file_name: str
+    anomaly_label: str  # 'ok' | 'nok'
+    defect_type: str  # 'good' for ok images, else the defect class (folder name)
+    anomaly_file_name: str | None = None
+    split: str | None = None
+
+
+@dataclasses.dataclass
+class DLDataset:
+    samples: list[Sample]
+    format: str
+    class_names: list[str] = dataclasses.field(default_factory=lambda: ["ok", "nok"])
+    class_ids: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
+    image_dir: str | None = None
+    anomaly_dir: str | None = None
+
+    @property
+    def has_split(self) -> bool:
+        return any(s.split is not None for s in self.samples)
+
+    def samples_of(self, split: str | None) -> list[Sample]:
+        """The samples of one split, in dataset order; ``None`` means all samples."""
+        if split is None:
+            chosen = self.samples
+        else:
+            if split not in SPLITS:
+                raise ConfigError(f"unknown split '{split}'; known splits: {', '.join(SPLITS)}")
+            if not self.has_split:
+                raise DatasetError(
+                    f"the {self.format} dataset from {self.image_dir} has no splits; call split_dl_dataset first"
+                )
+            chosen = [s for s in self.samples if s.split == split]
+        if not chosen:
+            counts = dict(Counter(s.split for s in self.samples))
+            raise DatasetError(
+                f"split '{split}' of the {self.format} dataset from {self.image_dir} is empty "
+                f"(samples per split: {counts}); split the dataset so that it gets images"
+            )
+        return chosen
+
+    def to_json(self, path: str | Path) -> None:
+        manifest = {"manifest_version": MANIFEST_VERSION, **dataclasses.asdict(self)}
+        Path(path).write_text(json.dumps(manifest, indent=1))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> DLDataset:
+        try:
+            manifest = json.loads(Path(path).read_text())
+            if manifest.pop("manifest_version") != MANIFEST_VERSION:
+                raise ValueError(f"manifest_version is not {MANIFEST_VERSION}")
+            samples = [Sample(**s) for s in manifest.pop("samples")]
+            return cls(samples=samples, **manifest)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DatasetError(f"cannot read the dataset manifest {path} ({error}); write it with to_json") from None
+
+
+def dataset_from_records(
+    records: Iterable[tuple[str | Path, str | Path | None, str, str, str | None]],
+    format_name: str,
+    image_dir: str | Path | None = None,
+    anomaly_dir: str | Path | None = None,
+) -> DLDataset:
+    """A dataset from ``(image, mask or None, label, defect_type, split)`` records; every file must exist."""
+    samples = []
+    for image_id, (image, mask, label, defect_type, split) in enumerate(records):
+        for path in (image, mask):
+            if path is not None and not Path(path).is_file():
+                raise DatasetError(f"file {path} of the {format_name} dataset does not exist; check the dataset paths")
+        mask_file = None if mask is None else str(Path(mask).absolute())
+        samples.append(Sample(image_id, str(Path(image).absolute()), label, defect_type, mask_file, split))
+    if not samples:
+        raise DatasetError(f"the {format_name} dataset from {image_dir} has no images")
+    return DLDataset(samples, format_name, image_dir=_str(image_dir), anomaly_dir=_str(anomaly_dir))
+
+
+def read_dl_dataset_anomaly(
+    image_dir: str | Path | None = None,
+    anomaly_dir: str | Path | None = None,
+    *,
+    image_list: list[str | Path] | None = None,
+    anomaly_list: list[str | Path | None] | None = None,
+) -> DLDataset:
+    """Read an anomaly-detection dataset like HALCON's ``read_dl_dataset_anomaly``.
+
+    Folder mode: ``image_dir/<label>/...`` with ``<label>`` = good/ok for normal images or a defect
+    class; masks in ``anomaly_dir/<label>/...`` match an image by exact stem, else by
+    ``<stem>_mask``, in the mirrored sub-folder. A defect image may lack a mask; a mask without an
+    image, two masks for one image, or one mask for two images is an error.
+    List mode: ``image_list`` with an optional ``anomaly_list`` of the same length (empty entry or
+    None = no mask); the label comes from each image's parent folder name.
+    """
+    if (image_dir is None) == (image_list is None):
+        raise ConfigError("give read_dl_dataset_anomaly either image_dir or image_list, not both or neither")
+    if image_list is not None:
+        return _read_lists(image_list, anomaly_list)
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DatasetError(f"image directory {image_dir} does not exist; check the dataset path")
+    if anomaly_dir is not None and not Path(anomaly_dir).is_dir():
+        raise DatasetError(f"anomaly directory {anomaly_dir} does not exist; check the dataset path")
+    images = sorted(p for p in _image_files(image_dir) if p.parent != image_dir)
+    if not any(_label_folder(p, image_dir).lower() in GOOD_FOLDER_NAMES for p in images):
+        raise DatasetError(
+            f"image directory {image_dir} has no folder named 'good' or 'ok' with images; "
+            "normal images must be in such a folder, defect images in folders named by defect class"
+        )
+    masks = _match_masks(images, image_dir, Path(anomaly_dir)) if anomaly_dir is not None else {}
+    return dataset_from_records(
+        ((p, masks.get(p), *_label(_label_folder(p, image_dir)), None) for p in images),
+        "folder",
+        image_dir,
+        anomaly_dir,
+    )
+
+
+def read_dataset(format_name: str, **kwargs) -> DLDataset:
+    """Read a dataset through the DATASET_FORMATS registry ('folder', 'mvtec_ad', 'visa', 'elpv', ...)."""
+    reader = DATASET_FORMATS.get(format_name)
+    try:
+        inspect.signature(reader).bind(**kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"dataset format '{format_name}' does not accept {sorted(kwargs)} ({error}); "
+            f"its arguments are {list(inspect.signature(reader).parameters)}"
+        ) from None
+    return reader(**kwargs)
+
+
+def split_dl_dataset(
+    dataset: DLDataset, training_percent: float, validation_percent: float, seed: int = 0, overwrite: bool = False
+) -> DLDataset:
+    """A copy of ``dataset`` with the 'ok' images split by percentages and every 'nok' image in test.
+
+    Train and validation get floor(percent · n_ok) 'ok' images but at least one when asked for;
+    test gets the remaining 'ok' images. Every split asked for must get an 'ok' image.
+    """
+    for key, value in (("training_percent", training_percent), ("validation_percent", validation_percent)):
+        if not 0 <= value <= 100:
+            raise ConfigError(f"{key} must be within 0..100, got {value}")
+    if training_percent + validation_percent > 100:
+        raise ConfigError(
+            f"training_percent + validation_percent must be at most 100, got {training_percent} + {validation_percent}"
+        )
+    if dataset.has_split and not overwrite:
+        raise DatasetError(
+            f"the {dataset.format} dataset from {dataset.image_dir} already has splits (from its format or an "
+            "earlier split); keep them, or pass overwrite=True to split again"
+        )
+    ok = [i for i, s in enumerate(dataset.samples) if s.anomaly_label == "ok"]
+    order = np.random.default_rng(seed).permutation(len(ok))
+    counts = {}
+    for split, percent in (("train", training_percent), ("validation", validation_percent)):
+        counts[split] = max(1, math.floor(percent / 100 * len(ok))) if percent > 0 else 0
+    counts["test"] = len(ok) - counts["train"] - counts["validation"]
+    wanted = {
+        "train": training_percent > 0,
+        "validation": validation_percent > 0,
+        "test": training_percent + validation_percent < 100,
+    }
+    if any(wanted[s] and counts[s] < 1 for s in SPLITS):
+        raise DatasetError(
+            f"the dataset from {dataset.image_dir} has {len(ok)} 'ok' images, too few to give each of "
+            f"{[s for s in SPLITS if wanted[s]]} at least one; add 'ok' images or ask for fewer splits"
+        )
+    split_of = ["test"] * len(dataset.samples)
+    boundaries = np.cumsum([counts["train"], counts["validation"]])
+    for rank, position in enumerate(order):
+        split_of[ok[position]] = SPLITS[int(np.searchsorted(boundaries, rank, side="right"))]
+    samples = [dataclasses.replace(s, split=split) for s, split in zip(dataset.samples, split_of, strict=True)]
+    return dataclasses.replace(dataset, samples=samples)
+
+
+def hold_out_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> DLDataset:
+    """A copy with a seeded ``fraction`` of the train samples (at least one) moved to 'validation'."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"validation_from_train must be within [0, 1), got {fraction}")
+    if fraction == 0:
+        return dataset
+    train = [i for i, s in enumerate(dataset.samples) if s.split == "train"]
+    n_validation = max(1, math.floor(fraction * len(train)))
+    if n_validation >= len(train):
+        raise DatasetError(f"the train split has {len(train)} images, too few to hold out a validation split")
+    held_out = {train[i] for i in np.random.default_rng(seed).permutation(len(train))[:n_validation]}
+    samples = [
+        dataclasses.replace(s, split="validation") if i in held_out else s for i, s in enumerate(dataset.samples)
+    ]
+    return dataclasses.replace(dataset, samples=samples)
+
+
+def _read_lists(image_list, anomaly_list) -> DLDataset:
+    anomaly_list = [None] * len(image_list) if anomaly_list is None else list(anomaly_list)
+    if len(anomaly_list) != len(image_list):
+        raise DatasetError(
+            f"image_list has {len(image_list)} entries but anomaly_list {len(anomaly_list)}; they must pair up"
+        )
+    records = (
+        (image, mask or None, *_label(Path(image).parent.name), None)
+        for image, mask in zip(image_list, anomaly_list, strict=True)
+    )
+    return dataset_from_records(records, "folder")
+
+
+def _match_masks(images: list[Path], image_dir: Path, anomaly_dir: Path) -> dict[Path, Path]:
+    """Image → mask by exact stem, else ``<stem>_mask``, within the mirrored sub-folder."""
+    masks_by_key: dict[tuple[Path, str], list[Path]] = {}
+    for mask in _image_files(anomaly_dir):
+        masks_by_key.setdefault((mask.parent.relative_to(anomaly_dir), mask.stem), []).append(mask)
+    matched: dict[Path, Path] = {}
+    for image in images:
+        folder = image.parent.relative_to(image_dir)
+        candidates = masks_by_key.get((folder, image.stem)) or masks_by_key.get((folder, f"{image.stem}_mask"), [])
+        if len(candidates) > 1:
+            raise DatasetError(f"image {image} matches several masks {[str(c) for c in candidates]}; keep one")
+        if candidates:
+            matched[image] = candidates[0]
+    for mask, count in Counter(matched.values()).items():
+        if count > 1:
+            claimants = [str(i) for i, m in matched.items() if m == mask]
+            raise DatasetError(f"mask {mask} matches several images {claimants}; rename the images or the mask")
+    unmatched = sorted({m for ms in masks_by_key.values() for m in ms} - set(matched.values()))
+    if unmatched:
+        raise DatasetError(
+            f"mask {unmatched[0]} has no matching image in {image_dir} ({len(unmatched)} unmatched masks); "
+            "a mask must be named like its image (same stem or <stem>_mask) in the same sub-folder"
+        )
+    return matched
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+
+
+def _label_folder(image: Path, image_dir: Path) -> str:
+    return image.relative_to(image_dir).parts[0]
+
+
+def _label(folder_name: str) -> tuple[str, str]:
+    """(anomaly_label, defect_type) of a label folder."""
+    return ("ok", "good") if folder_name.lower() in GOOD_FOLDER_NAMES else ("nok", folder_name)
+
+
+def _str(path: str | Path | None) -> str | None:
+    return None if path is None else str(Path(path).absolute())

@@ -1,0 +1,34 @@
+"""MVTec AD: ``<root>/<category>/train/good``, ``test/<defect>``, ``ground_truth/<defect>/<name>_mask.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation, read_dl_dataset_anomaly
+from anomax.errors import DatasetError
+from anomax.registry import DATASET_FORMATS
+
+
+@DATASET_FORMATS.register("mvtec_ad")
+def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float = 0.0, seed: int = 0) -> DLDataset:
+    """One MVTec AD category with its own train/test split.
+
+    ``validation_from_train`` holds out that fraction of the train images (seeded) as a 'validation'
+    split for threshold estimation; the default 0 keeps the published protocol.
+    """
+    folder = Path(root) / category
+    if not folder.is_dir():
+        known = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        raise DatasetError(f"MVTec AD category folder {folder} does not exist; categories in {root}: {known}")
+    ground_truth = folder / "ground_truth"
+    parts = {
+        "train": read_dl_dataset_anomaly(folder / "train"),
+        "test": read_dl_dataset_anomaly(folder / "test", ground_truth if ground_truth.is_dir() else None),
+    }
+    records = [
+        (s.image_file_name, s.anomaly_file_name, s.anomaly_label, s.defect_type, split)
+        for split, part in parts.items()
+        for s in part.samples
+    ]
+    dataset = dataset_from_records(records, "mvtec_ad", folder, ground_truth if ground_truth.is_dir() else None)
+    return hold_out_validation(dataset, validation_from_train, seed)

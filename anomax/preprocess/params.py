@@ -1,0 +1,224 @@
+"""Preprocess parameters (HALCON's ``create_dl_preprocess_param``) and the pure per-image functions.
+
+Order, as in HALCON: domain (crop or keep) → channels (1 ↔ 3) → resize → normalisation.
+This runs per image in the data loader, so numpy and PIL serve; nothing here is jitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anomax.errors import ConfigError, InputError
+
+NORMALIZATION_TYPES = ("none", "all_channels", "first_channel", "constant_values")
+DOMAIN_HANDLINGS = ("full_domain", "crop_domain", "keep_domain")
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams:
+    """Validated, hashable preprocess parameters; build them with ``create_dl_preprocess_param``.
+
+    ``domain`` is a box ``(row1, col1, row2, col2)`` in original-image pixels, inclusive, or the
+    path of a mask image (pixels > 0 inside); ``crop_domain`` crops to it (a mask to its bounding
+    box), ``keep_domain`` keeps the size and sets image and ground truth to 0 outside it.
+    """
+
+    width: int = 256
+    height: int = 256
+    num_channels: int = 3
+    range_min: float = -127.0
+    range_max: float = 128.0
+    normalization_type: str = "none"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    domain_handling: str = "full_domain"
+    domain: tuple[int, int, int, int] | str | None = None
+    resize: str = "bilinear"
+
+    def __post_init__(self):
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"preprocess '{key}' must be a positive integer, got {value!r}")
+            object.__setattr__(self, key, int(value))  # numpy integers would not survive to_dict → JSON
+        _require_choice("num_channels", self.num_channels, (1, 3))
+        _require_choice("normalization_type", self.normalization_type, NORMALIZATION_TYPES)
+        _require_choice("domain_handling", self.domain_handling, DOMAIN_HANDLINGS)
+        _require_choice("resize", self.resize, tuple(RESIZE_FILTERS))
+        if not (_is_number(self.range_min) and _is_number(self.range_max) and self.range_min < self.range_max):
+            raise ConfigError(
+                f"preprocess 'range_min' < 'range_max' must hold, got {self.range_min!r}, {self.range_max!r}"
+            )
+        object.__setattr__(self, "range_min", float(self.range_min))
+        object.__setattr__(self, "range_max", float(self.range_max))
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not isinstance(values, (tuple, list)) or not all(_is_number(v) for v in values):
+                raise ConfigError(f"preprocess '{key}' must be a list of numbers, got {values!r}")
+            object.__setattr__(self, key, tuple(float(v) for v in values))
+            if self.normalization_type == "constant_values" and len(values) not in (1, self.num_channels):
+                raise ConfigError(
+                    f"preprocess '{key}' needs 1 or num_channels={self.num_channels} values, got {values!r}"
+                )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"preprocess 'std' values must be positive, got {self.std!r}")
+        object.__setattr__(self, "domain", _checked_domain(self.domain, self.domain_handling))
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessParams:
+        return create_dl_preprocess_param(**values)
+
+
+def create_dl_preprocess_param(**kwargs) -> PreprocessParams:
+    """Preprocess parameters from keyword arguments; an unknown key is a ConfigError."""
+    known = [f.name for f in dataclasses.fields(PreprocessParams)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown preprocess parameter(s) {unknown}; known: {known}")
+    return PreprocessParams(**kwargs)
+
+
+def preprocess_image(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
+    """uint8 image (H, W) or (H, W, C) → float32 (height, width, num_channels) model input."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise InputError(f"preprocess_image needs a uint8 image (H, W, 1|3), got {image.dtype} {image.shape}")
+    image = _convert_channels(_apply_domain(params, image), params.num_channels)
+    channels = [_resize(channel, params, RESIZE_FILTERS[params.resize]) for channel in np.moveaxis(image, -1, 0)]
+    normalized = _normalize(params, np.stack(channels, axis=-1))
+    if params.domain_handling == "keep_domain":
+        normalized = np.where(_domain_mask(params, image.shape[:2])[..., None] > 0, normalized, 0.0)
+    return normalized.astype(np.float32)
+
+
+def preprocess_mask(params: PreprocessParams, mask: np.ndarray) -> np.ndarray:
+    """Ground-truth mask (H, W), nonzero = defect → uint8 {0, 1} (height, width), nearest resize."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise InputError(f"preprocess_mask needs a mask (H, W), got shape {mask.shape}")
+    mask = _apply_domain(params, (mask != 0).astype(np.float32))
+    if params.domain_handling == "keep_domain":
+        mask = mask * _domain_mask(params, mask.shape)
+    return (_resize(mask, params, Image.Resampling.NEAREST) > 0).astype(np.uint8)
+
+
+def _apply_domain(params: PreprocessParams, array: np.ndarray) -> np.ndarray:
+    if params.domain_handling != "crop_domain":
+        return array
+    row1, col1, row2, col2 = _domain_box(params, array.shape[:2])
+    return array[row1 : row2 + 1, col1 : col2 + 1]
+
+
+def _domain_box(params: PreprocessParams, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    if isinstance(params.domain, str):
+        rows, cols = np.nonzero(_read_domain_mask(params.domain, shape))
+        return rows.min(), cols.min(), rows.max(), cols.max()
+    row1, col1, row2, col2 = params.domain
+    if row2 >= shape[0] or col2 >= shape[1]:
+        raise InputError(
+            f"preprocess 'domain' box {params.domain} lies outside the {shape[0]}x{shape[1]} (rows x cols) image"
+        )
+    return params.domain
+
+
+def _domain_mask(params: PreprocessParams, shape: tuple[int, int]) -> np.ndarray:
+    """The 'keep_domain' region, resized (nearest) to the output size, as float32 {0, 1}."""
+    if isinstance(params.domain, str):
+        inside = _read_domain_mask(params.domain, shape)
+    else:
+        row1, col1, row2, col2 = _domain_box(params, shape)
+        inside = np.zeros(shape, bool)
+        inside[row1 : row2 + 1, col1 : col2 + 1] = True
+    return _resize(inside.astype(np.float32), params, Image.Resampling.NEAREST)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_domain_mask_file(path: str) -> np.ndarray:
+    from anomax.data.images import read_mask  # images is data I/O; only a mask domain needs it
+
+    return read_mask(path)
+
+
+def _read_domain_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
+    inside = _read_domain_mask_file(path)
+    if inside.shape != tuple(shape):
+        raise InputError(f"domain mask {path} is {inside.shape} (rows, cols) but the image is {tuple(shape)}")
+    if not inside.any():
+        raise InputError(f"domain mask {path} is empty; it must mark the region of interest with pixels > 0")
+    return inside
+
+
+def _convert_channels(image: np.ndarray, num_channels: int) -> np.ndarray:
+    if image.shape[-1] == num_channels:
+        return image
+    if num_channels == 3:
+        return np.repeat(image, 3, axis=-1)
+    return np.asarray(Image.fromarray(image).convert("L"))[..., None]  # ITU-R 601-2 luma
+
+
+def _resize(channel: np.ndarray, params: PreprocessParams, resample) -> np.ndarray:
+    if channel.shape == (params.height, params.width):
+        return channel.astype(np.float32)
+    resized = Image.fromarray(channel.astype(np.float32)).resize((params.width, params.height), resample)
+    return np.asarray(resized)
+
+
+def _normalize(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
+    low, high = params.range_min, params.range_max
+    if params.normalization_type == "none":
+        return image / 255.0 * (high - low) + low
+    if params.normalization_type == "constant_values":
+        return (image / 255.0 - np.asarray(params.mean, np.float32)) / np.asarray(params.std, np.float32)
+    reference = image if params.normalization_type == "all_channels" else image[..., 0]
+    minimum, maximum = reference.min(), reference.max()
+    if maximum == minimum:  # a flat image has no contrast to stretch
+        return np.full_like(image, low)
+    return (image - minimum) / (maximum - minimum) * (high - low) + low
+
+
+def _checked_domain(domain, domain_handling: str):
+    if domain_handling == "full_domain":
+        if domain is not None:
+            raise ConfigError("preprocess 'domain' is only used with domain_handling 'crop_domain' or 'keep_domain'")
+        return None
+    if isinstance(domain, (str, Path)):
+        if not Path(domain).is_file():
+            raise ConfigError(f"preprocess 'domain' mask file {domain} does not exist")
+        return str(Path(domain).absolute())
+    if (
+        isinstance(domain, (tuple, list))
+        and len(domain) == 4
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in domain)
+        and 0 <= domain[0] <= domain[2]
+        and 0 <= domain[1] <= domain[3]
+    ):
+        return tuple(int(v) for v in domain)
+    raise ConfigError(
+        f"preprocess 'domain' must be a box (row1, col1, row2, col2) with 0 <= row1 <= row2, 0 <= col1 <= col2, "
+        f"or a mask file, for domain_handling '{domain_handling}'; got {domain!r}"
+    )
+
+
+def _require_choice(key: str, value, choices: tuple) -> None:
+    if isinstance(value, bool) or value not in choices:
+        raise ConfigError(f"preprocess '{key}' must be one of {list(choices)}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return (
+        isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
+    )

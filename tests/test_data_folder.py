@@ -1,0 +1,141 @@
+"""HALCON folder reading: labels, mask matching, list mode, manifest, registry."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomax.data.dataset import DLDataset, read_dataset, read_dl_dataset_anomaly
+from anomax.errors import ConfigError, DatasetError
+
+
+def write(path: Path, value: int = 0, shape=(6, 8)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(shape, value, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    write(images / "Good" / "a.png")
+    write(images / "OK" / "b.png")
+    write(images / "scratch" / "c.png")
+    write(images / "scratch" / "d.png")
+    write(images / "dent" / "sub" / "e.png")
+    write(masks / "scratch" / "c.png", 255)  # exact stem
+    write(masks / "dent" / "sub" / "e_mask.png", 255)  # <stem>_mask, nested sub-folder
+    (masks / "scratch" / "notes.txt").write_text("not an image")
+    return images, masks
+
+
+def by_name(dataset):
+    return {Path(s.image_file_name).name: s for s in dataset.samples}
+
+
+def test_labels_and_mask_matching(folders):
+    images, masks = folders
+    dataset = read_dl_dataset_anomaly(images, masks)
+    samples = by_name(dataset)
+    assert {n: s.anomaly_label for n, s in samples.items()} == {
+        "a.png": "ok",
+        "b.png": "ok",
+        "c.png": "nok",
+        "d.png": "nok",
+        "e.png": "nok",
+    }
+    assert {n: s.defect_type for n, s in samples.items()} == {
+        "a.png": "good",
+        "b.png": "good",
+        "c.png": "scratch",
+        "d.png": "scratch",
+        "e.png": "dent",
+    }
+    assert samples["c.png"].anomaly_file_name == str(masks / "scratch" / "c.png")
+    assert samples["e.png"].anomaly_file_name == str(masks / "dent" / "sub" / "e_mask.png")
+    assert samples["d.png"].anomaly_file_name is None  # a defect image without a mask is allowed
+    assert sorted(s.image_id for s in dataset.samples) == list(range(5))
+    assert dataset.class_names == ["ok", "nok"] and dataset.class_ids == [0, 1] and not dataset.has_split
+
+
+def test_exact_stem_wins_and_leftover_mask_is_an_error(folders):
+    images, masks = folders
+    write(masks / "scratch" / "c_mask.png", 255)  # c.png already matched by exact stem
+    with pytest.raises(DatasetError, match="c_mask.png has no matching image"):
+        read_dl_dataset_anomaly(images, masks)
+
+
+def test_mask_without_image_is_an_error(folders):
+    images, masks = folders
+    write(masks / "scratch" / "zzz.png", 255)
+    with pytest.raises(DatasetError, match="zzz.png has no matching image"):
+        read_dl_dataset_anomaly(images, masks)
+
+
+def test_mask_in_other_subfolder_does_not_match(folders):
+    images, masks = folders
+    write(masks / "dent" / "d.png", 255)  # d.png lives in scratch/, not dent/
+    with pytest.raises(DatasetError, match="d.png has no matching image"):
+        read_dl_dataset_anomaly(images, masks)
+
+
+def test_ambiguous_masks_are_an_error(folders):
+    images, masks = folders
+    write(masks / "scratch" / "d.png", 255)
+    write(masks / "scratch" / "d.bmp", 255)
+    with pytest.raises(DatasetError, match="d.png matches several masks"):
+        read_dl_dataset_anomaly(images, masks)
+
+
+def test_one_mask_for_two_images_is_an_error(folders):
+    images, masks = folders
+    write(images / "scratch" / "c.bmp")
+    with pytest.raises(DatasetError, match=r"masks.scratch.c.png matches several images"):
+        read_dl_dataset_anomaly(images, masks)
+
+
+def test_missing_directories_and_no_good_folder(tmp_path, folders):
+    images, masks = folders
+    with pytest.raises(DatasetError, match="image directory .*nowhere does not exist"):
+        read_dl_dataset_anomaly(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="anomaly directory .*nomasks does not exist"):
+        read_dl_dataset_anomaly(images, tmp_path / "nomasks")
+    write(tmp_path / "bad" / "scratch" / "x.png")
+    with pytest.raises(DatasetError, match=r"bad has no folder named 'good' or 'ok'"):
+        read_dl_dataset_anomaly(tmp_path / "bad")
+
+
+def test_list_mode(folders):
+    images, masks = folders
+    dataset = read_dl_dataset_anomaly(
+        image_list=[images / "Good" / "a.png", images / "scratch" / "c.png"],
+        anomaly_list=["", masks / "scratch" / "c.png"],
+    )
+    assert [(s.anomaly_label, s.defect_type, s.anomaly_file_name) for s in dataset.samples] == [
+        ("ok", "good", None),
+        ("nok", "scratch", str(masks / "scratch" / "c.png")),
+    ]
+    with pytest.raises(DatasetError, match="image_list has 2 entries but anomaly_list 1"):
+        read_dl_dataset_anomaly(image_list=[images / "Good" / "a.png", images / "OK" / "b.png"], anomaly_list=[None])
+    with pytest.raises(DatasetError, match="missing.png .*does not exist"):
+        read_dl_dataset_anomaly(image_list=[images / "Good" / "missing.png"])
+    with pytest.raises(ConfigError):
+        read_dl_dataset_anomaly(images, image_list=[images / "Good" / "a.png"])
+
+
+def test_manifest_round_trip(tmp_path, folders):
+    dataset = read_dataset("folder", image_dir=folders[0], anomaly_dir=folders[1])
+    dataset.samples[0].split = "train"
+    dataset.to_json(tmp_path / "manifest.json")
+    assert DLDataset.from_json(tmp_path / "manifest.json") == dataset
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="broken.json"):
+        DLDataset.from_json(tmp_path / "broken.json")
+
+
+def test_unknown_format_and_bad_arguments(folders):
+    with pytest.raises(ConfigError, match="unknown dataset format 'nonsense'.*folder"):
+        read_dataset("nonsense")
+    with pytest.raises(ConfigError, match="'folder' does not accept"):
+        read_dataset("folder", image_directory=folders[0])

@@ -1,0 +1,122 @@
+"""The TFDS array_record cache and the grain batches: round trip, reuse, invalidation, interruption."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import anomax.preprocess.cache as cache
+from anomax.data.dataset import read_dataset
+from anomax.data.images import read_pair
+from anomax.errors import ConfigError, DatasetError
+from anomax.preprocess.cache import cache_path, is_cached, iterate_batches, num_batches
+from anomax.preprocess.params import create_dl_preprocess_param, preprocess_image, preprocess_mask
+
+pytest.importorskip("skimage")
+from anomax.data.synthetic import make_synthetic_dataset  # noqa: E402
+
+PARAMS = create_dl_preprocess_param(width=16, height=12, normalization_type="constant_values")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("syn"), size=24, n_train=3, n_test_good=1, n_test_defect=4, seed=1
+    )
+    return read_dataset("mvtec_ad", root=root, category="brick")
+
+
+def direct(dataset, split, params):
+    """The expected arrays, preprocessed one sample at a time without grain or TFDS."""
+    pairs = [read_pair(s.image_file_name, s.anomaly_file_name) for s in dataset.samples_of(split)]
+    return np.stack([preprocess_image(params, i) for i, _ in pairs]), np.stack(
+        [preprocess_mask(params, m) for _, m in pairs]
+    )
+
+
+def stacked(batches):
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def test_batches_have_fixed_shapes_and_padding(dataset):
+    batches = iterate_batches(dataset, "test", PARAMS, 2)
+    assert len(batches) == num_batches(dataset, "test", 2) == 3
+    listed = list(batches)
+    for batch in listed:
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+            "image": ((2, 12, 16, 3), np.float32),
+            "mask": ((2, 12, 16), np.uint8),
+            "label": ((2,), np.int32),
+            "valid": ((2,), np.bool_),
+            "index": ((2,), np.int32),
+        }
+    everything = stacked(listed)
+    assert everything["valid"].tolist() == [True] * 5 + [False]
+    assert everything["index"][:5].tolist() == list(range(5)) and everything["label"][:5].tolist() == [0, 1, 1, 1, 1]
+    images, masks = direct(dataset, "test", PARAMS)
+    np.testing.assert_array_equal(everything["image"][:5], images)
+    np.testing.assert_array_equal(everything["mask"][:5], masks)
+    assert masks[1:].any(axis=(1, 2)).all()  # every defect image keeps its defect after resizing
+
+
+def test_shuffle_is_a_seeded_permutation(dataset):
+    def order(seed):
+        return stacked(list(iterate_batches(dataset, "test", PARAMS, 4, shuffle=True, seed=seed)))["index"][:5].tolist()
+
+    assert sorted(order(0)) == list(range(5)) and order(0) == order(0)
+    assert len({tuple(order(seed)) for seed in range(4)}) > 1
+
+
+def test_cache_round_trip_and_reuse(dataset, tmp_path, monkeypatch):
+    cached = stacked(list(iterate_batches(dataset, "test", PARAMS, 3, cache_dir=tmp_path)))
+    on_the_fly = stacked(list(iterate_batches(dataset, "test", PARAMS, 3)))
+    for key in on_the_fly:
+        np.testing.assert_array_equal(cached[key], on_the_fly[key])
+        assert cached[key].dtype == on_the_fly[key].dtype
+    assert is_cached(dataset, "test", PARAMS, tmp_path)
+
+    def must_not_run(*args):
+        raise AssertionError("a complete cache must be read, not written again")
+
+    monkeypatch.setattr(cache, "preprocess_image", must_not_run)
+    again = stacked(list(iterate_batches(dataset, "test", PARAMS, 3, cache_dir=tmp_path, shuffle=True)))
+    np.testing.assert_array_equal(again["image"][again["valid"]], cached["image"][again["index"][again["valid"]]])
+    assert "tensorflow" not in sys.modules  # TFDS writes and reads the cache without TensorFlow
+
+
+def test_changed_params_or_files_make_a_new_cache(dataset, tmp_path):
+    iterate_batches(dataset, "train", PARAMS, 2, cache_dir=tmp_path)
+    wider = create_dl_preprocess_param(**(PARAMS.to_dict() | {"width": 20}))
+    assert cache_path(dataset, "train", wider, tmp_path) != cache_path(dataset, "train", PARAMS, tmp_path)
+    assert not is_cached(dataset, "train", wider, tmp_path)
+    assert next(iter(iterate_batches(dataset, "train", wider, 2, cache_dir=tmp_path)))["image"].shape == (2, 12, 20, 3)
+    assert len(list(tmp_path.iterdir())) == 2
+    first = dataset.samples_of("train")[0].image_file_name
+    os.utime(first, ns=(0, 0))  # an edited image (new mtime) invalidates the cache
+    assert not is_cached(dataset, "train", PARAMS, tmp_path)
+
+
+def test_interrupted_write_is_not_a_cache(dataset, tmp_path, monkeypatch):
+    calls = []
+
+    def crash_on_third(params, image):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash while writing")
+        return preprocess_image(params, image)
+
+    monkeypatch.setattr(cache, "preprocess_image", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        list(iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path))
+    assert not is_cached(dataset, "test", PARAMS, tmp_path)
+    monkeypatch.undo()
+    cached = stacked(list(iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path)))
+    np.testing.assert_array_equal(cached["image"][:5], direct(dataset, "test", PARAMS)[0])
+
+
+def test_bad_requests(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="batch_size"):
+        iterate_batches(dataset, "test", PARAMS, 0)
+    with pytest.raises(DatasetError, match="split 'validation' .* is empty"):
+        iterate_batches(dataset, "validation", PARAMS, 2, cache_dir=tmp_path)
