@@ -1,0 +1,56 @@
+"""Bad inputs give InputError with a message that says what to fix."""
+
+import numpy as np
+import pytest
+
+from anomax.errors import InputError
+from anomax.evaluation import compute_dl_anomaly_thresholds, evaluate_dl_model
+
+
+def _batch(**changes):
+    masks = np.zeros((4, 5, 5), np.uint8)
+    masks[2:, 1:3, 1:3] = 1
+    batch = {"anomaly_image": np.random.default_rng(0).random((4, 5, 5)) + masks, "anomaly_ground_truth": masks,
+             "anomaly_score": np.array([0.1, 0.2, 0.8, 0.9]), "anomaly_label_id": np.array([0, 0, 1, 1])}
+    return {**batch, **changes}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"anomaly_ground_truth": np.zeros((4, 6, 5), np.uint8)}, "does not match the anomaly image"),
+    ({"anomaly_score": np.array([0.1, np.nan, 0.8, 0.9])}, "'anomaly_score' contains NaN"),
+    ({"anomaly_image": np.full((4, 5, 5), np.nan)}, "'anomaly_image' contains NaN"),
+    ({"anomaly_label_id": np.array([1, 1, 1, 1])}, "no good"),
+    ({"anomaly_label_id": np.array([0, 0, 0, 0])}, "labelled ok .* has defect pixels"),
+    ({"anomaly_label_id": np.array([0, 2, 1, 1])}, "use 0 for ok and 1 for nok"),
+    ({"anomaly_score": np.array([0.1, 0.2, 0.8])}, r"expected \(3,\)"),
+    ({"defect_type": ["good", "good", "scratch"]}, "'defect_type' has shape"),
+])
+def test_bad_evaluation_inputs_raise_input_error(changes, message):
+    with pytest.raises(InputError, match=message):
+        evaluate_dl_model(_batch(**changes), exact=True)
+
+
+def test_good_images_only_cannot_be_evaluated():
+    batch = _batch(anomaly_label_id=np.zeros(4, int), anomaly_ground_truth=None)
+    with pytest.raises(InputError, match="no defective"):
+        evaluate_dl_model(batch)
+
+
+def test_threshold_inputs_are_checked_too():
+    with pytest.raises(InputError, match="'anomaly_score' contains NaN"):
+        compute_dl_anomaly_thresholds(_batch(anomaly_score=np.array([np.nan, 0.2, 0.8, 0.9])), split="validation")
+    with pytest.raises(InputError, match="needs 'anomaly_image'"):
+        compute_dl_anomaly_thresholds({"anomaly_score": [0.1], "anomaly_label_id": [0]}, split="validation")
+
+
+def test_padding_is_dropped_before_checks():
+    batch = _batch(anomaly_score=np.array([0.1, 0.2, 0.8, np.nan]), valid=np.array([True, True, True, False]))
+    assert evaluate_dl_model(batch, exact=True)["num_images"] == 3
+
+
+def test_one_shot_iterators_need_a_pixel_range_for_streamed_metrics():
+    with pytest.raises(InputError, match="pixel_range"):
+        evaluate_dl_model(iter([_batch()]))
+    streamed = evaluate_dl_model(iter([_batch()]), pixel_range=(0.0, 2.0))
+    assert streamed["pixel"]["auroc"] == pytest.approx(evaluate_dl_model([_batch()], exact=True)["pixel"]["auroc"],
+                                                       abs=1e-3)

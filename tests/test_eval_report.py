@@ -1,0 +1,90 @@
+"""A run's pictures and HTML report; the report opens in headless chromium with every image loaded."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomax.evaluation import (compute_dl_anomaly_thresholds, evaluate_dl_model, plot_anomaly_overlay,
+                               plot_worst_cases, threshold_dl_anomaly_results, write_evaluation_pictures,
+                               write_html_report)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Injected into a copy of the page: the title lists the images that failed to load.
+IMAGE_CHECK = ("<script>window.addEventListener('load', () => { document.title = [...document.images]"
+               ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src')).join(',')"
+               " || 'ALL-IMAGES-LOADED'; });</script>")
+
+
+def _split(seed, count, size=24):
+    """Textured images; defective ones carry a bright blob, marked in the mask and raised in the map."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    images = rng.integers(60, 120, (count, size, size, 3)).astype(np.uint8)
+    masks = np.zeros((count, size, size), np.uint8)
+    for i in np.flatnonzero(labels):
+        row, col = rng.integers(2, size - 8, 2)
+        masks[i, row:row + 5, col:col + 4] = 1
+        images[i][masks[i] == 1] = 230
+    maps = (rng.random((count, size, size)) + 1.5 * masks).astype(np.float32)
+    return {"image": images, "anomaly_image": maps, "anomaly_ground_truth": masks,
+            "anomaly_score": maps.reshape(count, -1).max(1), "anomaly_label_id": labels,
+            "defect_type": np.where(labels == 1, "blob", "good"), "index": np.arange(count)}
+
+
+def _page_images_in_chromium(page: Path) -> str:
+    probe = page.with_name("chromium_probe.html")
+    probe.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    probe.unlink()
+    return re.search(r"<title>(.*?)</title>", dom).group(1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    validation, test = _split(0, 6), _split(1, 8)
+    thresholds = compute_dl_anomaly_thresholds(validation, split="validation", exact=True)
+    metrics = evaluate_dl_model(test, thresholds=thresholds)
+    results = threshold_dl_anomaly_results(test["anomaly_image"], test["anomaly_score"], thresholds.segmentation,
+                                           thresholds.intermediate)
+    pictures = write_evaluation_pictures(run_dir, metrics, thresholds.classification())
+    for position, cmap in ((1, "jet"), (3, "hot")):
+        pictures[f"overlay_{cmap}"] = plot_anomaly_overlay(
+            run_dir / "pictures" / f"overlay_{cmap}.png", test["image"][position], test["anomaly_image"][position],
+            cmap=cmap, ground_truth=test["anomaly_ground_truth"][position],
+            region=results[position]["anomaly_region"]["mask"])
+
+    def cases(ranked):
+        return [{key: test[key][case["index"]] for key in ("image", "anomaly_image", "anomaly_score",
+                                                           "anomaly_ground_truth")} for case in ranked]
+
+    pictures["worst_cases"] = plot_worst_cases(run_dir / "pictures" / "worst_cases.png",
+                                               cases(metrics["worst_false_positives"]),
+                                               cases(metrics["worst_false_negatives"]))
+    write_html_report(run_dir, metrics, pictures, thresholds=thresholds)
+    return run_dir
+
+
+def test_report_lists_metrics_and_links_every_picture_relatively(run_dir):
+    page = (run_dir / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(sources) == sorted(f"pictures/{name}.png" for name in (
+        "score_histogram", "roc", "pro", "overlay_jet", "overlay_hot", "worst_cases"))
+    assert all((run_dir / source).stat().st_size > 1000 for source in sources)
+    for heading in ("Image metrics", "Pixel metrics", "Thresholds", "At classification threshold 'intermediate'"):
+        assert heading in page
+    assert "blob" in page and "AUPRO" in page
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (apt-get install chromium)")
+def test_report_opens_in_headless_chromium_with_every_image_loaded(run_dir):
+    assert _page_images_in_chromium(run_dir / "index.html") == "ALL-IMAGES-LOADED"
+    broken = run_dir / "broken.html"  # the probe itself must notice a missing picture
+    broken.write_text('<html><head><title>x</title></head><body><img src="pictures/missing.png"></body></html>')
+    assert _page_images_in_chromium(broken) == "pictures/missing.png"
