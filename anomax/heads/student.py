@@ -1,0 +1,172 @@
+"""Student-teacher feature regression, HALCON's trained anomaly model in spirit.
+
+The frozen backbone's adapted features are the teacher. A small strided CNN, the
+student, learns to reproduce them from the image on good samples only; where it
+fails (a large per-position regression error) the image is unlike the training
+set. Teacher channels are standardised with training-set statistics so that no
+channel dominates the error.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from anomax import training
+from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
+from anomax.heads._base import Head
+from anomax.registry import HEADS
+from anomax.training import TrainConfig
+
+STRIDES = (8, 16)
+
+
+class PatchConv(nnx.Module):
+    """3x3 'SAME' convolution as image patches @ kernel. Why not nnx.Conv: inside lax.scan,
+    XLA:CPU computes a convolution's kernel gradient ~30x slower than outside a loop
+    (jax-ml/jax#12868); as a matmul the gradient is fast on every backend."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
+        self.stride = stride
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, 3, in_channels, out_channels)))
+        self.bias = nnx.Param(jnp.zeros(out_channels))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        patches = jax.lax.conv_general_dilated_patches(x, (3, 3), (self.stride, self.stride), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        kernel = self.kernel[...]
+        # Patch features are ordered (channel, row, column).
+        return patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, kernel.shape[-1]) + self.bias[...]
+
+
+class StudentNet(nnx.Module):
+    """Per halving of the resolution a 3x3 stride-2 conv then a 3x3 conv, widths
+    complexity * 2**stage; a 1x1 conv (dense over channels) maps to the teacher's channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, complexity: int, stride: int, *, rngs: nnx.Rngs):
+        layers, channels = [], in_channels
+        for stage in range(stride.bit_length() - 1):
+            width = complexity * 2**stage
+            layers += [PatchConv(channels, width, 2, rngs=rngs), PatchConv(width, width, 1, rngs=rngs)]
+            channels = width
+        self.layers = nnx.List(layers)
+        self.head = nnx.Linear(channels, out_channels, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = jax.nn.relu(layer(x))
+        return self.head(x)
+
+
+def regression_error(student: jax.Array, target: jax.Array) -> jax.Array:
+    """Per-position mean squared error over channels: (B, h, w, D) x2 -> (B, h, w)."""
+    return jnp.mean(jnp.square(student - target), axis=-1)
+
+
+@HEADS.register("student")
+class StudentHead(Head):
+    """complexity: channels of the student's first stage (doubling per stage).
+    stride: image pixels per feature position (8 or 16); null derives it at fit.
+    sigma: smoothing of the anomaly map. train: TrainConfig fields (conf/train/)."""
+
+    name = "student"
+
+    def __init__(self, complexity: int = 32, stride: int | None = None, sigma: float = 4.0,
+                 train: Mapping[str, Any] | TrainConfig | None = None):
+        super().__init__(sigma)
+        self.check_count("complexity", complexity)
+        self.check(stride is None or stride in STRIDES, "stride", stride, f"null or one of {STRIDES}")
+        self.complexity = complexity
+        self.stride = stride
+        # Validated here, so bad training parameters fail before any image is read.
+        self.train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)
+
+    @property
+    def hyperparams(self) -> dict[str, Any]:
+        return {"complexity": self.complexity, "stride": self.stride, "sigma": self.sigma,
+                "train": self.train.to_dict()}
+
+    def fit(self, batches: Iterable[Mapping[str, Any]], progress: bool = False) -> dict[str, Any]:
+        images, features = self._collect(batches, progress)
+        self.stride = self._stride_of(images.shape, features.shape)
+        mean = features.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+        # The floor keeps constant channels finite.
+        std = np.maximum(features.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
+        targets = (features - mean) / std
+        self._build(images.shape[-1], features.shape[-1])
+        _, params = nnx.split(StudentNet(images.shape[-1], features.shape[-1], self.complexity, self.stride,
+                                         rngs=nnx.Rngs(self.train.seed)))
+
+        def error_fn(params, images, targets):
+            return regression_error(nnx.merge(self._graphdef, params)(images), targets)
+
+        params, info = training.train(error_fn, params, images, targets, self.train, desc="train student",
+                                      progress=progress)
+        weights = {f"student/{key}": np.asarray(value) for key, value in zip(self._keys, jax.tree.leaves(params))}
+        self._state = {**weights, "teacher_mean": mean, "teacher_std": std}
+        return info
+
+    @classmethod
+    def from_state(cls, hyperparams: Mapping[str, Any], state: Mapping[str, Any]) -> StudentHead:
+        head = cls(**hyperparams)
+        if head.stride is None or "teacher_mean" not in state or "student/layers/0/kernel" not in state:
+            raise ArtifactError("the student head state lacks its stride, teacher statistics or student weights; "
+                                "re-train the model")
+        head._build(state["student/layers/0/kernel"].shape[2], state["teacher_mean"].shape[0])
+        keys = [f"student/{key}" for key in head._keys] + ["teacher_mean", "teacher_std"]
+        missing = sorted(set(keys) - set(state))
+        if missing:
+            raise ArtifactError(f"the student head state lacks {missing}; re-train the model")
+        head._state = {key: np.asarray(state[key]) for key in keys}
+        return head
+
+    def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array):
+        """Pure: patch scores = per-position regression error against the standardised
+        teacher; image score = maximum of the smoothed, upsampled map."""
+        params = jax.tree.unflatten(self._treedef, [state[f"student/{key}"] for key in self._keys])
+        target = (features - state["teacher_mean"]) / state["teacher_std"]
+        patch_scores = regression_error(nnx.merge(self._graphdef, params)(images), target)
+        image_scores = self.anomaly_map(patch_scores, images.shape[1:3]).max(axis=(1, 2))
+        return patch_scores, image_scores
+
+    def _build(self, in_channels: int, out_channels: int) -> None:
+        """The student's structure (no weights): graphdef, pytree layout and '/'-joined keys."""
+        abstract = nnx.eval_shape(lambda: StudentNet(in_channels, out_channels, self.complexity, self.stride,
+                                                     rngs=nnx.Rngs(0)))
+        self._graphdef, params = nnx.split(abstract)
+        self._treedef = jax.tree.structure(params)
+        # to_flat_state walks the state in the same sorted order as jax.tree.leaves.
+        self._keys = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(params)]
+
+    def _collect(self, batches: Iterable[Mapping[str, Any]], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The whole training split in memory, padding dropped: the student trains for many epochs on it."""
+        images, features = [], []
+        for batch in tqdm(batches, desc="cache teacher features", unit="batch", disable=not progress):
+            if "image" not in batch or "features" not in batch:
+                raise InputError(f"student.fit: a batch needs 'image' and 'features', got {sorted(batch)}; "
+                                 "run the backbone and FeatureAdaptor first")
+            valid = np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool)), bool)
+            images.append(np.asarray(batch["image"], np.float32)[valid])
+            features.append(np.asarray(batch["features"], np.float32)[valid])
+        if not images or sum(len(x) for x in images) == 0:
+            raise DatasetError("student.fit got no valid training images; check the training split")
+        return np.concatenate(images), np.concatenate(features)
+
+    def _stride_of(self, image_shape: tuple[int, ...], feature_shape: tuple[int, ...]) -> int:
+        if len(image_shape) != 4 or len(feature_shape) != 4:
+            raise InputError(f"the student head needs images (B,H,W,C) and features (B,h,w,D), "
+                             f"got {image_shape} and {feature_shape}")
+        (height, width), (rows, cols) = image_shape[1:3], feature_shape[1:3]
+        stride = height // rows
+        if stride not in STRIDES or (rows * stride, cols * stride) != (height, width):
+            raise InputError(f"the student head needs features {STRIDES} times smaller than the image, got image "
+                             f"{height}x{width} and features {rows}x{cols}; choose adaptor taps of stride 8 or 16 "
+                             "and an image size that is a multiple of it")
+        if self.stride is not None and stride != self.stride:
+            raise ConfigError(f"head.stride={self.stride} but the features are {stride} times smaller than the "
+                              "image; set head.stride to null or to the taps' stride")
+        return stride

@@ -1,0 +1,186 @@
+"""The optax training loop of trained heads, controlled by HALCON's training parameters.
+
+A head hands over what it regresses (inputs and targets held in memory) and a pure
+``error_fn(params, inputs, targets) -> per-position errors (B, ...)``. Each epoch is
+one compiled ``lax.scan`` over fixed-shape batches; padding of the last batch is
+masked out, so nothing recompiles between epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from anomax.errors import AnomaxError, ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """HALCON's training parameters (with its defaults) plus the optimiser settings."""
+
+    max_num_epochs: int = 30
+    error_threshold: float = 0.001  # stop as soon as an epoch's mean error falls below it
+    domain_ratio: float = 0.1  # fraction of positions per image entering the loss each step
+    regularization_noise: float = 0.0001  # std of Gaussian noise added to the inputs
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    schedule: str = "constant"
+    weight_decay: float = 0.0001  # adamw only
+    momentum: float = 0.9  # sgd only
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        def fail(key: str, rule: str):
+            raise ConfigError(
+                f"train.{key} = {getattr(self, key)!r} is invalid: it must be {rule}; "
+                f"fix it in conf/train/ or on the command line (train.{key}=...)"
+            )
+
+        for key in ("max_num_epochs", "batch_size", "seed"):
+            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
+                fail(key, "an integer")
+        for key in ("error_threshold", "domain_ratio", "regularization_noise", "learning_rate",
+                    "weight_decay", "momentum"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(key, "a finite number")
+        if self.max_num_epochs < 1:
+            fail("max_num_epochs", ">= 1")
+        if self.error_threshold < 0:
+            fail("error_threshold", ">= 0")
+        if not 0 < self.domain_ratio <= 1:
+            fail("domain_ratio", "in (0, 1]")
+        if self.regularization_noise < 0:
+            fail("regularization_noise", ">= 0")
+        if self.learning_rate <= 0:
+            fail("learning_rate", "> 0")
+        if self.weight_decay < 0:
+            fail("weight_decay", ">= 0")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", "in [0, 1)")
+        if self.batch_size < 1:
+            fail("batch_size", ">= 1")
+        if self.seed < 0:
+            fail("seed", ">= 0")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"one of {', '.join(SCHEDULES)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
+        values = dict(values or {})
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            known = ", ".join(field.name for field in dataclasses.fields(cls))
+            raise ConfigError(f"unknown train key(s) {', '.join(unknown)}; known keys: {known}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def optimizer_for(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        learning_rate = self.learning_rate
+        if self.schedule == "cosine":
+            learning_rate = optax.cosine_decay_schedule(self.learning_rate, self.max_num_epochs * steps_per_epoch)
+        if self.optimizer == "adamw":
+            return optax.adamw(learning_rate, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            return optax.sgd(learning_rate, momentum=self.momentum or None)
+        return optax.adam(learning_rate)
+
+
+ErrorFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig,
+          *, desc: str = "train", progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Minimise the mean of ``error_fn``'s per-position errors over (inputs, targets).
+
+    Returns the params of the epoch with the lowest training error and HALCON's
+    DLTrainResult ``{best_error, best_epoch}`` with a per-epoch ``log`` of
+    ``{epoch, error, seconds}`` (seconds exclude the one-off compilation).
+    """
+    num_samples = len(inputs)
+    if num_samples == 0 or len(targets) != num_samples:
+        raise AnomaxError(f"{desc}: cannot train on {num_samples} inputs and {len(targets)} targets; "
+                          "the training split must hold at least one image")
+    batch_size = min(config.batch_size, num_samples)  # a batch larger than the data would only be padding
+    steps = -(-num_samples // batch_size)
+    optimizer = config.optimizer_for(steps)
+
+    def epoch_fn(params, opt_state, inputs, targets, key):
+        order_key, step_key = jax.random.split(key)
+        order = jnp.arange(steps * batch_size)
+        valid = order < num_samples
+        order = jnp.where(valid, jnp.pad(jax.random.permutation(order_key, num_samples),
+                                         (0, steps * batch_size - num_samples)), 0)
+        xs = (order.reshape(steps, batch_size), valid.reshape(steps, batch_size), jax.random.split(step_key, steps))
+
+        def step(carry, batch):
+            params, opt_state = carry
+            index, valid, key = batch
+            noise_key, domain_key = jax.random.split(key)
+            x, y = inputs[index], targets[index]
+            if config.regularization_noise > 0:
+                x = x + config.regularization_noise * jax.random.normal(noise_key, x.shape, x.dtype)
+
+            def loss_fn(params):
+                errors = error_fn(params, x, y).reshape(batch_size, -1)
+                keep = _domain_mask(domain_key, errors.shape, config.domain_ratio) & valid[:, None]
+                total = jnp.sum(jnp.where(keep, errors, 0.0))
+                count = jnp.sum(keep)
+                return total / count, (total, count)
+
+            (_, (total, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (total, count)
+
+        (params, opt_state), (totals, counts) = jax.lax.scan(step, (params, opt_state), xs)
+        return params, opt_state, jnp.sum(totals) / jnp.sum(counts)
+
+    inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+    opt_state = optimizer.init(params)
+    base_key = jax.random.key(config.seed)
+    started = time.perf_counter()
+    run_epoch = jax.jit(epoch_fn).lower(params, opt_state, inputs, targets, base_key).compile()
+    compile_seconds = time.perf_counter() - started
+
+    best_params, best_error, best_epoch, log = params, math.inf, 0, []
+    with tqdm(range(1, config.max_num_epochs + 1), desc=desc, unit="epoch", disable=not progress) as bar:
+        for epoch in bar:
+            started = time.perf_counter()
+            params, opt_state, error = run_epoch(params, opt_state, inputs, targets,
+                                                 jax.random.fold_in(base_key, epoch))
+            error = float(error)
+            log.append({"epoch": epoch, "error": error, "seconds": time.perf_counter() - started})
+            bar.set_postfix(error=f"{error:.4g}")
+            if not math.isfinite(error):
+                raise ConfigError(f"{desc}: the training error became {error} in epoch {epoch}; "
+                                  "lower train.learning_rate")
+            if error < best_error:
+                best_params, best_error, best_epoch = params, error, epoch
+            if error < config.error_threshold:
+                break
+    info = {"best_error": best_error, "best_epoch": best_epoch, "log": log, "compile_seconds": compile_seconds}
+    return best_params, info
+
+
+def _domain_mask(key: jax.Array, shape: tuple[int, int], ratio: float) -> jax.Array:
+    """Exactly round(ratio * positions) random positions per row (at least one)."""
+    if ratio >= 1:
+        return jnp.ones(shape, bool)
+    keep = max(1, round(ratio * shape[1]))
+    draws = jax.random.uniform(key, shape)
+    return draws <= jnp.sort(draws, axis=1)[:, keep - 1 : keep]

@@ -1,0 +1,78 @@
+"""The generic optax training loop on a tiny linear regression (per-position errors)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from anomax.errors import ConfigError
+from anomax.training import TrainConfig, train
+
+RNG = np.random.default_rng(0)
+INPUTS = RNG.normal(size=(13, 4, 4, 3)).astype(np.float32)  # 13: the last batch is padded
+TARGETS = INPUTS @ RNG.normal(size=(3, 2)).astype(np.float32)
+START = {"w": jnp.zeros((3, 2))}
+
+
+def linear_error(params, inputs, targets):
+    return jnp.mean(jnp.square(inputs @ params["w"] - targets), axis=-1)
+
+
+def fit(**overrides):
+    config = dict(max_num_epochs=15, learning_rate=0.05, batch_size=4, domain_ratio=0.5)
+    return train(linear_error, START, INPUTS, TARGETS, TrainConfig(**{**config, **overrides}), progress=False)
+
+
+def test_defaults_are_halcons():
+    config = TrainConfig()
+    assert (config.max_num_epochs, config.error_threshold, config.domain_ratio, config.regularization_noise) == (
+        30, 0.001, 0.1, 0.0001)
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("adam", "constant"), ("adamw", "cosine"), ("sgd", "constant")])
+def test_training_reduces_the_error(optimizer, schedule):
+    params, info = fit(optimizer=optimizer, schedule=schedule, error_threshold=0.0)
+    errors = [entry["error"] for entry in info["log"]]
+    assert len(errors) == 15 and errors[-1] < 0.1 * errors[0]
+    assert info["best_error"] == min(errors) and errors[info["best_epoch"] - 1] == info["best_error"]
+    assert linear_error(params, INPUTS, TARGETS).mean() < 0.1 * linear_error(START, INPUTS, TARGETS).mean()
+    assert all(entry["seconds"] > 0 for entry in info["log"])
+
+
+def test_stops_as_soon_as_the_error_threshold_is_reached():
+    _, unreached = fit(error_threshold=0.0)
+    threshold = unreached["log"][4]["error"] * 1.0001  # reached in epoch 5 at the latest
+    _, reached = fit(error_threshold=threshold)
+    assert len(unreached["log"]) == 15
+    assert reached["best_epoch"] <= 5 and len(reached["log"]) == reached["best_epoch"]
+    assert reached["best_error"] < threshold <= min(entry["error"] for entry in reached["log"][:-1])
+
+
+def test_same_seed_gives_identical_results_and_another_seed_does_not():
+    params, info = fit(seed=3, regularization_noise=0.01)
+    again, info_again = fit(seed=3, regularization_noise=0.01)
+    other, info_other = fit(seed=4, regularization_noise=0.01)
+    assert info["best_error"] == info_again["best_error"]
+    np.testing.assert_array_equal(params["w"], again["w"])
+    assert info["best_error"] != info_other["best_error"]
+
+
+def test_epoch_error_is_the_mean_over_all_samples_without_padding():
+    # A vanishing learning rate keeps the params at START, so the epoch error is the dataset mean.
+    _, info = fit(optimizer="sgd", learning_rate=1e-30, domain_ratio=1.0, regularization_noise=0.0,
+                  max_num_epochs=1)
+    expected = np.mean(np.square(TARGETS), axis=-1).mean()
+    np.testing.assert_allclose(info["best_error"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("domain_ratio", 0.0), ("domain_ratio", 1.5), ("regularization_noise", -1.0), ("max_num_epochs", 0),
+    ("error_threshold", -0.1), ("learning_rate", 0.0), ("batch_size", 0), ("optimizer", "lion"),
+    ("schedule", "step"), ("max_num_epochs", 2.5), ("domain_ratio", float("nan")),
+])
+def test_invalid_parameters_name_their_key(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        TrainConfig(**{key: value})
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ConfigError, match="max_epochs"):
+        TrainConfig.from_dict({"max_epochs": 3})
