@@ -1,0 +1,132 @@
+"""Building blocks shared by the backbones, and the one way torch weights land in them."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from anomax.errors import ConfigError, WeightsError
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def torch_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch's symmetric ``padding=kernel // 2``."""
+    return ((kernel // 2, kernel // 2),) * 2
+
+
+class ConvBN(nnx.Module):
+    """Bias-free convolution, BatchNorm on its running statistics, then an optional activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1,
+                 groups: int = 1, padding="SAME", epsilon: float = 1e-5,
+                 activation: Activation | None = None, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=stride, padding=padding,
+                             feature_group_count=groups, use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(out_channels, use_running_average=True, epsilon=epsilon, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.norm(self.conv(x))
+        return x if self.activation is None else self.activation(x)
+
+
+def conv_bn_names(conv_name: str, norm_name: str, layer: ConvBN):
+    """The torch names of a ConvBN's two halves (torch keeps them as siblings)."""
+    yield conv_name, layer.conv
+    yield norm_name, layer.norm
+
+
+class FeatureNetwork(nnx.Module):
+    """A network seen as a chain of named stages, so any subset of them can be tapped.
+
+    Subclasses define ``stages()`` (tap name, callable) in order and ``classify(x)``
+    on the last stage's output. Stages after the deepest requested tap are skipped.
+    """
+
+    def stages(self) -> list[tuple[str, Callable[[jax.Array], jax.Array]]]:
+        raise NotImplementedError
+
+    def classify(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array, taps: Iterable[str] = (), logits: bool = False) -> dict[str, jax.Array]:
+        taps = set(taps)
+        features = {}
+        for name, stage in self.stages():
+            if len(features) == len(taps) and not logits:
+                break
+            x = stage(x)
+            if name in taps:
+                features[name] = x
+        if logits:
+            features["logits"] = self.classify(x)
+        return features
+
+
+def global_average_pool(x: jax.Array) -> jax.Array:
+    return x.mean(axis=(1, 2))
+
+
+# torch layer type -> (torch suffix, nnx attribute, kernel transpose or None)
+_TORCH_FIELDS = {
+    nnx.Conv: (("weight", "kernel", (2, 3, 1, 0)), ("bias", "bias", None)),  # OIHW -> HWIO
+    nnx.Linear: (("weight", "kernel", (1, 0)), ("bias", "bias", None)),
+    nnx.BatchNorm: (("weight", "scale", None), ("bias", "bias", None),
+                    ("running_mean", "mean", None), ("running_var", "var", None)),
+}
+
+
+def assign_torch_weights(layers: Iterable[tuple[str, nnx.Module]], state_dict: Mapping[str, np.ndarray],
+                         source: str) -> None:
+    """Copy ``state_dict`` into ``layers`` (torch name, nnx layer), each tensor used exactly once.
+
+    Raises WeightsError naming every missing, unused or misshapen tensor.
+    """
+    unused = set(state_dict)
+    missing, misshapen = [], []
+    for prefix, layer in layers:
+        if isinstance(layer, nnx.BatchNorm):
+            unused.discard(f"{prefix}.num_batches_tracked")  # training counter, meaningless here
+        for suffix, attribute, transpose in _TORCH_FIELDS[type(layer)]:
+            variable = getattr(layer, attribute, None)
+            if variable is None:  # e.g. a conv without bias
+                continue
+            key = f"{prefix}.{suffix}"
+            if key not in state_dict:
+                missing.append(key)
+                continue
+            unused.discard(key)
+            value = state_dict[key] if transpose is None else np.transpose(state_dict[key], transpose)
+            if value.shape != variable.shape:
+                misshapen.append(f"{key} {tuple(state_dict[key].shape)} (network expects "
+                                 f"{tuple(variable.shape) if transpose is None else _untransposed(variable.shape, transpose)})")
+                continue
+            variable.set_value(np.asarray(value, np.float32))  # moved to the device in one go by the caller
+    problems = [f"missing {_listing(missing)}" if missing else "",
+                f"unused {_listing(sorted(unused))}" if unused else "",
+                f"wrong shape {_listing(misshapen)}" if misshapen else ""]
+    if any(problems):
+        raise WeightsError(f"{source}: the weights do not fit the network: "
+                           + "; ".join(p for p in problems if p)
+                           + ". Check that the file belongs to this backbone and width.")
+
+
+def _untransposed(shape, transpose) -> tuple[int, ...]:
+    return tuple(shape[transpose.index(i)] for i in range(len(shape)))
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_taps(taps: Iterable[str], available: Iterable[str], backbone: str) -> tuple[str, ...]:
+    taps, available = tuple(taps), tuple(available)
+    unknown = [t for t in taps if t not in available]
+    if unknown or not taps:
+        raise ConfigError(f"backbone '{backbone}': unknown or no taps {unknown or list(taps)}; "
+                          f"choose from {', '.join(available)}")
+    return taps
