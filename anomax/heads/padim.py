@@ -1,0 +1,70 @@
+"""PaDiM: one Gaussian per feature-map position over all training images; the anomaly
+score of a patch is its Mahalanobis distance to the Gaussian of its position."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anomax.errors import DatasetError, InputError
+from anomax.heads._base import Head
+from anomax.kernels.maps import anomaly_map
+from anomax.kernels.stats import covariance, init_moments, update_moments
+from anomax.registry import HEADS
+
+
+@jax.jit
+def _whitening(moments, eps):
+    """Lower-triangular W with W (cov + eps I) W^T = I, so that the squared Mahalanobis
+    distance is ||W (x - mean)||^2: the inverse of the Cholesky factor."""
+    cov = covariance(moments)
+    identity = jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    cholesky = jnp.linalg.cholesky(cov + eps * identity)
+    return jax.scipy.linalg.solve_triangular(cholesky, jnp.broadcast_to(identity, cov.shape), lower=True)
+
+
+@HEADS.register("padim")
+class Padim(Head):
+    """eps: covariance regulariser eps * I (anomalib's 0.01). The channel subset of the
+    paper is the FeatureAdaptor's projection='subset'."""
+
+    name = "padim"
+    state_keys = ("mean", "whitening")
+
+    def __init__(self, eps: float = 0.01, sigma: float = 4.0):
+        super().__init__(sigma)
+        self.check(isinstance(eps, (int, float)) and eps > 0, "eps", eps, "a number > 0")
+        self.eps = float(eps)
+
+    @property
+    def hyperparams(self):
+        return {"eps": self.eps, "sigma": self.sigma}
+
+    def fit(self, batches, progress=False):
+        moments = None
+        for features, valid in self.feature_batches(batches, progress):
+            batch, height, width, dim = features.shape
+            if moments is None:
+                grid = (height, width, dim)
+                moments = init_moments(height * width, dim)
+            elif (height, width, dim) != grid:
+                raise InputError(f"padim.fit: features changed shape from {grid} to {(height, width, dim)} "
+                                 f"between batches; all images must be preprocessed to one size")
+            moments = update_moments(moments, jnp.reshape(features, (batch, height * width, dim)), valid)
+        count = 0 if moments is None else int(moments.count)
+        if count < 2:
+            raise DatasetError(f"padim.fit needs at least 2 training images to estimate a covariance, got {count}")
+        whitening = _whitening(moments, self.eps)
+        state = {"mean": np.asarray(moments.mean).reshape(grid),
+                 "whitening": np.asarray(whitening).reshape(*grid, grid[-1])}
+        if not all(np.isfinite(v).all() for v in state.values()):
+            raise InputError("padim.fit: the training features contain NaN or inf; check the images and backbone")
+        self._state = state
+        return {"num_images": count}
+
+    def score(self, state, images, features):
+        delta = features - state["mean"]
+        whitened = jnp.einsum("hwij,bhwj->bhwi", state["whitening"], delta, precision="highest")
+        patch_scores = jnp.sqrt(jnp.sum(jnp.square(whitened), axis=-1))
+        image_scores = anomaly_map(patch_scores, images.shape[1:3], self.sigma).max(axis=(1, 2))
+        return patch_scores, image_scores
