@@ -1,0 +1,37 @@
+"""What every console app shares: composed config -> plain dict, clear errors instead of tracebacks."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from anomax.errors import AnomaxError
+
+log = logging.getLogger("anomax")
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def reports_errors(app: str) -> Callable:
+    """An AnomaxError ends the job with one clear line (and exit status 2), not a traceback."""
+
+    def wrap(task: Callable) -> Callable:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> Any:
+            for noisy in ("jax", "absl"):  # backend probing and TFDS's cache notes are not the user's business
+                logging.getLogger(noisy).setLevel(logging.WARNING)
+            try:
+                return task(cfg)
+            except AnomaxError as error:
+                log.error("%s: %s", app, error)
+                print(f"{app}: error: {error}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return run
+
+    return wrap

@@ -1,0 +1,46 @@
+"""anomax-evaluate: a saved model on a dataset split -> metrics.json, pictures and index.html."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from anomax.apps._common import plain, reports_errors
+from anomax.apps.config import CONF_DIR, register_schemas
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_evaluate")
+@reports_errors("anomax-evaluate")
+def _evaluate(cfg: DictConfig) -> float:
+    from anomax.artifact import load_model, read_metadata
+    from anomax.evaluation import AnomalyThresholds
+    from anomax.pipeline import EvaluateConfig, evaluate_split, read_configured_dataset
+
+    config = plain(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    model = load_model(config["model_dir"])
+    estimates = read_metadata(config["model_dir"])["thresholds"]["estimates"]
+    if config["batch_size"]:
+        model.set_params(batch_size=config["batch_size"])
+    dataset = read_configured_dataset(config["dataset"], {"training_percent": 70, "validation_percent": 15},
+                                      config["seed"])
+    metrics = evaluate_split(model, dataset, config["split"], run_dir, EvaluateConfig(**config["evaluate"]),
+                             estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],
+                             title=f"anomax: {config['model_dir']} on {config['dataset'].get('name')} "
+                                   f"({config['split']})")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    auroc = metrics["image"]["auroc"]
+    print(f"anomax-evaluate: image_auroc {auroc:.4f} on {metrics['num_images']} images -> {run_dir}")
+    return auroc
+
+
+def main() -> None:
+    register_schemas()
+    _evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""anomax-report: the runs of a sweep -> one table (markdown and CSV), mean ± std over seeds."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anomax.errors import AnomaxError, DatasetError
+
+METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupro")
+
+
+def read_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per finished run under ``sweep_dir``: its overrides and summary metrics and fit time."""
+    rows = []
+    for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json")):
+        run_dir = metrics_file.parent
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        record = json.loads(metrics_file.read_text())
+        params = dict(item.split("=", 1) for item in overrides or [] if not item.startswith("hydra."))
+        rows.append({"run": str(run_dir.relative_to(sweep_dir)), "params": params,
+                     "metrics": {**record["summary"], "fit_s": record["timings"]["fit_s"]}})
+    if not rows:
+        raise DatasetError(f"no finished runs (metrics.json) under {sweep_dir}; is it a multirun directory?")
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], seed_key: str = "seed") -> tuple[list[str], list[list[str]]]:
+    """Table header and rows: the swept parameters, then each metric; runs that differ only in the seed
+    are one row with mean ± std (sample std) and the number of seeds."""
+    keys = sorted({key for row in rows for key in row["params"]})
+    swept = [k for k in keys if len({row["params"].get(k) for row in rows}) > 1 or len(rows) == 1]
+    grouped = seed_key in swept
+    columns = [k for k in swept if k != seed_key]
+    metrics = [m for m in (*METRICS, "fit_s") if any(m in row["metrics"] for row in rows)]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["params"].get(k, "") for k in columns), []).append(row)
+    table = []
+    for values, members in groups.items():
+        cells = [_cell([m["metrics"].get(name) for m in members], grouped) for name in metrics]
+        table.append([*values, *([str(len(members))] if grouped else []), *cells])
+    header = [*columns, *(["seeds"] if grouped else []), *metrics]
+    return header, table
+
+
+def _cell(values: list[float | None], grouped: bool) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if not grouped or len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def write_tables(sweep_dir: str | Path, header: list[str], table: list[list[str]]) -> str:
+    markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                          *("| " + " | ".join(row) + " |" for row in table)]) + "\n"
+    (Path(sweep_dir) / "report.md").write_text(markdown)
+    with open(Path(sweep_dir) / "report.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *table])
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anomax-report", description=__doc__)
+    parser.add_argument("sweep_dir", help="a multirun directory, e.g. multirun/2026-11-28_12-00-00")
+    args = parser.parse_args(argv)
+    try:
+        header, table = summarise(read_runs(args.sweep_dir))
+        print(write_tables(args.sweep_dir, header, table), end="")
+    except AnomaxError as error:
+        print(f"anomax-report: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

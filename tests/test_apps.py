@@ -1,0 +1,136 @@
+"""The console apps as a user runs them: compose configs, train, sweep, report, evaluate, predict."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from anomax.apps.config import CONF_DIR, register_schemas
+
+SMOKE = ["+experiment=synthetic_smoke", "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4",
+         "dataset.validation_from_train=0.25"]
+
+
+def run(app: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": os.environ.get("HOME", str(cwd))}
+    script = f"import sys; from anomax.apps.{app} import main; sys.argv[0] = 'anomax-{app}'; main()"
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"anomax-{app} {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def groups() -> list[tuple[str, str]]:
+    conf = Path(CONF_DIR)
+    found = []
+    for group in ("dataset", "preprocess", "model/backbone", "model/head", "train", "evaluate", "experiment"):
+        found += [(group, f.stem) for f in sorted((conf / group).glob("*.yaml"))]
+    return found
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    register_schemas()
+
+
+@pytest.mark.parametrize("group,option", groups())
+def test_every_config_group_option_composes(schemas, group, option):
+    override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("anomax_train", overrides=[override])
+    assert cfg.model.head.name and cfg.model.backbone.name and cfg.dataset.format
+
+
+def test_structured_configs_reject_typos_and_wrong_types(schemas):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="coreset_ratoi"):
+            compose("anomax_train", overrides=["model.head.coreset_ratoi=0.1"])
+        with pytest.raises((ConfigCompositionException, ValidationError), match="coreset_ratio"):
+            compose("anomax_train", overrides=["model.head.coreset_ratio=lots"])
+        with pytest.raises(ConfigCompositionException, match="max_num_epoch"):
+            compose("anomax_train", overrides=["train.max_num_epoch=3"])
+
+
+def test_typo_in_override_fails_before_any_work(tmp_path):
+    done = run("train", "model.head.coreset_ratoi=0.1", cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert "coreset_ratoi" in done.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing was started
+
+
+def test_bad_value_is_one_clear_line(tmp_path):
+    done = run("train", *SMOKE, "train.domain_ratio=1.5", "model/head=student", cwd=tmp_path, check=False)
+    assert done.returncode == 2
+    assert "anomax-train: error: train.domain_ratio" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("train")
+    done = run("train", *SMOKE, "model/head=padim", "model.head.adaptor.projection_dim=20", cwd=cwd)
+    assert "image_auroc" in done.stdout
+    (run_dir,) = (cwd / "outputs").iterdir()
+    return run_dir
+
+
+def test_train_writes_a_complete_run(trained_run):
+    assert "model.head=padim" in trained_run.name  # run directories are named from the overrides
+    record = json.loads((trained_run / "metrics.json").read_text())
+    assert 0.0 <= record["summary"]["image_auroc"] <= 1.0
+    assert record["thresholds"]["split"] == "validation"
+    assert record["splits"]["train"] == {"ok": 6, "nok": 0}
+    for name in ("index.html", "train.log", "dataset.json", "model/manifest.json", "pictures/roc.png",
+                 "pictures/worst_cases.png"):
+        assert (trained_run / name).is_file(), name
+
+
+def test_evaluate_app_on_a_saved_model(trained_run, tmp_path):
+    done = run("evaluate", f"model_dir={trained_run / 'model'}", "dataset=synthetic", "dataset.n_train=8",
+               "dataset.n_test_good=4", "dataset.n_test_defect=4", "dataset.validation_from_train=0.25",
+               cwd=tmp_path)
+    assert "image_auroc" in done.stdout
+    (run_dir,) = (tmp_path / "outputs" / "evaluate").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["image"]["auroc"] == trained["metrics"]["image"]["auroc"]  # same model, same split
+    assert (run_dir / "index.html").is_file()
+
+
+def test_predict_scores_every_image_and_reports_the_bad_one(trained_run, tmp_path):
+    dataset = json.loads((trained_run / "dataset.json").read_text())
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for sample in dataset["samples"][-3:]:
+        (folder / Path(sample["image_file_name"]).name).write_bytes(Path(sample["image_file_name"]).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    done = run("predict", f"model_dir={trained_run / 'model'}", f"inputs={folder}", cwd=tmp_path)
+    assert "3 images scored, 1 failed" in done.stdout
+    (out_dir,) = (tmp_path / "outputs" / "predict").iterdir()
+    rows = json.loads((out_dir / "results.json").read_text())
+    assert len(rows) == 4
+    bad = [row for row in rows if "error" in row]
+    assert len(bad) == 1 and "notes.txt" in bad[0]["error"]
+    good = [row for row in rows if "error" not in row]
+    assert all(row["anomaly_class"] in ("ok", "nok") and Path(row["overlay"]).is_file() for row in good)
+    assert (out_dir / "results.csv").read_text().count("\n") == 5
+
+
+def test_multirun_and_report(tmp_path):
+    run("train", "-m", *SMOKE, "model/head=padim", "model.head.adaptor.projection_dim=10,20", cwd=tmp_path)
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["0_model.head.adaptor.projection_dim=10", "1_model.head.adaptor.projection_dim=20"]
+    done = run("report", str(sweep), cwd=tmp_path)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| model.head.adaptor.projection_dim | image_auroc")
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| 10", "| 20"]
+    assert (sweep / "report.csv").read_text().count("\n") == 3
