@@ -143,7 +143,7 @@ def register_schemas() -> None:
 
 
 def _run_dir_suffix(override_dirname: str) -> str:
-    """Readable run directory names from the overrides: '_model.head=padim,seed=1' (no '/' in a name)."""
+    """Readable run directory names from the overrides: '_model.head-padim__seed-1' (no '/' in a name)."""
     return f"_{override_dirname.replace('/', '.')}" if override_dirname else ""
 
 
