@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from anomax.apps.config import CONF_DIR, register_schemas
+from browser import needs_chromium, page_images_in_chromium
 
 SMOKE = ["+experiment=synthetic_smoke", "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4",
          "dataset.validation_from_train=0.25"]
@@ -91,6 +92,11 @@ def test_train_writes_a_complete_run(trained_run):
     for name in ("index.html", "train.log", "dataset.json", "model/manifest.json", "pictures/roc.png",
                  "pictures/worst_cases.png"):
         assert (trained_run / name).is_file(), name
+
+
+@needs_chromium
+def test_report_of_a_real_run_opens_in_chromium_with_every_picture(trained_run):
+    assert page_images_in_chromium(trained_run / "index.html") == "ALL-IMAGES-LOADED"
 
 
 def test_evaluate_app_on_a_saved_model(trained_run, tmp_path):

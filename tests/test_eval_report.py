@@ -1,23 +1,16 @@
 """A run's pictures and HTML report; the report opens in headless chromium with every image loaded."""
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from browser import needs_chromium, page_images_in_chromium
+
 from anomax.evaluation import (compute_dl_anomaly_thresholds, evaluate_dl_model, plot_anomaly_overlay,
                                plot_worst_cases, threshold_dl_anomaly_results, write_evaluation_pictures,
                                write_html_report)
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Injected into a copy of the page: the title lists the images that failed to load.
-IMAGE_CHECK = ("<script>window.addEventListener('load', () => { document.title = [...document.images]"
-               ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src')).join(',')"
-               " || 'ALL-IMAGES-LOADED'; });</script>")
-
 
 def _split(seed, count, size=24):
     """Textured images; defective ones carry a bright blob, marked in the mask and raised in the map."""
@@ -33,16 +26,6 @@ def _split(seed, count, size=24):
     return {"image": images, "anomaly_image": maps, "anomaly_ground_truth": masks,
             "anomaly_score": maps.reshape(count, -1).max(1), "anomaly_label_id": labels,
             "defect_type": np.where(labels == 1, "blob", "good"), "index": np.arange(count)}
-
-
-def _page_images_in_chromium(page: Path) -> str:
-    probe = page.with_name("chromium_probe.html")
-    probe.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
-    probe.unlink()
-    return re.search(r"<title>(.*?)</title>", dom).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +65,9 @@ def test_report_lists_metrics_and_links_every_picture_relatively(run_dir):
     assert "blob" in page and "AUPRO" in page
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (apt-get install chromium)")
+@needs_chromium
 def test_report_opens_in_headless_chromium_with_every_image_loaded(run_dir):
-    assert _page_images_in_chromium(run_dir / "index.html") == "ALL-IMAGES-LOADED"
+    assert page_images_in_chromium(run_dir / "index.html") == "ALL-IMAGES-LOADED"
     broken = run_dir / "broken.html"  # the probe itself must notice a missing picture
     broken.write_text('<html><head><title>x</title></head><body><img src="pictures/missing.png"></body></html>')
-    assert _page_images_in_chromium(broken) == "pictures/missing.png"
+    assert page_images_in_chromium(broken) == "pictures/missing.png"
