@@ -75,7 +75,7 @@ class StudentHead(Head):
 
     name = "student"
 
-    def __init__(self, complexity: int = 32, stride: int | None = None, sigma: float = 4.0,
+    def __init__(self, complexity: int = 8, stride: int | None = None, sigma: float = 4.0,
                  train: Mapping[str, Any] | TrainConfig | None = None):
         super().__init__(sigma)
         self.check_count("complexity", complexity)
