@@ -16,10 +16,10 @@ from anomax.errors import AnomaxError, DatasetError
 METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupro")
 
 
-def read_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished run under ``sweep_dir``: its overrides and summary metrics and fit time."""
+def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
+    """One row per finished run under the sweep directories: its overrides, summary metrics and fit time."""
     rows = []
-    for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json")):
+    for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"))]:
         run_dir = metrics_file.parent
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
@@ -28,7 +28,8 @@ def read_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         rows.append({"run": str(run_dir.relative_to(sweep_dir)), "params": params,
                      "metrics": {**record["summary"], "fit_s": record["timings"]["fit_s"]}})
     if not rows:
-        raise DatasetError(f"no finished runs (metrics.json) under {sweep_dir}; is it a multirun directory?")
+        raise DatasetError(f"no finished runs (metrics.json) under {', '.join(map(str, sweep_dirs))}; "
+                           "is it a multirun directory?")
     return rows
 
 
@@ -45,37 +46,39 @@ def summarise(rows: list[dict[str, Any]], seed_key: str = "seed") -> tuple[list[
         groups.setdefault(tuple(row["params"].get(k, "") for k in columns), []).append(row)
     table = []
     for values, members in groups.items():
-        cells = [_cell([m["metrics"].get(name) for m in members], grouped) for name in metrics]
+        cells = [_cell([m["metrics"].get(name) for m in members], grouped, ".1f" if name.endswith("_s") else ".4f")
+                 for name in metrics]
         table.append([*values, *([str(len(members))] if grouped else []), *cells])
     header = [*columns, *(["seeds"] if grouped else []), *metrics]
     return header, table
 
 
-def _cell(values: list[float | None], grouped: bool) -> str:
+def _cell(values: list[float | None], grouped: bool, spec: str) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return ""
     if not grouped or len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
-def write_tables(sweep_dir: str | Path, header: list[str], table: list[list[str]]) -> str:
+def write_tables(out_dir: str | Path, header: list[str], table: list[list[str]]) -> str:
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(row) + " |" for row in table)]) + "\n"
-    (Path(sweep_dir) / "report.md").write_text(markdown)
-    with open(Path(sweep_dir) / "report.csv", "w", newline="") as handle:
+    (Path(out_dir) / "report.md").write_text(markdown)
+    with open(Path(out_dir) / "report.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([header, *table])
     return markdown
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anomax-report", description=__doc__)
-    parser.add_argument("sweep_dir", help="a multirun directory, e.g. multirun/2026-11-28_12-00-00")
+    parser.add_argument("sweep_dirs", nargs="+", help="multirun directories, e.g. multirun/2026-11-28_12-00-00")
+    parser.add_argument("--out", help="where report.md and report.csv go (default: the first sweep directory)")
     args = parser.parse_args(argv)
     try:
-        header, table = summarise(read_runs(args.sweep_dir))
-        print(write_tables(args.sweep_dir, header, table), end="")
+        header, table = summarise(read_runs(*args.sweep_dirs))
+        print(write_tables(args.out or args.sweep_dirs[0], header, table), end="")
     except AnomaxError as error:
         print(f"anomax-report: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
