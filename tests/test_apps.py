@@ -142,3 +142,14 @@ def test_multirun_and_report(tmp_path):
     assert lines[0].startswith("| model.head.adaptor.projection_dim | image_auroc")
     assert [line.split(" | ")[0] for line in lines[1:]] == ["| 10", "| 20"]
     assert (sweep / "report.csv").read_text().count("\n") == 3
+
+
+def test_report_groups_seeds_into_mean_and_std():
+    from anomax.apps.report import summarise
+
+    runs = [("padim", 0, 0.9), ("padim", 1, 0.8), ("patchcore", 0, 0.95), ("patchcore", 1, 0.97)]
+    rows = [{"params": {"model/head": head, "seed": str(seed)}, "metrics": {"image_auroc": auroc, "fit_s": 2.0}}
+            for head, seed, auroc in runs]
+    header, table = summarise(rows)
+    assert header == ["model/head", "seeds", "image_auroc", "fit_s"]
+    assert table == [["padim", "2", "0.8500 ± 0.0707", "2.0 ± 0.0"], ["patchcore", "2", "0.9600 ± 0.0141", "2.0 ± 0.0"]]
