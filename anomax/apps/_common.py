@@ -17,6 +17,16 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def load_configured_model(config: dict[str, Any]):
+    """The saved model a config names, with its runtime batch size overridden when one is given."""
+    from anomax.artifact import load_model
+
+    model = load_model(config["model_dir"])
+    if config["batch_size"]:
+        model.set_params(batch_size=config["batch_size"])
+    return model
+
+
 def reports_errors(app: str) -> Callable:
     """An AnomaxError ends the job with one clear line (and exit status 2), not a traceback."""
 

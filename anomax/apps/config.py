@@ -95,6 +95,7 @@ class EvaluateAppConfig:
     evaluate: Any = None
     model_dir: str = MISSING
     split: str = "test"
+    split_percent: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     seed: int = 0
     batch_size: Optional[int] = None
     cache_dir: Optional[str] = None

@@ -8,25 +8,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from anomax.apps._common import plain, reports_errors
+from anomax.apps._common import load_configured_model, plain, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_evaluate")
 @reports_errors("anomax-evaluate")
 def _evaluate(cfg: DictConfig) -> float:
-    from anomax.artifact import load_model, read_metadata
+    from anomax.artifact import read_metadata
     from anomax.evaluation import AnomalyThresholds
     from anomax.pipeline import EvaluateConfig, evaluate_split, read_configured_dataset
 
     config = plain(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = load_model(config["model_dir"])
+    model = load_configured_model(config)
     estimates = read_metadata(config["model_dir"])["thresholds"]["estimates"]
-    if config["batch_size"]:
-        model.set_params(batch_size=config["batch_size"])
-    dataset = read_configured_dataset(config["dataset"], {"training_percent": 70, "validation_percent": 15},
-                                      config["seed"])
+    dataset = read_configured_dataset(config["dataset"], config["split_percent"], config["seed"])
     metrics = evaluate_split(model, dataset, config["split"], run_dir, EvaluateConfig(**config["evaluate"]),
                              estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],
                              title=f"anomax: {config['model_dir']} on {config['dataset'].get('name')} "

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from anomax.apps._common import plain, reports_errors
+from anomax.apps._common import load_configured_model, plain, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
 from anomax.errors import AnomaxError, DatasetError
 
@@ -86,13 +86,9 @@ def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet"
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_predict")
 @reports_errors("anomax-predict")
 def _predict(cfg: DictConfig) -> None:
-    from anomax.artifact import load_model
-
     config = plain(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = load_model(config["model_dir"])
-    if config["batch_size"]:
-        model.set_params(batch_size=config["batch_size"])
+    model = load_configured_model(config)
     rows = predict_files(model, image_paths(config["inputs"]), out_dir, config["colormap"], config["overlays"])
     failed = sum("error" in row for row in rows)
     print(f"anomax-predict: {len(rows) - failed} images scored, {failed} failed -> {out_dir / 'results.csv'}")
