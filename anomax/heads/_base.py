@@ -19,6 +19,9 @@ from anomax.kernels.maps import anomaly_map
 class Head:
     name: str = ""
     state_keys: tuple[str, ...] = ()
+    # Runtime, not a hyperparameter: the jax.sharding.Mesh that score() spreads its work over
+    # (set by AnomalyModel.set_params(device='all')); None is one device.
+    mesh = None
 
     def __init__(self, sigma: float = 4.0):
         self.check(isinstance(sigma, (int, float)) and sigma >= 0, "sigma", sigma, "a number >= 0")

@@ -50,7 +50,11 @@ class Padim(Head):
             elif (height, width, dim) != grid:
                 raise InputError(f"padim.fit: features changed shape from {grid} to {(height, width, dim)} "
                                  f"between batches; all images must be preprocessed to one size")
+            previous = moments
             moments = update_moments(moments, jnp.reshape(features, (batch, height * width, dim)), valid)
+            # jit dispatches asynchronously: without this wait a fast producer queues every batch in
+            # memory. One batch stays in flight, so reading overlaps compute and memory stays flat.
+            jax.block_until_ready(previous)
         count = 0 if moments is None else int(moments.count)
         if count < 2:
             raise DatasetError(f"padim.fit needs at least 2 training images to estimate a covariance, got {count}")

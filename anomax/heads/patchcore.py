@@ -20,7 +20,7 @@ from anomax.errors import DatasetError, InputError
 from anomax.features import random_projection
 from anomax.heads._base import Head
 from anomax.kernels.coreset import greedy_coreset
-from anomax.kernels.neighbors import nearest_neighbors
+from anomax.kernels.neighbors import nearest_neighbors, sharded_nearest_neighbors
 from anomax.registry import HEADS
 
 
@@ -120,7 +120,7 @@ class PatchCore(Head):
         batch, height, width, dim = features.shape
         bank = state["memory_bank"]
         queries = jnp.reshape(features, (batch, height * width, dim))
-        distances, nearest = nearest_neighbors(queries.reshape(-1, dim), bank, k=1, chunk_size=self.chunk_size)
+        distances, nearest = self._neighbors(queries.reshape(-1, dim), bank, k=1)
         patch_scores = distances.reshape(batch, height * width)
         return patch_scores.reshape(batch, height, width), self._image_scores(
             bank, queries, patch_scores, nearest.reshape(batch, height * width))
@@ -137,6 +137,12 @@ class PatchCore(Head):
             return score
         worst_features = jnp.take_along_axis(queries, worst[:, None, None], axis=1)[:, 0]
         k = min(self.num_neighbors, bank.shape[0])
-        _, support = nearest_neighbors(bank[take(nearest)], bank, k=k, chunk_size=self.chunk_size)
+        _, support = self._neighbors(bank[take(nearest)], bank, k=k)
         distances = jnp.linalg.norm(bank[support] - worst_features[:, None, :], axis=-1)
         return score * (1.0 - jax.nn.softmax(distances, axis=1)[:, 0])
+
+    def _neighbors(self, queries, bank, k):
+        """The bank is searched on one device, or split over self.mesh (local search, then global best)."""
+        if self.mesh is None:
+            return nearest_neighbors(queries, bank, k=k, chunk_size=self.chunk_size)
+        return sharded_nearest_neighbors(queries, bank, self.mesh, k=k, chunk_size=self.chunk_size)

@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from anomax.errors import InputError
 
@@ -37,13 +38,46 @@ def _smallest(values: jax.Array, index: jax.Array, k: int):
 def nearest_neighbors(queries: jax.Array, bank: jax.Array, *, k: int = 1, chunk_size: int = 4096):
     """Exact k nearest bank rows of each query: (distances (Q, k) ascending, indices (Q, k)).
     Ties go to the lower bank index when k == 1."""
-    num_queries, num_bank = queries.shape[0], bank.shape[0]
+    _check_k(k, bank.shape[0])
+    return _search(queries, bank, jnp.sum(jnp.square(bank), axis=1), k, chunk_size)
+
+
+@partial(jax.jit, static_argnames=("mesh", "k", "chunk_size"))
+def sharded_nearest_neighbors(queries: jax.Array, bank: jax.Array, mesh: Mesh, *, k: int = 1,
+                              chunk_size: int = 4096):
+    """nearest_neighbors with the bank split over the devices of `mesh` (axis 'data'): each
+    device searches its own rows, then the k best of all devices are kept. Same results and
+    tie-breaking as on one device (candidates are merged in global index order)."""
+    num_bank, devices = bank.shape[0], mesh.shape["data"]
+    _check_k(k, num_bank)
+    rows = -(-num_bank // devices)
+    padding = rows * devices - num_bank  # padded rows have infinite norm: never a neighbour
+    norms = jnp.pad(jnp.sum(jnp.square(bank), axis=1), (0, padding), constant_values=jnp.inf)
+    bank = jnp.pad(bank, ((0, padding), (0, 0)))
+
+    def local(queries, bank, norms):
+        distances, index = _search(queries, bank, norms, min(k, rows), chunk_size)
+        index = index + jax.lax.axis_index("data") * rows
+        gathered = (jax.lax.all_gather(x, "data", axis=1, tiled=True) for x in (distances, index))
+        return _smallest(*gathered, k)
+
+    # check_vma off: the search's scan carry starts device-invariant and becomes per-device.
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()),
+                         check_vma=False)(queries, bank, norms)
+
+
+def _check_k(k: int, num_bank: int) -> None:
     if not 1 <= k <= num_bank:
         raise InputError(f"nearest_neighbors: k={k} must be between 1 and the bank size {num_bank}")
-    bank_rows = _tile_rows(num_bank, max(chunk_size, k))
+
+
+def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, chunk_size: int):
+    """The tiled search; bank_norms (N,) are ||b||^2, or inf for rows that must never match."""
+    num_queries = queries.shape[0]
+    bank_rows = _tile_rows(bank.shape[0], max(chunk_size, k))
     query_rows = _tile_rows(num_queries, chunk_size)
     bank_tiles = _tiles(bank, bank_rows)
-    norm_tiles = _tiles(jnp.sum(jnp.square(bank), axis=1), bank_rows, fill=jnp.inf)
+    norm_tiles = _tiles(bank_norms, bank_rows, fill=jnp.inf)
     offsets = jnp.arange(bank_tiles.shape[0], dtype=jnp.int32) * bank_rows
 
     def search(query_tile):
