@@ -113,3 +113,19 @@ def test_weight_resolution_cache_package_offline_and_integrity(tmp_path, monkeyp
     assert (tmp_path / "resnet18-f37072fd.pth").read_bytes() == b"an error page"  # cached, then checked
     with pytest.raises(WeightsError, match="not found"):
         resolve_weights("resnet18", tmp_path / "nowhere.pth")
+
+
+@pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "SAME"), (1, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))),
+                                            (2, ((2, 2), (2, 2)))])
+def test_depthwise_shortcut_equals_grouped_convolution(stride, padding):
+    from jax import lax
+
+    from anomax.backbones._layers import depthwise_conv
+
+    rng = np.random.default_rng(stride)
+    k = 5 if padding == ((2, 2), (2, 2)) else 3
+    x = rng.standard_normal((2, 15, 12, 6)).astype(np.float32)
+    kernel = rng.standard_normal((k, k, 1, 6)).astype(np.float32)
+    expected = lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=6, precision="highest")
+    np.testing.assert_allclose(depthwise_conv(x, kernel, stride, padding), expected, rtol=1e-5, atol=1e-5)

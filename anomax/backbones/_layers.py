@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -17,6 +18,19 @@ def torch_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((kernel // 2, kernel // 2),) * 2
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """Depthwise convolution (kernel (k, k, 1, C)) as k² shifted multiply-adds that XLA fuses into one
+    pass. Why: XLA:CPU's grouped convolution is 5-50x slower on MobileNet/EfficientNet shapes
+    (measured at batch 16, 16² to 128² maps); the result equals lax.conv to float rounding."""
+    k = kernel.shape[0]
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (stride, stride), padding) if isinstance(padding, str) \
+        else padding
+    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    rows, cols = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    return sum(x[:, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (cols - 1) + 1:stride, :] * kernel[i, j, 0]
+               for i in range(k) for j in range(k))
+
+
 class ConvBN(nnx.Module):
     """Bias-free convolution, BatchNorm on its running statistics, then an optional activation."""
 
@@ -27,9 +41,15 @@ class ConvBN(nnx.Module):
                              feature_group_count=groups, use_bias=False, rngs=rngs)
         self.norm = nnx.BatchNorm(out_channels, use_running_average=True, epsilon=epsilon, rngs=rngs)
         self.activation = activation
+        self.stride = stride
+        self.depthwise = groups > 1 and groups == in_channels == out_channels
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.norm(self.conv(x))
+        if self.depthwise:
+            x = depthwise_conv(x, self.conv.kernel[...], self.stride, self.conv.padding)
+        else:
+            x = self.conv(x)
+        x = self.norm(x)
         return x if self.activation is None else self.activation(x)
 
 
