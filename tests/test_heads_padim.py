@@ -4,21 +4,11 @@ import jax
 import numpy as np
 import pytest
 
+from feature_batches import IMAGE, batches_of
+
 from anomax.errors import ArtifactError, ConfigError
 from anomax.kernels.stats import update_moments
 from anomax.registry import HEADS
-
-IMAGE = np.zeros((4, 24, 24, 3), np.float32)
-
-
-def batches_of(features, batch=4):
-    """Fixed-shape batches like the loader's: the last one padded with garbage, valid=False."""
-    n = len(features)
-    padded = np.concatenate([features, np.full((-n % batch, *features.shape[1:]), 1e3, np.float32)])
-    valid = np.arange(len(padded)) < n
-    return [{"image": IMAGE, "features": padded[i:i + batch], "valid": valid[i:i + batch]}
-            for i in range(0, len(padded), batch)]
-
 
 @pytest.fixture(scope="module")
 def fitted():
