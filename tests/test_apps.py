@@ -77,7 +77,7 @@ def test_bad_value_is_one_clear_line(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("train")
-    done = run("train", *SMOKE, "model/head=padim", "model.head.adaptor.projection_dim=20", cwd=cwd)
+    done = run("train", *SMOKE, "model/head=padim", cwd=cwd)
     assert "image_auroc" in done.stdout
     (run_dir,) = (cwd / "outputs").iterdir()
     return run_dir
@@ -130,17 +130,18 @@ def test_predict_scores_every_image_and_reports_the_bad_one(trained_run, tmp_pat
     assert (out_dir / "results.csv").read_text().count("\n") == 5
 
 
-def test_multirun_and_report(tmp_path):
-    run("train", "-m", *SMOKE, "model/head=padim", "model.head.adaptor.projection_dim=10,20", cwd=tmp_path)
+def test_parallel_multirun_and_report(tmp_path):
+    """Two jobs through the joblib launcher (hydra/launcher=parallel), then one table."""
+    run("train", "-m", "hydra/launcher=parallel", *SMOKE, "model/head=padim,patchcore", cwd=tmp_path)
     (sweep,) = (tmp_path / "multirun").iterdir()
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(runs) == 2
-    assert runs[0].startswith("0_") and "model.head.adaptor.projection_dim-10" in runs[0]
-    assert runs[1].startswith("1_") and "model.head.adaptor.projection_dim-20" in runs[1]
+    assert runs[0].startswith("0_") and "model.head-padim" in runs[0]
+    assert runs[1].startswith("1_") and "model.head-patchcore" in runs[1]
     done = run("report", str(sweep), cwd=tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| model.head.adaptor.projection_dim | image_auroc")
-    assert [line.split(" | ")[0] for line in lines[1:]] == ["| 10", "| 20"]
+    assert lines[0].startswith("| model/head | image_auroc")
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| padim", "| patchcore"]
     assert (sweep / "report.csv").read_text().count("\n") == 3
 
 
