@@ -135,7 +135,6 @@ class AnomalyModel:
                 result.update(extra)
         return results
 
-
     def _placed(self, tree, split_batch: bool = False):
         """On self.device; or with a mesh: batches split over its devices, anything else replicated."""
         if self.mesh is None:
