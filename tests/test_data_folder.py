@@ -139,3 +139,30 @@ def test_unknown_format_and_bad_arguments(folders):
         read_dataset("nonsense")
     with pytest.raises(ConfigError, match="'folder' does not accept"):
         read_dataset("folder", image_directory=folders[0])
+
+
+def test_ok_image_with_defect_pixels_in_its_mask_is_refused(folders):
+    images, masks = folders
+    write(masks / "Good" / "a.png", 0)  # an empty mask for a good image is fine
+    assert by_name(read_dl_dataset_anomaly(images, masks))["a.png"].anomaly_file_name is not None
+    Image.fromarray(np.pad(np.full((1, 1), 255, np.uint8), ((2, 3), (4, 3)))).save(masks / "Good" / "a.png")
+    with pytest.raises(DatasetError, match=r"image .*Good.a.png is labelled ok but its mask .*Good.a.png has 1 "
+                                           r"defect pixel"):
+        read_dl_dataset_anomaly(images, masks)
+    with pytest.raises(DatasetError, match=r"a.png is labelled ok but its mask"):
+        read_dl_dataset_anomaly(image_list=[images / "Good" / "a.png"], anomaly_list=[masks / "Good" / "a.png"])
+
+
+def test_broken_symlinks_in_a_dataset_are_skipped_and_logged(folders, caplog):
+    images, _ = folders
+    (images / "Good" / "gone.png").symlink_to(images / "nowhere.png")
+    with caplog.at_level("INFO", logger="anomax"):
+        dataset = read_dl_dataset_anomaly(images)
+    assert len(dataset.samples) == 5
+    assert any("skipped 1 dangling symlink" in r.getMessage() for r in caplog.records)
+
+
+def test_pixel_ground_truth_is_known(folders):
+    images, masks = folders
+    assert read_dl_dataset_anomaly(images, masks).has_pixel_ground_truth
+    assert not read_dl_dataset_anomaly(images).has_pixel_ground_truth

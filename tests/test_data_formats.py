@@ -101,3 +101,16 @@ def test_elpv_protocol_counts(cell_type, counts):
         held_counts["validation"] == int(0.1 * counts[0])
         and held_counts["train"] + held_counts["validation"] == counts[0]
     )
+
+
+def test_mvtec_without_ground_truth_says_only_image_metrics_exist(synthetic, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic / "brick", copy / "brick", ignore=shutil.ignore_patterns("ground_truth"))
+    assert read_dataset("mvtec_ad", root=synthetic, category="brick").has_pixel_ground_truth
+    with caplog.at_level("INFO", logger="anomax"):
+        dataset = read_dataset("mvtec_ad", root=copy, category="brick")
+    assert not dataset.has_pixel_ground_truth
+    notes = [r.getMessage() for r in caplog.records if "ground_truth" in r.getMessage()]
+    assert len(notes) == 1 and "4 defective images have no masks" in notes[0] and "image-level" in notes[0]

@@ -40,3 +40,102 @@ def test_mask_size_must_match_image(tmp_path):
         read_pair(tmp_path / "image.png", tmp_path / "mask.png")
     image, mask = read_pair(tmp_path / "image.png", None)
     assert image.shape == (4, 6, 1) and mask.shape == (4, 6) and not mask.any()
+
+
+def bomb_png(path, side=14000):
+    """A 1-bit PNG of side x side zeros: about 24 KB on disk, side² pixels once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes((side + 7) // 8 + 1) * side, 9)  # each row: filter byte 0, then packed bits
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns, then anomax refuses
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(DatasetError, match=r"bomb.png has 14000x14000 = 196,000,000 pixels.*ANOMAX_MAX_IMAGE_PIXELS"):
+        read_image(bomb)
+
+
+def test_pixel_limit_can_be_raised_and_lowered(tmp_path, monkeypatch):
+    import anomax.data.images as images
+
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "small.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 599)
+    with pytest.raises(DatasetError, match=r"small.png has 30x20 = 600 pixels, more than the limit of 599"):
+        read_image(tmp_path / "small.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 600)
+    assert read_image(tmp_path / "small.png").shape == (20, 30, 1)
+    # PIL's own guard (an error above twice its limit) is turned into the same clear error
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 50)
+    with pytest.raises(DatasetError, match=r"small.png .*ANOMAX_MAX_IMAGE_PIXELS"):
+        read_image(tmp_path / "small.png")
+    # a limit above PIL's is honoured: PIL must not refuse what anomax allows
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10_000)
+    assert read_image(tmp_path / "small.png").shape == (20, 30, 1)
+
+
+def test_pixel_limit_from_the_environment(tmp_path):
+    import subprocess
+    import sys
+
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "small.png")
+    script = f"from anomax.data.images import read_image; read_image({str(tmp_path / 'small.png')!r})"
+    done = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ,
+                          "ANOMAX_MAX_IMAGE_PIXELS": "599"}, capture_output=True, text=True)
+    assert done.returncode != 0 and "more than the limit of 599" in done.stderr
+    done = subprocess.run([sys.executable, "-c", "import anomax.data.images"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "ANOMAX_MAX_IMAGE_PIXELS": "lots"})
+    assert done.returncode != 0 and "ANOMAX_MAX_IMAGE_PIXELS must be a positive integer, got 'lots'" in done.stderr
+
+
+def test_dropped_alpha_is_logged_once_with_the_count(tmp_path, caplog):
+    from anomax.data.images import log_conversions
+
+    gray = np.zeros((3, 4), np.uint8)
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.stack([gray] * 4, -1)).save(tmp_path / f"{name}.png")  # RGBA
+    Image.fromarray(np.stack([gray, gray], -1), mode="LA").save(tmp_path / "d.png")
+    Image.fromarray(gray).save(tmp_path / "plain.png")
+    log_conversions("before")  # forget what earlier tests read
+    caplog.clear()
+    with caplog.at_level("INFO", logger="anomax"):
+        for name in ("a", "b", "c", "d", "plain"):
+            read_image(tmp_path / f"{name}.png")
+        log_conversions("the test images")
+        log_conversions("the test images")  # nothing new read: nothing logged
+    lines = [r.getMessage() for r in caplog.records if "alpha" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("the test images: 4 images had an alpha channel")
+    assert "a.png" in lines[0]
+
+
+def test_listing_skips_broken_symlinks_once_with_the_count(tmp_path, caplog):
+    from anomax.data.images import list_files
+
+    (tmp_path / "good").mkdir()
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "good" / "a.png")
+    (tmp_path / "good" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "good" / "gone2.png").symlink_to(tmp_path / "nowhere2.png")
+    (tmp_path / "good" / "x.png").symlink_to(tmp_path / "good" / "y.png")  # a loop of two file links
+    (tmp_path / "good" / "y.png").symlink_to(tmp_path / "good" / "x.png")
+    (tmp_path / "good" / "again").symlink_to(tmp_path / "good")  # a folder link back to an ancestor
+    (tmp_path / "linked").mkdir()
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "linked" / "b.png")
+    (tmp_path / "good" / "more").symlink_to(tmp_path / "linked")  # a genuine folder link is followed
+    with caplog.at_level("INFO", logger="anomax"):
+        found = list_files(tmp_path / "good", {".png"})
+    assert found == [tmp_path / "good" / "a.png", tmp_path / "good" / "more" / "b.png"]
+    messages = sorted(r.getMessage() for r in caplog.records)
+    assert len(messages) == 3, messages
+    assert any("2 dangling symlinks" in m and "gone.png" in m for m in messages)
+    assert any("2 symlink loops" in m for m in messages)
+    assert any("1 folder reached again through a symlink" in m and "again" in m for m in messages)

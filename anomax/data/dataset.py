@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomax.data.images import IMAGE_SUFFIXES
+from anomax.data.images import IMAGE_SUFFIXES, list_files, read_mask
 from anomax.errors import ConfigError, DatasetError
 from anomax.registry import DATASET_FORMATS
 
@@ -48,6 +48,11 @@ class DLDataset:
     @property
     def has_split(self) -> bool:
         return any(s.split is not None for s in self.samples)
+
+    @property
+    def has_pixel_ground_truth(self) -> bool:
+        """Whether any defective image has a mask; without one only image-level metrics exist."""
+        return any(s.anomaly_label == "nok" and s.anomaly_file_name is not None for s in self.samples)
 
     def samples_of(self, split: str | None) -> list[Sample]:
         """The samples of one split, in dataset order; ``None`` means all samples."""
@@ -97,6 +102,8 @@ def dataset_from_records(
         for path in (image, mask):
             if path is not None and not Path(path).is_file():
                 raise DatasetError(f"file {path} of the {format_name} dataset does not exist; check the dataset paths")
+        if label == "ok" and mask is not None:
+            _check_ok_mask(image, mask)
         mask_file = None if mask is None else str(Path(mask).absolute())
         samples.append(Sample(image_id, str(Path(image).absolute()), label, defect_type, mask_file, split))
     if not samples:
@@ -258,7 +265,17 @@ def _match_masks(images: list[Path], image_dir: Path, anomaly_dir: Path) -> dict
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return list_files(folder, IMAGE_SUFFIXES)
+
+
+def _check_ok_mask(image: str | Path, mask: str | Path) -> None:
+    """An 'ok' image may have a mask only if it marks no defect (read only for ok images with a mask)."""
+    defect_pixels = int(read_mask(mask).sum())
+    if defect_pixels:
+        raise DatasetError(
+            f"image {image} is labelled ok but its mask {mask} has {defect_pixels} defect pixel"
+            f"{'s' * (defect_pixels != 1)}; move the image to a defect folder or clear the mask"
+        )
 
 
 def _label_folder(image: Path, image_dir: Path) -> str:

@@ -1,32 +1,108 @@
-"""Reading image and mask files, with errors that name the file."""
+"""Reading image and mask files, with errors that name the file.
+
+``MAX_IMAGE_PIXELS`` (default 150,000,000; set the environment variable ANOMAX_MAX_IMAGE_PIXELS,
+or the module constant at run time) refuses larger images before they are decoded: a 24 KB PNG
+can declare 14000 x 14000 pixels. PIL's own guard (a warning above its limit, an error above
+twice it) is raised to this limit when lower, so PIL never refuses what anomax allows.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from anomax.errors import DatasetError
+from anomax.errors import ConfigError, DatasetError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+PIXEL_LIMIT_VARIABLE = "ANOMAX_MAX_IMAGE_PIXELS"
+
+log = logging.getLogger("anomax")
+
+
+def _pixel_limit_from_environment(default: int = 150_000_000) -> int:
+    text = os.environ.get(PIXEL_LIMIT_VARIABLE, str(default))
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"{PIXEL_LIMIT_VARIABLE} must be a positive integer, got {text!r}")
+    return limit
+
+
+MAX_IMAGE_PIXELS = _pixel_limit_from_environment()
+
+
+def _too_large(path: Path, detail: str) -> DatasetError:
+    return DatasetError(
+        f"image file {path} {detail}, more than the limit of {MAX_IMAGE_PIXELS:,} pixels (a guard against "
+        f"decompression bombs); if the image is genuine, raise the limit with the environment variable "
+        f"{PIXEL_LIMIT_VARIABLE}"
+    )
 
 
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image file {path} does not exist; check the dataset paths")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, f"has {width}x{height} = {width * height:,} pixels")
             image.load()  # decodes every byte, so a truncated file fails here and not later
             return image
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, f"is too large ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image file {path} ({error}); replace or remove the file") from None
 
 
+class _AlphaTally:
+    """The images read since the last report whose alpha channel was dropped (reads run in threads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count, self.example = 0, None
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            self.count += 1
+            self.example = self.example or path
+
+    def take(self) -> tuple[int, Path | None]:
+        with self._lock:
+            taken = self.count, self.example
+            self.count, self.example = 0, None
+            return taken
+
+
+_dropped_alpha = _AlphaTally()
+
+
+def log_conversions(context: str) -> None:
+    """Log once, with the count, the conversions of the images read since the last call."""
+    count, example = _dropped_alpha.take()
+    if count:
+        log.warning("%s: %d image%s had an alpha channel, which anomax drops (it uses the colour channels "
+                    "only), e.g. %s", context, count, "s" * (count != 1), example)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """The image as uint8 (H, W, C) with C = 1 (gray) or 3 (colour); 16-bit images are scaled to 8 bits."""
+    """The image as uint8 (H, W, C) with C = 1 (gray) or 3 (colour); 16-bit images are scaled to 8 bits.
+    An alpha channel (or transparency) is dropped and counted for ``log_conversions``."""
     image = _open(path)
+    if image.has_transparency_data:
+        _dropped_alpha.add(Path(path))
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         gray = np.asarray(image, dtype=np.float64)
         return np.round(np.clip(gray / 257.0, 0, 255)).astype(np.uint8)[..., None]
@@ -56,3 +132,43 @@ def read_pair(image_path: str | Path, mask_path: str | Path | None) -> tuple[np.
             f"{image.shape[1]}x{image.shape[0]} (width x height); the mask must match its image"
         )
     return image, mask
+
+
+def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = None) -> list[Path]:
+    """The files under ``folder``, recursively and sorted, optionally only those with ``suffixes``
+    (lower case). Symlinked folders are followed; dangling symlinks, symlink loops, a folder reached
+    again through a symlink and unreadable folders are skipped, each kind logged once with its count."""
+    files: list[Path] = []
+    skipped: dict[tuple[str, str], list[Path]] = {}  # (singular, plural) -> paths
+    seen: set[tuple[int, int]] = set()
+
+    def skip(kind: tuple[str, str], path: Path) -> None:
+        skipped.setdefault(kind, []).append(path)
+
+    def unreadable(error: OSError) -> None:
+        skip(("unreadable folder", "unreadable folders"), Path(error.filename))
+
+    for root, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:  # a link back to an ancestor, or a second link to a folder
+            skip(("folder reached again through a symlink", "folders reached again through symlinks"), Path(root))
+            folders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        folders.sort()
+        for name in names:
+            path = Path(root) / name
+            if suffixes is not None and path.suffix.lower() not in suffixes:
+                continue
+            try:
+                os.stat(path)
+            except OSError as error:
+                loop = error.errno == errno.ELOOP
+                skip(("symlink loop", "symlink loops") if loop else ("dangling symlink", "dangling symlinks"), path)
+                continue
+            if path.is_file():
+                files.append(path)
+    for (singular, plural), paths in skipped.items():
+        log.warning("%s: skipped %d %s (e.g. %s)", folder, len(paths), singular if len(paths) == 1 else plural,
+                    min(paths))
+    return sorted(files)

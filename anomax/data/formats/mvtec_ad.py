@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation, read_dl_dataset_anomaly
 from anomax.errors import DatasetError
 from anomax.registry import DATASET_FORMATS
+
+log = logging.getLogger("anomax")
 
 
 @DATASET_FORMATS.register("mvtec_ad")
@@ -31,4 +34,8 @@ def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float 
         for s in part.samples
     ]
     dataset = dataset_from_records(records, "mvtec_ad", folder, ground_truth if ground_truth.is_dir() else None)
+    defective = sum(s.anomaly_label == "nok" for s in dataset.samples)
+    if defective and not dataset.has_pixel_ground_truth:
+        log.warning("MVTec AD category %s has no ground_truth/ folder with masks: its %d defective images have no "
+                    "masks, so only image-level metrics exist", folder, defective)
     return hold_out_validation(dataset, validation_from_train, seed)
