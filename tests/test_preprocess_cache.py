@@ -1,6 +1,7 @@
 """The TFDS array_record cache and the grain batches: round trip, reuse, invalidation, interruption."""
 
 import os
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -93,8 +94,8 @@ def test_changed_params_or_files_make_a_new_cache(dataset, tmp_path):
     assert next(iter(iterate_batches(dataset, "train", wider, 2, cache_dir=tmp_path)))["image"].shape == (2, 12, 20, 3)
     assert len(list(tmp_path.iterdir())) == 2
     first = dataset.samples_of("train")[0].image_file_name
-    os.utime(first, ns=(0, 0))  # an edited image (new mtime) invalidates the cache
-    assert not is_cached(dataset, "train", PARAMS, tmp_path)
+    os.utime(first, ns=(0, 0))  # new times alone keep the cache: it is keyed on content
+    assert is_cached(dataset, "train", PARAMS, tmp_path)
 
 
 def test_interrupted_write_is_not_a_cache(dataset, tmp_path, monkeypatch):
@@ -120,3 +121,72 @@ def test_bad_requests(dataset, tmp_path):
         iterate_batches(dataset, "test", PARAMS, 0)
     with pytest.raises(DatasetError, match="split 'validation' .* is empty"):
         iterate_batches(dataset, "validation", PARAMS, 2, cache_dir=tmp_path)
+
+
+@pytest.fixture
+def own_dataset(tmp_path):
+    """A dataset this test may edit."""
+    root = make_synthetic_dataset(tmp_path / "syn", size=24, n_train=2, n_test_good=1, n_test_defect=2, seed=3)
+    return read_dataset("mvtec_ad", root=root, category="brick")
+
+
+def test_rewritten_mask_with_same_size_and_mtime_makes_a_new_cache(own_dataset, tmp_path):
+    from PIL import Image
+
+    sample = next(s for s in own_dataset.samples_of("test") if s.anomaly_file_name)
+    mask_file = sample.anomaly_file_name
+    old = np.asarray(Image.open(mask_file)) > 0
+    Image.fromarray(old.astype(np.uint8) * 255).save(mask_file, compress_level=0)  # size depends on shape only
+    stamp = os.stat(mask_file)
+    cached = stacked(list(iterate_batches(own_dataset, "test", PARAMS, 4, cache_dir=tmp_path / "cache")))
+    Image.fromarray((~old).astype(np.uint8) * 255).save(mask_file, compress_level=0)  # the inverse mask
+    os.utime(mask_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert os.stat(mask_file).st_size == stamp.st_size and os.stat(mask_file).st_mtime_ns == stamp.st_mtime_ns
+    assert not is_cached(own_dataset, "test", PARAMS, tmp_path / "cache")
+    again = stacked(list(iterate_batches(own_dataset, "test", PARAMS, 4, cache_dir=tmp_path / "cache")))
+    position = own_dataset.samples_of("test").index(sample)
+    np.testing.assert_array_equal(again["mask"][position], 1 - cached["mask"][position])
+    np.testing.assert_array_equal(again["mask"][: len(own_dataset.samples_of("test"))],
+                                  direct(own_dataset, "test", PARAMS)[1])
+
+
+def test_a_moved_dataset_keeps_its_cache(own_dataset, tmp_path):
+    import dataclasses
+    import shutil
+
+    iterate_batches(own_dataset, "train", PARAMS, 2, cache_dir=tmp_path / "cache")
+    root = Path(own_dataset.samples[0].image_file_name).parents[3]
+    shutil.copytree(root, tmp_path / "moved")
+    moved = dataclasses.replace(own_dataset, samples=[
+        dataclasses.replace(s, image_file_name=s.image_file_name.replace(str(root), str(tmp_path / "moved")))
+        for s in own_dataset.samples])
+    assert is_cached(moved, "train", PARAMS, tmp_path / "cache")
+
+
+def test_stale_incomplete_folders_are_removed_but_not_one_being_written(dataset, tmp_path):
+    import fcntl
+
+    stale = tmp_path / "train-0123" / "preprocessed_split" / "incomplete.ABCDEF_1.0.0"
+    busy = tmp_path / "train-4567" / "preprocessed_split" / "incomplete.GHIJKL_1.0.0"
+    for folder in (stale, busy):
+        folder.mkdir(parents=True)
+        (folder / "part").write_bytes(b"half")
+    own = cache_path(dataset, "test", PARAMS, tmp_path) / "preprocessed_split" / "incomplete.MNOPQR_1.0.0"
+    own.mkdir(parents=True)
+    with open(busy.parents[1] / ".lock", "a") as handle:  # another process is writing that cache now
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path)
+        assert busy.is_dir()
+    assert not stale.exists() and not own.exists() and is_cached(dataset, "test", PARAMS, tmp_path)
+
+
+def test_building_the_cache_is_quiet(dataset, tmp_path, capfd, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path)
+    out, err = capfd.readouterr()
+    assert "Downloading and preparing" not in out + err and "dataset_info.json" not in out + err
+    assert not [r for r in caplog.records if r.name == "absl" or r.levelno >= logging.WARNING]
+    debug = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("anomax"))
+    assert "dataset_info.json" in debug and "Downloading and preparing" in debug  # kept for the log file

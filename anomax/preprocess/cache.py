@@ -1,17 +1,26 @@
 """Preprocessed splits: written once as a TFDS array_record dataset, read as fixed-shape grain batches.
 
+A cache is keyed on the params and on the content (SHA-256) of every image and mask, so an
+edited file makes a new cache whatever its size and times, and a moved dataset keeps its cache.
 TFDS writes into an ``incomplete.*`` folder and renames it when the split is complete, so an
-interrupted write never reads as a cache. TensorFlow is not needed: TFDS encodes the features
-itself and ``as_data_source`` reads array_record files with random access.
+interrupted write never reads as a cache; one process builds a cache at a time (a file lock), and
+the ``incomplete.*`` folders a killed build left behind are removed. TensorFlow is not needed:
+TFDS encodes the features itself and ``as_data_source`` reads array_record files with random
+access. TFDS's console notes go to the ``anomax`` log at DEBUG.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grain
@@ -19,12 +28,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from anomax.data.dataset import DLDataset, Sample
-from anomax.data.images import read_pair
+from anomax.data.images import log_conversions, read_pair
 from anomax.errors import ConfigError, DatasetError
+from anomax.files import sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
 CACHE_LAYOUT_VERSION = 1  # bump when the stored features change, so old caches are not reused
 READ_THREADS = max(1, min(8, os.cpu_count() or 1))
+INCOMPLETE_PREFIX = "incomplete."  # TFDS's name for a folder it is still writing
+
+log = logging.getLogger("anomax")
 
 
 class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
@@ -60,20 +73,23 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
         for record in self._records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)):
             yield int(record["index"]), record
 
+    # TFDS prints these two notes to stdout; they are no business of the user's console
+    def _log_download_bytes(self) -> None:
+        log.debug("tfds: Downloading and preparing dataset to %s", self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.debug("tfds: dataset prepared in %s", self.data_dir)
+
 
 def cache_path(dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path) -> Path:
-    """The folder of the cache of this split's samples (files, sizes, mtimes) and these params."""
+    """The folder of the cache of this split's samples (labels, file contents) and these params."""
     return Path(cache_dir) / f"{split or 'all'}-{_cache_key(dataset.samples_of(split), params)}"
 
 
 def is_cached(dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path) -> bool:
     """Whether a complete cache exists (a partly written one lives in an ``incomplete.*`` folder)."""
-    return _builder(dataset, split, params, cache_dir).is_prepared()
-
-
-def prepare_cache(dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path) -> Path:
-    """Write the preprocessed split unless a complete cache for the same samples and params exists."""
-    return Path(_prepared_builder(dataset, split, params, cache_dir).data_dir)
+    with _tfds_notes_to_debug():
+        return _builder(dataset, split, params, cache_dir).is_prepared()
 
 
 def num_batches(dataset: DLDataset, split: str | None, batch_size: int) -> int:
@@ -102,18 +118,20 @@ def iterate_batches(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    source = f"the {split or 'whole'} split of {dataset.image_dir}"
     if cache_dir is None:
         records = _preprocessed_records(dataset.samples_of(split), params)
     else:
-        source = _prepared_builder(dataset, split, params, cache_dir).as_data_source(split="data")
-        records = grain.MapDataset.source(source)
-    return Batches(records, batch_size, shuffle, seed, progress)
+        builder = _prepared_builder(dataset, split, params, cache_dir, source)
+        records = grain.MapDataset.source(builder.as_data_source(split="data"))
+    return Batches(records, batch_size, shuffle, seed, progress, source)
 
 
 class Batches:
     """An iterable of padded batches that knows its length (for progress bars)."""
 
-    def __init__(self, records: grain.MapDataset, batch_size: int, shuffle: bool, seed: int, progress: str | None):
+    def __init__(self, records: grain.MapDataset, batch_size: int, shuffle: bool, seed: int, progress: str | None,
+                 source: str = "the images"):
         n = len(records)
         order = grain.MapDataset.range(n).shuffle(seed=seed) if shuffle else grain.MapDataset.range(n)
 
@@ -130,17 +148,19 @@ class Batches:
 
         self._batches = grain.MapDataset.range(math.ceil(n / batch_size) * batch_size).map(padded).batch(batch_size)
         self._progress = progress
+        self._source = source
 
     def __len__(self) -> int:
         return len(self._batches)
 
     def __iter__(self) -> Iterator[dict]:
         batches = self._batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
-        if self._progress is None:
-            return iter(batches)
-        from tqdm.auto import tqdm
+        if self._progress is not None:
+            from tqdm.auto import tqdm
 
-        return iter(tqdm(batches, desc=self._progress, total=len(self), unit="batch"))
+            batches = tqdm(batches, desc=self._progress, total=len(self), unit="batch")
+        yield from batches
+        log_conversions(f"reading {self._source}")  # read on the fly: conversions are noted per pass
 
 
 def _preprocessed_records(samples: list[Sample], params: PreprocessParams) -> grain.MapDataset:
@@ -157,39 +177,97 @@ def _preprocessed_records(samples: list[Sample], params: PreprocessParams) -> gr
 
 
 def _builder(
-    dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path
+    dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path, folder: Path | None = None
 ) -> PreprocessedSplit:
     samples = dataset.samples_of(split)
     return PreprocessedSplit(
         records=_preprocessed_records(samples, params),
         params=params,
-        data_dir=cache_path(dataset, split, params, cache_dir),
+        data_dir=folder or cache_path(dataset, split, params, cache_dir),
     )
 
 
-def _prepared_builder(dataset, split, params, cache_dir) -> PreprocessedSplit:
-    builder = _builder(dataset, split, params, cache_dir)
-    if not builder.is_prepared():
-        tfds.display_progress_bar(False)  # iterate_batches shows its own progress
-        builder.download_and_prepare()
-    return builder
+def _prepared_builder(dataset, split, params, cache_dir, source: str) -> PreprocessedSplit:
+    folder = cache_path(dataset, split, params, cache_dir)
+    with _tfds_notes_to_debug():  # e.g. TFDS warns that the folder it is about to write has no dataset_info.json
+        builder = _builder(dataset, split, params, cache_dir, folder)
+        if builder.is_prepared():
+            return builder
+        _remove_stale_incomplete(Path(cache_dir))
+        with _locked(folder):
+            builder = _builder(dataset, split, params, cache_dir, folder)  # another process may have built it
+            if not builder.is_prepared():
+                _remove_incomplete(folder)  # this process holds the lock: whatever is incomplete here is stale
+                tfds.display_progress_bar(False)  # iterate_batches shows its own progress
+                builder.download_and_prepare()
+                log_conversions(f"caching {source}")
+                builder = _builder(dataset, split, params, cache_dir, folder)
+        return builder
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, wait: bool = True) -> Iterator[None]:
+    """Hold the build lock of one cache folder; with ``wait=False`` raise BlockingIOError when it is held."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:  # the lock goes with the handle when the process dies
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+def _remove_incomplete(folder: Path) -> int:
+    stale = list(folder.glob(f"*/{INCOMPLETE_PREFIX}*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+def _remove_stale_incomplete(cache_dir: Path) -> None:
+    """Remove the ``incomplete.*`` folders that killed builds left, but not those being written now."""
+    removed = 0
+    for folder in sorted({path.parents[1] for path in cache_dir.glob(f"*/*/{INCOMPLETE_PREFIX}*")}):
+        try:
+            with _locked(folder, wait=False):
+                removed += _remove_incomplete(folder)
+        except BlockingIOError:
+            continue  # another process is building that cache
+    if removed:
+        log.info("removed %d incomplete cache folder%s that interrupted runs left in %s", removed,
+                 "s" * (removed != 1), cache_dir)
+
+
+class _ToDebug(logging.Filter):
+    """Passes a TFDS (absl) log record on to the ``anomax`` log at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("tfds: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _tfds_notes_to_debug() -> Iterator[None]:
+    absl, demote = logging.getLogger("absl"), _ToDebug()
+    absl.addFilter(demote)
+    try:
+        yield
+    finally:
+        absl.removeFilter(demote)
 
 
 def _cache_key(samples: list[Sample], params: PreprocessParams) -> str:
-    """Hash of the params and of every file's name, size and mtime, so an edited file makes a new cache."""
-
-    def stamp(path: str | None) -> list | None:
-        if path is None:
-            return None
-        try:
-            stat = os.stat(path)
-        except OSError as error:
-            raise DatasetError(f"cannot read file {path} ({error.strerror}); check the dataset paths") from None
-        return [path, stat.st_size, stat.st_mtime_ns]
-
+    """Hash of the params and of every sample's label and file contents, in order."""
+    files = [path for s in samples for path in (s.image_file_name, s.anomaly_file_name) if path is not None]
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # hashlib releases the GIL on large blocks
+        digests = dict(zip(files, pool.map(_content_hash, files)))
     content = {
         "layout": CACHE_LAYOUT_VERSION,
         "params": params.to_dict(),
-        "samples": [[s.anomaly_label, stamp(s.image_file_name), stamp(s.anomaly_file_name)] for s in samples],
+        "samples": [[s.anomaly_label, digests[s.image_file_name], digests.get(s.anomaly_file_name)] for s in samples],
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _content_hash(path: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as error:
+        raise DatasetError(f"cannot read file {path} ({error.strerror}); check the dataset paths") from None
