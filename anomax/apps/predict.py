@@ -1,12 +1,13 @@
 """anomax-predict: a saved model on new images -> scores, classes, heatmap overlays, results.csv/json.
 
+Inputs are read, scored and drawn one batch at a time, so memory does not grow with their number.
 A file that cannot be read gets an error line in the results; the other images are still scored.
+The job fails (exit status 2) when not a single file could be scored.
 """
 from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,10 +18,12 @@ from omegaconf import DictConfig
 
 from anomax.apps._common import load_configured_model, plain, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
-from anomax.errors import AnomaxError, DatasetError
+from anomax.data import images as image_files
+from anomax.errors import AnomaxError, ConfigError, DatasetError
+from anomax.files import write_json_atomic, writing
 
 log = logging.getLogger("anomax")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+COLUMNS = ["image_file_name", "anomaly_score", "anomaly_class", "anomaly_class_id", "num_regions", "overlay", "error"]
 
 
 def image_paths(inputs: str | Iterable[str]) -> list[Path]:
@@ -29,7 +32,7 @@ def image_paths(inputs: str | Iterable[str]) -> list[Path]:
     for item in [inputs] if isinstance(inputs, str) else inputs:
         item = str(Path(item).expanduser())
         if Path(item).is_dir():
-            paths += sorted(p for p in Path(item).rglob("*") if p.is_file() and not p.name.startswith("."))
+            paths += [p for p in image_files.list_files(item) if not p.name.startswith(".")]
         elif Path(item).is_file():
             paths.append(Path(item))
         elif matches := sorted(glob.glob(item, recursive=True)):
@@ -43,53 +46,73 @@ def image_paths(inputs: str | Iterable[str]) -> list[Path]:
 
 def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet", overlays: bool = True
                   ) -> list[dict[str, Any]]:
-    """Score every readable image; unreadable ones get {'error': ...}. Writes results.csv and results.json."""
-    from anomax.data.images import read_image
-    from anomax.evaluation import plot_anomaly_overlay
-
+    """Score every readable image, ``model.batch_size`` at a time; unreadable ones get {'error': ...}.
+    Writes results.csv and results.json; raises DatasetError when no file could be scored."""
     rows: list[dict[str, Any]] = []
-    images, readable = [], []
-    for path in paths:
-        try:
-            images.append(read_image(path))
-            readable.append(len(rows))
+    scored = 0
+    for start in range(0, len(paths), model.batch_size):
+        batch, batch_rows = [], []
+        for path in paths[start:start + model.batch_size]:
             rows.append({"image_file_name": str(path)})
-        except AnomaxError as error:
-            log.error("%s", error)
-            rows.append({"image_file_name": str(path), "error": str(error)})
-    results = model.apply(images) if images else []
-    for number, (row_index, image, result) in enumerate(zip(readable, images, results)):
-        row = rows[row_index]
-        row["anomaly_score"] = result["anomaly_score"]
-        if "anomaly_class" in result:
-            row["anomaly_class"] = result["anomaly_class"]
-            row["anomaly_class_id"] = result["anomaly_class_id"]
-            row["num_regions"] = len(result["anomaly_region"]["components"])
-        if overlays:
-            picture = out_dir / "overlays" / f"{number:05d}_{Path(row['image_file_name']).stem}.png"
-            region = result["anomaly_region"]["mask"] if "anomaly_region" in result else None
-            plot_anomaly_overlay(picture, image, result["anomaly_image"], cmap=colormap, region=region,
-                                 title=f"{Path(row['image_file_name']).name}: {result['anomaly_score']:.4g}"
-                                       + (f" ({result['anomaly_class']})" if "anomaly_class" in result else ""))
-            row["overlay"] = str(picture)
+            try:
+                batch.append(image_files.read_image(path))
+                batch_rows.append(rows[-1])
+            except AnomaxError as error:
+                log.error("%s", error)
+                rows[-1]["error"] = str(error)
+        for row, image, result in zip(batch_rows, batch, model.apply(batch) if batch else [], strict=True):
+            _fill(row, result)
+            if overlays:
+                picture = out_dir / "overlays" / f"{scored:05d}_{Path(row['image_file_name']).stem}.png"
+                row["overlay"] = str(_draw(picture, row, image, result, colormap))
+            scored += 1
+    image_files.log_conversions("predict")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    columns = ["image_file_name", "anomaly_score", "anomaly_class", "anomaly_class_id", "num_regions", "overlay",
-               "error"]
-    with open(out_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
+    write_json_atomic(out_dir / "results.json", rows)
+    with writing(out_dir / "results.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    if not scored:
+        raise DatasetError(f"none of the {len(rows)} input files could be scored (not images, or unreadable); "
+                           f"the reasons are in {out_dir / 'results.csv'}")
     return rows
+
+
+def _fill(row: dict[str, Any], result: dict[str, Any]) -> None:
+    row["anomaly_score"] = result["anomaly_score"]
+    if "anomaly_class" in result:
+        row["anomaly_class"] = result["anomaly_class"]
+        row["anomaly_class_id"] = result["anomaly_class_id"]
+        row["num_regions"] = len(result["anomaly_region"]["components"])
+
+
+def _draw(picture: Path, row: dict[str, Any], image, result: dict[str, Any], colormap: str) -> Path:
+    from anomax.evaluation import plot_anomaly_overlay
+
+    region = result["anomaly_region"]["mask"] if "anomaly_region" in result else None
+    title = f"{Path(row['image_file_name']).name}: {result['anomaly_score']:.4g}"
+    if "anomaly_class" in result:
+        title += f" ({result['anomaly_class']})"
+    return plot_anomaly_overlay(picture, image, result["anomaly_image"], cmap=colormap, region=region, title=title)
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """None keeps the model's saved batch size; anything else must be a positive integer."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}; "
+                          "leave it out (null) to use the batch size saved with the model")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_predict")
 @reports_errors("anomax-predict")
 def _predict(cfg: DictConfig) -> None:
     config = plain(cfg)
+    check_batch_size(config["batch_size"])
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    paths = image_paths(config["inputs"])
     model = load_configured_model(config)
-    rows = predict_files(model, image_paths(config["inputs"]), out_dir, config["colormap"], config["overlays"])
+    rows = predict_files(model, paths, out_dir, config["colormap"], config["overlays"])
     failed = sum("error" in row for row in rows)
     print(f"anomax-predict: {len(rows) - failed} images scored, {failed} failed -> {out_dir / 'results.csv'}")
 

@@ -1,0 +1,126 @@
+"""anomax-predict on a stand-in model: streaming in batches, unreadable files, refusals and exit status."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import anomax.apps.predict as predict
+import anomax.data.images as images
+from anomax.errors import ConfigError, DatasetError
+from test_data_images import bomb_png
+
+
+class StandInModel:
+    """What predict needs of a model: batch_size and apply(images) -> result dicts."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.calls: list[tuple[int, int]] = []  # (images in the call, images read so far)
+
+    def set_params(self, batch_size):
+        self.batch_size = batch_size
+
+    def apply(self, batch):
+        self.calls.append((len(batch), reads[0]))
+        return [{"anomaly_image": np.full(image.shape[:2], float(image.mean()), np.float32),
+                 "anomaly_score": float(image.mean()), "anomaly_class": "ok", "anomaly_class_id": 0,
+                 "anomaly_region": {"mask": np.zeros(image.shape[:2], bool), "components": []}} for image in batch]
+
+
+reads = [0]
+
+
+@pytest.fixture(autouse=True)
+def count_reads(monkeypatch):
+    reads[0] = 0
+    real = images.read_image
+
+    def counted(path):
+        reads[0] += 1
+        return real(path)
+
+    monkeypatch.setattr(images, "read_image", counted)
+
+
+def folder_of_images(folder, count):
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(count):
+        Image.fromarray(np.full((5, 7), 10 * number, np.uint8)).save(folder / f"{number:02d}.png")
+    return folder
+
+
+def test_inputs_are_streamed_in_batches(tmp_path):
+    model = StandInModel(batch_size=3)
+    paths = predict.image_paths(str(folder_of_images(tmp_path / "in", 7)))
+    rows = predict.predict_files(model, paths, tmp_path / "out", overlays=False)
+    assert [call[0] for call in model.calls] == [3, 3, 1]
+    assert [call[1] for call in model.calls] == [3, 6, 7]  # each batch is scored before the next is read
+    assert [row["anomaly_score"] for row in rows] == [10.0 * n for n in range(7)]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_decompression_bomb_gets_a_line_and_the_rest_are_scored(tmp_path):
+    folder = folder_of_images(tmp_path / "in", 3)
+    bomb_png(folder / "00a_bomb.png")  # sorted second
+    rows = predict.predict_files(StandInModel(2), predict.image_paths(str(folder)), tmp_path / "out",
+                                 overlays=True)
+    assert [("error" in row) for row in rows] == [False, True, False, False]
+    assert "00a_bomb.png" in rows[1]["error"] and "ANOMAX_MAX_IMAGE_PIXELS" in rows[1]["error"]
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4 and "00a_bomb.png" in table[1]["error"] and table[0]["anomaly_score"] == "0.0"
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(json.dumps(rows))
+    assert all((tmp_path / "out" / row["overlay"]).is_file() for row in rows if "error" not in row)
+
+
+def test_nothing_scored_is_an_error(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "data.csv").write_text("1,2")
+    with pytest.raises(DatasetError, match=r"none of the 2 input files could be scored.*results.csv"):
+        predict.predict_files(StandInModel(2), predict.image_paths(str(folder)), tmp_path / "out", overlays=False)
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 3  # the reasons are written first
+
+
+def test_dropped_alpha_and_broken_links_are_logged_once(tmp_path, caplog):
+    folder = folder_of_images(tmp_path / "in", 2)
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((5, 7, 4), np.uint8)).save(folder / f"{name}.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    images.log_conversions("earlier tests")
+    with caplog.at_level("INFO", logger="anomax"):
+        rows = predict.predict_files(StandInModel(2), predict.image_paths(str(folder)), tmp_path / "out",
+                                     overlays=False)
+    assert len(rows) == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("2 images had an alpha channel" in m for m in messages) == 1
+    assert sum("skipped 1 dangling symlink" in m for m in messages) == 1
+
+
+def run_app(monkeypatch, tmp_path, *overrides):
+    monkeypatch.setattr(predict, "load_configured_model", lambda config: StandInModel(config["batch_size"] or 2))
+    monkeypatch.setattr(sys, "argv", ["anomax-predict", "model_dir=unused", f"hydra.run.dir={tmp_path / 'run'}",
+                                      *overrides])
+    predict.main()
+
+
+def test_app_refuses_batch_size_zero(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_app(monkeypatch, tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 1)}", "batch_size=0")
+    assert stop.value.code == 2 and "batch_size must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_app_exits_non_zero_when_nothing_was_scored(monkeypatch, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit) as stop:
+        run_app(monkeypatch, tmp_path, f"inputs={tmp_path / 'in'}")
+    assert stop.value.code == 2 and "none of the 1 input files could be scored" in capsys.readouterr().err
+    run_app(monkeypatch, tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 2)}")
+    assert "2 images scored, 1 failed" in capsys.readouterr().out
