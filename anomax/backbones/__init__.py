@@ -19,11 +19,10 @@ from anomax.backbones._checkpoint import load_state_dict
 from anomax.backbones._layers import FeatureNetwork, assign_torch_weights, check_taps
 from anomax.backbones._weights import WeightsSource, file_sha256, resolve_weights
 from anomax.errors import InputError, WeightsError
+from anomax.preprocess.params import IMAGENET_MEAN, IMAGENET_STD
 from anomax.registry import BACKBONES
 
 INPUT_MULTIPLE = 32
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def requirements(**normalization) -> dict:
