@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,24 +105,26 @@ def test_dropped_alpha_and_broken_links_are_logged_once(tmp_path, caplog):
     assert sum("skipped 1 dangling symlink" in m for m in messages) == 1
 
 
-def run_app(monkeypatch, tmp_path, *overrides):
-    monkeypatch.setattr(predict, "load_configured_model", lambda config: StandInModel(config["batch_size"] or 2))
-    monkeypatch.setattr(sys, "argv", ["anomax-predict", "model_dir=unused", f"hydra.run.dir={tmp_path / 'run'}",
-                                      *overrides])
-    predict.main()
+def run_app(tmp_path, *overrides) -> subprocess.CompletedProcess:
+    """anomax-predict in a fresh process (Hydra configures logging per process), with the stand-in model."""
+    script = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import anomax.apps.predict as predict; "
+              "from test_predict_app import StandInModel; "
+              "predict.load_configured_model = lambda config: StandInModel(config['batch_size'] or 2); "
+              "sys.argv[0] = 'anomax-predict'; predict.main()")
+    return subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), "model_dir=unused",
+                           f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
-def test_app_refuses_batch_size_zero(monkeypatch, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        run_app(monkeypatch, tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 1)}", "batch_size=0")
-    assert stop.value.code == 2 and "batch_size must be a positive integer, got 0" in capsys.readouterr().err
+def test_app_refuses_batch_size_zero(tmp_path):
+    done = run_app(tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 1)}", "batch_size=0")
+    assert done.returncode == 2 and "batch_size must be a positive integer, got 0" in done.stderr
 
 
-def test_app_exits_non_zero_when_nothing_was_scored(monkeypatch, tmp_path, capsys):
+def test_app_exits_non_zero_when_nothing_was_scored(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    with pytest.raises(SystemExit) as stop:
-        run_app(monkeypatch, tmp_path, f"inputs={tmp_path / 'in'}")
-    assert stop.value.code == 2 and "none of the 1 input files could be scored" in capsys.readouterr().err
-    run_app(monkeypatch, tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 2)}")
-    assert "2 images scored, 1 failed" in capsys.readouterr().out
+    done = run_app(tmp_path, f"inputs={tmp_path / 'in'}")
+    assert done.returncode == 2 and "none of the 1 input files could be scored" in done.stderr
+    done = run_app(tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 2)}")
+    assert done.returncode == 0 and "2 images scored, 1 failed" in done.stdout
