@@ -23,3 +23,7 @@ class ArtifactError(AnomaxError):
 
 class InputError(AnomaxError, ValueError):
     """Arrays handed to a function have the wrong shape, dtype, or contain NaN."""
+
+
+class OutputError(AnomaxError):
+    """An output (run directory, artifact, metrics, pictures) cannot be written: disk full, permissions."""

@@ -5,16 +5,15 @@ the finest chosen resolution, concatenate channels in tap order, optional projec
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import dataclasses
+from typing import ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from anomax.errors import ConfigError, InputError
-
-PROJECTIONS = ("random", "subset")
-RESIZES = ("bilinear", "nearest")
+from anomax.settings import Literal, Settings, setting
 
 
 def random_projection(seed: int, in_dim: int, out_dim: int) -> np.ndarray:
@@ -37,46 +36,43 @@ def average_pool(x: jax.Array, size: int) -> jax.Array:
     return summed / (size * size)
 
 
-class FeatureAdaptor:
-    """taps: backbone tap names, concatenated in this order (required; the config's null
-    means the backbone's taps, which the pipeline passes). pool_size: odd local-average window
-    (3 for PatchCore, 1 = none for PaDiM). resize: 'bilinear' (half-pixel centres like
-    torch F.interpolate(align_corners=False), PatchCore) or 'nearest' (anomalib PaDiM).
-    projection_dim: None keeps all channels; otherwise 'random' (Gaussian projection)
-    or 'subset' (random channel subset, the PaDiM paper), both seeded."""
+@dataclasses.dataclass(frozen=True)
+class AdaptorConfig(Settings):
+    """taps: backbone tap names, concatenated in this order (null: the backbone's taps, which the
+    pipeline fills in). pool_size: odd local-average window (3 for PatchCore, 1 = none for PaDiM).
+    resize: 'bilinear' (half-pixel centres like torch F.interpolate(align_corners=False),
+    PatchCore) or 'nearest' (anomalib PaDiM). projection_dim: null keeps all channels; otherwise
+    'random' (Gaussian projection) or 'subset' (random channel subset, the PaDiM paper), both seeded."""
 
-    def __init__(
-        self,
-        taps: Sequence[str] | None = None,
-        pool_size: int = 3,
-        projection_dim: int | None = None,
-        projection: str = "random",
-        resize: str = "bilinear",
-        seed: int = 0,
-    ):
-        if isinstance(taps, str) or not taps:
-            raise ConfigError(f"adaptor.taps must be a non-empty list of backbone tap names, got {taps!r} "
+    section: ClassVar[str] = "model.head.adaptor"
+    taps: tuple[str, ...] | None = None
+    pool_size: int = setting(3, ge=1, odd=True)
+    projection_dim: int | None = setting(None, ge=1)
+    projection: Literal["random", "subset"] = "random"
+    resize: Literal["bilinear", "nearest"] = "bilinear"
+    seed: int = setting(0, ge=0)
+
+    def check(self) -> None:
+        if self.taps is not None and not self.taps:
+            self.fail("taps", "null or a non-empty list of backbone tap names")
+
+
+class FeatureAdaptor:
+    """Backbone taps -> one (B, h, w, D) patch-feature map. ``FeatureAdaptor(AdaptorConfig(...))``
+    or ``FeatureAdaptor(taps, pool_size=..., ...)``; the taps must be given (not null) here."""
+
+    def __init__(self, taps: Sequence[str] | AdaptorConfig | None = None, **settings):
+        config = taps if isinstance(taps, AdaptorConfig) else AdaptorConfig.from_dict(settings, taps=taps)
+        if config.taps is None or isinstance(taps, str):
+            raise ConfigError(f"model.head.adaptor.taps must be a non-empty list of backbone tap names, got {taps!r} "
                               f"(a null in the config means the backbone's taps: pass backbone.taps)")
-        if not (isinstance(pool_size, int) and pool_size >= 1 and pool_size % 2 == 1):
-            raise ConfigError(f"adaptor.pool_size must be an odd integer >= 1, got {pool_size!r}")
-        if projection not in PROJECTIONS:
-            raise ConfigError(f"adaptor.projection must be one of {PROJECTIONS}, got {projection!r}")
-        if resize not in RESIZES:
-            raise ConfigError(f"adaptor.resize must be one of {RESIZES}, got {resize!r}")
-        if projection_dim is not None and not (isinstance(projection_dim, int) and projection_dim >= 1):
-            raise ConfigError(f"adaptor.projection_dim must be null or an integer >= 1, got {projection_dim!r}")
-        self.taps = tuple(taps)
-        self.pool_size = pool_size
-        self.projection_dim = projection_dim
-        self.projection = projection
-        self.resize = resize
-        self.seed = seed
+        self.settings = config
+        self.taps = config.taps
 
     @property
     def config(self) -> dict:
-        """JSON-able constructor arguments (for the artifact)."""
-        return dict(taps=list(self.taps), pool_size=self.pool_size, projection_dim=self.projection_dim,
-                    projection=self.projection, resize=self.resize, seed=self.seed)
+        """JSON-able settings (for the artifact): FeatureAdaptor(**config) rebuilds it."""
+        return self.settings.to_dict()
 
     def init(self, channels: Mapping[str, int]) -> dict[str, np.ndarray]:
         """Projection parameters for a backbone with these channels per tap."""
@@ -84,28 +80,28 @@ class FeatureAdaptor:
         if missing:
             raise ConfigError(f"adaptor.taps {missing} are not backbone taps; available: {list(channels)}")
         total = sum(channels[tap] for tap in self.taps)
-        if self.projection_dim is None:
+        dim, seed = self.settings.projection_dim, self.settings.seed
+        if dim is None:
             return {}
-        if self.projection_dim > total:
-            raise ConfigError(
-                f"adaptor.projection_dim={self.projection_dim} exceeds the {total} channels of taps "
-                f"{list(self.taps)}; lower it or set it to null")
-        if self.projection == "subset":
-            order = np.random.default_rng(self.seed).permutation(total)
-            return {"channels": np.sort(order[: self.projection_dim]).astype(np.int32)}
-        return {"matrix": random_projection(self.seed, total, self.projection_dim)}
+        if dim > total:
+            raise ConfigError(f"model.head.adaptor.projection_dim={dim} exceeds the {total} channels of taps "
+                              f"{list(self.taps)}; lower it or set it to null")
+        if self.settings.projection == "subset":
+            order = np.random.default_rng(seed).permutation(total)
+            return {"channels": np.sort(order[:dim]).astype(np.int32)}
+        return {"matrix": random_projection(seed, total, dim)}
 
     def apply(self, params: Mapping[str, jax.Array], features: Mapping[str, jax.Array]) -> jax.Array:
         """Pure and jittable: features {tap: (B, h, w, C)} -> (B, h, w, D) float32."""
         missing = [tap for tap in self.taps if tap not in features]
         if missing:
             raise InputError(f"features lack the adaptor taps {missing}; got {list(features)}")
-        maps = [average_pool(jnp.asarray(features[tap], jnp.float32), self.pool_size) for tap in self.taps]
+        maps = [average_pool(jnp.asarray(features[tap], jnp.float32), self.settings.pool_size) for tap in self.taps]
         height = max(m.shape[1] for m in maps)
         width = max(m.shape[2] for m in maps)
         # antialias=False: plain interpolation like torch F.interpolate, also when shrinking.
         maps = [m if m.shape[1:3] == (height, width) else
-                jax.image.resize(m, (m.shape[0], height, width, m.shape[3]), self.resize, antialias=False)
+                jax.image.resize(m, (m.shape[0], height, width, m.shape[3]), self.settings.resize, antialias=False)
                 for m in maps]
         x = jnp.concatenate(maps, axis=-1)
         if "channels" in params:

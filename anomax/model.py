@@ -6,6 +6,7 @@ training split through the backbone and adaptor into the head in one pass.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -16,10 +17,11 @@ from anomax.backbones import Backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
-from anomax.heads._base import Head
+from anomax.heads._base import FeatureBatches, Head
 from anomax.parallel import data_mesh, mesh_size, replicate, shard_batch
 from anomax.preprocess.cache import iterate_batches
 from anomax.preprocess.params import PreprocessParams, preprocess_image
+from anomax.training import TrainConfig
 
 
 class AnomalyModel:
@@ -36,7 +38,7 @@ class AnomalyModel:
         self.device = jax.devices()[0]  # where apply and score_split run
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
         self._features = jax.jit(self.features)
-        self._infer = jax.jit(self.infer)
+        self._infer = jax.jit(self.infer, static_argnames=("mesh",))
 
     # ---- pure functions -------------------------------------------------------------
     def features(self, backbone_params, adaptor_params, images: jax.Array) -> jax.Array:
@@ -44,12 +46,12 @@ class AnomalyModel:
         images = jnp.broadcast_to(images, images.shape[:3] + (3,)) if images.shape[-1] == 1 else images
         return self.adaptor.apply(adaptor_params, self.backbone.forward(backbone_params, images))
 
-    def infer(self, params: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
-        """Pure: preprocessed images -> {'anomaly_image' (B, H, W), 'anomaly_score' (B,)}."""
-        features = self.features(params["backbone"], params["adaptor"], images)
-        patch_scores, image_scores = self.head.score(params["head"], images, features)
-        return {"anomaly_image": self.head.anomaly_map(patch_scores, images.shape[1:3]),
-                "anomaly_score": image_scores}
+    def infer(self, params: Mapping[str, Any], images: jax.Array, mesh=None) -> dict[str, jax.Array]:
+        """Pure: preprocessed images -> {'anomaly_image' (B, H, W), 'anomaly_score' (B,), and any
+        further maps the head gives}. ``mesh`` (static) spreads the head's search over devices."""
+        features = (self.features(params["backbone"], params["adaptor"], images)
+                    if self.head.uses_backbone else None)
+        return self.head.score(params["head"], images, features, mesh=mesh)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -84,15 +86,28 @@ class AnomalyModel:
             self.thresholds = {key: float(value) for key, value in thresholds.items()}
         if device is not None and mesh is None:
             self.device = device if isinstance(device, jax.Device) else _device(device)
-        self.mesh = self.head.mesh = mesh
+        self.mesh = mesh
 
     # ---- fit and score on datasets ----------------------------------------------------------
-    def fit(self, dataset: DLDataset, split: str = "train", *, cache_dir: str | None = None,
+    def fit(self, dataset: DLDataset, split: str = "train", *, train: TrainConfig | None = None,
+            validation_split: str | None = "validation", cache_dir: str | None = None,
             progress: bool = True) -> dict[str, Any]:
-        """One streamed pass over ``split`` (good images only) into the head; returns the fit info."""
+        """One streamed pass over ``split`` (good images only) into the head; returns the fit info.
+        ``train`` sets trained heads' epochs (HALCON's parameters); heads that normalise their maps
+        on held-out good images also get ``validation_split``'s good images."""
         if any(s.anomaly_label != "ok" for s in dataset.samples_of(split)):
             raise InputError(f"split '{split}' holds defective ('nok') images; heads train on good images only")
+        validation = None
+        if self.head.wants_validation and any(s.split == validation_split and s.anomaly_label == "ok"
+                                              for s in dataset.samples):
+            good_only = [s for s in dataset.samples if s.split != validation_split or s.anomaly_label == "ok"]
+            validation = self.feature_batches(dataclasses.replace(dataset, samples=good_only), validation_split,
+                                              cache_dir)
+        return self.head.fit(self.feature_batches(dataset, split, cache_dir), train=train, validation=validation,
+                             progress=progress)
 
+    def feature_batches(self, dataset: DLDataset, split: str, cache_dir: str | None = None) -> FeatureBatches:
+        """Re-iterable batches {'image', 'features', 'valid'} of a split, with their counts known up front."""
         params = self._placed({"backbone": self.backbone.params, "adaptor": self.adaptor_params})
 
         def batches() -> Iterator[dict[str, Any]]:
@@ -101,7 +116,7 @@ class AnomalyModel:
                 yield {"image": batch["image"], "valid": batch["valid"],
                        "features": self._features(params["backbone"], params["adaptor"], images)}
 
-        return self.head.fit(batches(), progress=progress)
+        return FeatureBatches(batches, len(dataset.samples_of(split)), self.batch_size)
 
     def score_split(self, dataset: DLDataset, split: str, *, cache_dir: str | None = None,
                     progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
@@ -109,28 +124,30 @@ class AnomalyModel:
         params = self._placed(self.params)
         for batch in iterate_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir,
                                      progress=f"score {split}" if progress else None):
-            out = jax.device_get(self._infer(params, self._placed(batch["image"], split_batch=True)))
+            out = jax.device_get(self._infer(params, self._placed(batch["image"], split_batch=True), mesh=self.mesh))
             yield {**batch, **{key: np.asarray(value) for key, value in out.items()}}
 
     # ---- new images ---------------------------------------------------------------------------
     def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image."""
+        """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image: 'anomaly_image',
+        'anomaly_score' (plus the head's further maps), and with thresholds 'anomaly_class',
+        'anomaly_class_id', 'anomaly_region'. Images are preprocessed one batch at a time."""
         from anomax.evaluation import threshold_dl_anomaly_results
 
-        inputs = np.stack([preprocess_image(self.preprocess, np.asarray(image)) for image in images])
         params = self._placed(self.params)
-        outs = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start:start + self.batch_size]
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = np.stack([preprocess_image(self.preprocess, np.asarray(image))
+                              for image in images[start:start + self.batch_size]])
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), 0)])
-            out = jax.device_get(self._infer(params, self._placed(padded, split_batch=True)))  # compiled once
-            outs.append({key: np.asarray(value)[: len(chunk)] for key, value in out.items()})
-        maps = np.concatenate([o["anomaly_image"] for o in outs])
-        scores = np.concatenate([o["anomaly_score"] for o in outs])
-        results = [{"anomaly_image": m, "anomaly_score": float(s)} for m, s in zip(maps, scores)]
+            out = jax.device_get(self._infer(params, self._placed(padded, split_batch=True), mesh=self.mesh))
+            for row in range(len(chunk)):  # compiled once: every batch is padded to batch_size
+                results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
+                                for key, value in out.items()})
         if {"segmentation", "classification"} <= set(self.thresholds):
-            applied = threshold_dl_anomaly_results(maps, scores, self.thresholds["segmentation"],
-                                                   self.thresholds["classification"])
+            applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
+                                                   [r["anomaly_score"] for r in results],
+                                                   self.thresholds["segmentation"], self.thresholds["classification"])
             for result, extra in zip(results, applied):
                 result.update(extra)
         return results

@@ -1,152 +1,251 @@
 """The workflow as library functions, driven by a composed config (a mapping, no Hydra needed).
 
-read dataset -> split -> build model (backbone requirements -> preprocess) -> fit on 'train'
--> thresholds on 'validation' -> evaluate on 'test' -> metrics, pictures, report, artifact.
-The console apps in ``anomax.apps`` only compose the config and call these.
+validate settings -> build model (backbone requirements -> preprocess) -> read dataset -> split
+-> fit on 'train' -> thresholds on 'validation' -> evaluate on 'test' -> metrics, pictures, report,
+artifact. Every setting is validated before any image is read; results stream through the
+metrics (only the maps the pictures need are kept). The console apps only compose the config
+and call these.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
+import heapq
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from anomax.backbones import build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
+from anomax.errors import ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
-from anomax.features import FeatureAdaptor
+from anomax.evaluation.config import EvaluateConfig
+from anomax.evaluation.metrics import auroc
+from anomax.features import AdaptorConfig, FeatureAdaptor
+from anomax.files import write_json_atomic
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param
 from anomax.registry import HEADS
+from anomax.settings import Settings, setting
+from anomax.training import TrainConfig
 
 log = logging.getLogger("anomax")
 
-
-@dataclasses.dataclass
-class EvaluateConfig:
-    """Threshold estimation and evaluation settings (conf/evaluate/)."""
-
-    threshold_split: str = "validation"
-    allow_test_split: bool = False
-    std_factor: float = 4.0
-    segmentation_clip: Any = None  # [low, high] or null
-    classification_threshold: str = "intermediate"  # largest_good | smallest_defect | intermediate | f1_image
-    exact: bool = False
-    num_bins: int = 10_000
-    pixel_range: Any = None
-    fpr_limit: float = 0.3
-    native_resolution: bool = False
-    histogram_bins: int = 50
-    num_worst: int = 4
-    colormap: str = "jet"
+__all__ = ["EvaluateConfig", "RunConfig", "SplitConfig", "build_model", "estimate_thresholds", "evaluate_split",
+           "read_configured_dataset", "results_of", "train_and_evaluate"]
 
 
-def read_configured_dataset(dataset_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any], seed: int) -> DLDataset:
-    """Read the dataset a config names; split it by percentages when the format brings no split."""
+@dataclasses.dataclass(frozen=True)
+class SplitConfig(Settings):
+    """HALCON's split percentages, for datasets that bring no split of their own (the rest is test;
+    defective images go to validation and test in the ratio validation : test)."""
+
+    section: ClassVar[str] = "split"
+    training_percent: float = setting(70.0, ge=0, le=100)
+    validation_percent: float = setting(15.0, ge=0, le=100)
+
+    def check(self) -> None:
+        if self.training_percent + self.validation_percent > 100:
+            self.fail("validation_percent", f"at most 100 - training_percent = {100 - self.training_percent}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Settings):
+    """The top level of anomax-train: seed (split, projections, coreset start, training), images per
+    compiled batch, the preprocessed-cache folder (null: preprocess on the fly), progress bars."""
+
+    section: ClassVar[str] = "anomax-train"
+    seed: int = setting(0, ge=0)
+    batch_size: int = setting(16, ge=1)
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def fail(self, key: str, rule: str):  # top-level keys are typed without a section prefix
+        raise ConfigError(f"{key} = {getattr(self, key, None)!r} is invalid: it must be {rule} "
+                          f"(set it on the command line: {key}=...)")
+
+
+def read_configured_dataset(dataset_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any] | SplitConfig,
+                            seed: int) -> DLDataset:
+    """Read the dataset a config names; split it by HALCON's percentages when the format brings no split."""
     kwargs = dict(dataset_cfg)
     fmt = kwargs.pop("format")
     kwargs.pop("name", None)
     dataset = read_dataset(fmt, **kwargs)
     if not dataset.has_split:
-        dataset = split_dl_dataset(dataset, split_cfg["training_percent"], split_cfg["validation_percent"], seed=seed)
+        split = split_cfg if isinstance(split_cfg, SplitConfig) else SplitConfig.from_dict(split_cfg)
+        dataset = split_dl_dataset(dataset, split.training_percent, split.validation_percent, seed=seed)
     return dataset
 
 
 def build_model(cfg: Mapping[str, Any]) -> AnomalyModel:
-    """Backbone, preprocess params from its requirements (config values override), adaptor and head."""
+    """Head and adaptor settings (validated first), backbone, preprocess params from its requirements
+    (config values override)."""
+    head_cfg = dict(cfg["model"]["head"])
+    head_cls = HEADS.get(head_cfg.pop("name"))
+    adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
+    head = head_cls(head_cls.Config.from_dict(head_cfg))
     backbone_cfg = dict(cfg["model"]["backbone"])
     backbone = build_backbone(backbone_cfg.pop("name"), **backbone_cfg)
     preprocess = {key: value for key, value in backbone.requirements.items() if key != "input_multiple"}
     preprocess.update({key: value for key, value in dict(cfg["preprocess"]).items() if value is not None})
-    head_cfg = dict(cfg["model"]["head"])
-    head_cls = HEADS.get(head_cfg.pop("name"))
-    adaptor_cfg = dict(head_cfg.pop("adaptor"))
-    adaptor_cfg["taps"] = list(adaptor_cfg.get("taps") or backbone.taps)
-    if "train" in inspect.signature(head_cls).parameters:  # trained heads take the train/ group
-        head_cfg["train"] = dict(cfg["train"])
-    return AnomalyModel(create_dl_preprocess_param(**preprocess), backbone, FeatureAdaptor(**adaptor_cfg),
-                        head_cls(**head_cfg), batch_size=cfg["batch_size"])
+    adaptor = adaptor.replace(taps=adaptor.taps or tuple(backbone.taps))
+    return AnomalyModel(create_dl_preprocess_param(**preprocess), backbone, FeatureAdaptor(adaptor), head,
+                        batch_size=cfg["batch_size"])
 
 
 def results_of(model: AnomalyModel, dataset: DLDataset, split: str, cache_dir: str | None = None,
                progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """Scored batches of a split under HALCON's result keys (what thresholds and evaluation read)."""
+    """Scored batches of a split under HALCON's result keys (what thresholds and evaluation read),
+    plus any further maps the head gives ('anomaly_image_local', ...)."""
     samples = dataset.samples_of(split)
     for batch in model.score_split(dataset, split, cache_dir=cache_dir, progress=progress):
+        extra = {key: value for key, value in batch.items() if key.startswith("anomaly_") and key not in
+                 ("anomaly_image", "anomaly_score")}
         yield {"anomaly_image": batch["anomaly_image"], "anomaly_score": batch["anomaly_score"],
                "anomaly_ground_truth": batch["mask"], "anomaly_label_id": batch["label"],
                "defect_type": np.array([samples[i].defect_type for i in batch["index"]]),
-               "index": batch["index"], "valid": batch["valid"]}
+               "index": batch["index"], "valid": batch["valid"], **extra}
+
+
+def check_thresholds_possible(dataset: DLDataset, evaluate_cfg: EvaluateConfig) -> None:
+    """Fail before the fit when the chosen classification threshold cannot be estimated."""
+    split = evaluate_cfg.threshold_split
+    defective = sum(s.split == split and s.anomaly_label == "nok" for s in dataset.samples)
+    if evaluate_cfg.classification_threshold == "f1_image" and not defective:
+        raise ConfigError(f"evaluate.classification_threshold = 'f1_image' needs defective images in the "
+                          f"'{split}' split, which has none; choose largest_good, smallest_defect or intermediate, "
+                          f"or give the split defective images (split.validation_percent / "
+                          f"dataset.validation_from_test)")
+    if evaluate_cfg.classification_threshold in ("smallest_defect", "intermediate") and not defective \
+            and any(s.split == split for s in dataset.samples):
+        log.warning("the '%s' split holds no defective images: the '%s' classification threshold falls back to "
+                    "largest_good", split, evaluate_cfg.classification_threshold)
 
 
 def estimate_thresholds(model: AnomalyModel, dataset: DLDataset, evaluate_cfg: EvaluateConfig,
-                        cache_dir: str | None = None) -> AnomalyThresholds | None:
-    """HALCON's thresholds on the threshold split; None (with a warning) when the dataset has no such split."""
+                        cache_dir: str | None = None, progress: bool = True) -> tuple[AnomalyThresholds | None, dict]:
+    """HALCON's thresholds on the threshold split, set on the model; with them the split's image
+    metrics (the objective a search optimises). (None, {}) with a warning when there is no such split."""
     split = evaluate_cfg.threshold_split
     if not any(s.split == split for s in dataset.samples):
-        log.warning("the dataset has no '%s' split: thresholds are not estimated (hold out validation images, "
-                    "e.g. dataset.validation_from_train=0.1)", split)
-        return None
+        log.warning("the dataset has no '%s' split: thresholds are not estimated (give it validation images, "
+                    "e.g. dataset.validation_from_test=0.5 or split.validation_percent)", split)
+        return None, {}
+    scores, labels = [], []
+
+    def watched(batches: Iterable[dict]) -> Iterator[dict]:
+        for batch in batches:
+            scores.append(batch["anomaly_score"][batch["valid"]])
+            labels.append(batch["anomaly_label_id"][batch["valid"]])
+            yield batch
+
     thresholds = compute_dl_anomaly_thresholds(
-        list(results_of(model, dataset, split, cache_dir)), split=split, allow_test_split=evaluate_cfg.allow_test_split,
-        std_factor=evaluate_cfg.std_factor, clip=evaluate_cfg.segmentation_clip, exact=evaluate_cfg.exact,
-        num_bins=evaluate_cfg.num_bins, pixel_range=evaluate_cfg.pixel_range)
-    model.thresholds = {"segmentation": thresholds.segmentation,
-                        "classification": getattr(thresholds, evaluate_cfg.classification_threshold)}
-    return thresholds
+        watched(results_of(model, dataset, split, cache_dir, progress)), split=split,
+        allow_test_split=evaluate_cfg.allow_test_split, std_factor=evaluate_cfg.std_factor,
+        clip=evaluate_cfg.segmentation_clip, exact=evaluate_cfg.exact, num_bins=evaluate_cfg.num_bins,
+        pixel_range=evaluate_cfg.pixel_range)
+    model.set_params(thresholds={"segmentation": thresholds.segmentation,
+                                 "classification": getattr(thresholds, evaluate_cfg.classification_threshold)})
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    metrics = {"num_good": int((labels == 0).sum()), "num_defective": int((labels == 1).sum())}
+    if metrics["num_good"] and metrics["num_defective"]:
+        metrics["image_auroc"] = auroc(scores, labels)
+    return thresholds, metrics
+
+
+class _WorstMaps:
+    """While results stream through, keeps what the worst-case pictures need: the maps of the
+    highest-scored good and lowest-scored defective images, and the largest map value."""
+
+    def __init__(self, count: int):
+        self.count = max(2 * count, 4)  # a margin over the count shown: ties may rank either way
+        self.kept: dict[int, list] = {0: [], 1: []}  # heaps of (priority, index, entry)
+        self.high = -np.inf
+
+    def watch(self, batches: Iterable[dict]) -> Iterator[dict]:
+        for batch in batches:
+            valid = np.asarray(batch["valid"], bool)
+            if valid.any():
+                self.high = max(self.high, float(batch["anomaly_image"][valid].max()))
+            for row in np.flatnonzero(valid):
+                label = int(batch["anomaly_label_id"][row])
+                score = float(batch["anomaly_score"][row])
+                priority = score if label == 0 else -score
+                heap = self.kept[label]
+                if len(heap) < self.count or priority > heap[0][0]:
+                    entry = {key: np.asarray(value[row]) for key, value in batch.items()
+                             if key.startswith("anomaly_image") or key == "anomaly_ground_truth"}
+                    item = (priority, int(batch["index"][row]), entry)
+                    (heapq.heapreplace if len(heap) >= self.count else heapq.heappush)(heap, item)
+            yield batch
+
+    def entry(self, index: int) -> dict | None:
+        return next((entry for heap in self.kept.values() for _, i, entry in heap if i == index), None)
 
 
 def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir: Path, evaluate_cfg: EvaluateConfig,
                    thresholds: AnomalyThresholds | None = None, cache_dir: str | None = None,
-                   title: str = "anomax evaluation") -> dict[str, Any]:
-    """Metrics of a split, with pictures and the HTML report written into ``run_dir``."""
-    results = list(results_of(model, dataset, split, cache_dir))
+                   title: str = "anomax evaluation", progress: bool = True) -> dict[str, Any]:
+    """Metrics of a split, with pictures and the HTML report written into ``run_dir``; the scored
+    batches stream through the metrics, so memory does not grow with the split."""
+    worst = _WorstMaps(evaluate_cfg.num_worst)
     named = thresholds.classification() if thresholds is not None else None
-    metrics = evaluate_dl_model(results, thresholds=named, exact=evaluate_cfg.exact, num_bins=evaluate_cfg.num_bins,
+    metrics = evaluate_dl_model(worst.watch(results_of(model, dataset, split, cache_dir, progress)), thresholds=named,
+                                exact=evaluate_cfg.exact, num_bins=evaluate_cfg.num_bins,
                                 pixel_range=evaluate_cfg.pixel_range, fpr_limit=evaluate_cfg.fpr_limit,
                                 histogram_bins=evaluate_cfg.histogram_bins, num_worst=evaluate_cfg.num_worst)
-    pictures = write_evaluation_pictures(run_dir, metrics, named)
-    pictures.update(_example_pictures(model, dataset, split, results, metrics, run_dir, evaluate_cfg.colormap))
-    write_html_report(run_dir, metrics, pictures, thresholds=thresholds, title=title)
+    notes = []
+    if not dataset.has_pixel_ground_truth:
+        notes.append("The defective images have no ground-truth masks: only image-level metrics exist.")
+    with tqdm(total=2, desc="report", unit="step", disable=not progress) as bar:
+        pictures = write_evaluation_pictures(run_dir, metrics, named)
+        pictures.update(_example_pictures(model, dataset, split, worst, metrics, run_dir, evaluate_cfg.colormap))
+        bar.update()
+        write_html_report(run_dir, metrics, pictures, thresholds=thresholds, title=title, notes=notes)
+        bar.update()
     return metrics
 
 
-def _example_pictures(model, dataset, split, results, metrics, run_dir: Path, cmap: str) -> dict[str, Path]:
-    """Overlays of the worst false positives and false negatives, on the original images."""
+def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir: Path, cmap: str) -> dict[str, Path]:
+    """Overlays of the worst false positives and false negatives on the original images; for heads
+    with several maps (local, global) one overlay per map."""
     samples = dataset.samples_of(split)
-    by_index = {int(i): (batch, row) for batch in results
-                for row, i in enumerate(batch["index"]) if batch["valid"][row]}
-    maps = np.concatenate([b["anomaly_image"][b["valid"]] for b in results])
-    value_range = (float(np.percentile(maps, 1)), float(maps.max()))
 
-    def case(entry: Mapping[str, Any]) -> dict[str, Any]:
-        batch, row = by_index[entry["index"]]
-        sample = samples[entry["index"]]
-        anomaly_image = batch["anomaly_image"][row]
-        region = None
-        if "segmentation" in model.thresholds:
-            region = anomaly_image >= model.thresholds["segmentation"]
+    def case(listed: Mapping[str, Any]) -> dict[str, Any] | None:
+        entry = worst.entry(listed["index"])
+        if entry is None:
+            return None
+        sample = samples[listed["index"]]
+        anomaly_image = entry["anomaly_image"]
+        region = anomaly_image >= model.thresholds["segmentation"] if "segmentation" in model.thresholds else None
         return {"image": read_image(sample.image_file_name), "anomaly_image": anomaly_image,
-                "anomaly_score": entry["anomaly_score"], "anomaly_ground_truth": batch["anomaly_ground_truth"][row],
-                "anomaly_region": region,
-                "title": f"{Path(sample.image_file_name).name} ({sample.defect_type})\nscore {entry['anomaly_score']:.4g}"}
+                "anomaly_score": listed["anomaly_score"], "anomaly_ground_truth": entry["anomaly_ground_truth"],
+                "anomaly_region": region, "branches": {k: v for k, v in entry.items() if k.startswith("anomaly_image_")},
+                "title": f"{Path(sample.image_file_name).name} ({sample.defect_type})\n"
+                         f"score {listed['anomaly_score']:.4g}"}
 
-    false_positives = [case(e) for e in metrics["worst_false_positives"]]
-    false_negatives = [case(e) for e in metrics["worst_false_negatives"]]
-    pictures = {"worst_cases": plot_worst_cases(run_dir / "pictures" / "worst_cases.png", false_positives,
-                                                false_negatives, cmap=cmap, value_range=value_range)}
+    false_positives = [c for c in map(case, metrics["worst_false_positives"]) if c is not None]
+    false_negatives = [c for c in map(case, metrics["worst_false_negatives"]) if c is not None]
+    shown = [c["anomaly_image"] for c in false_positives + false_negatives]
+    value_range = (min(float(np.percentile(m, 1)) for m in shown), worst.high) if shown else None
+    folder = run_dir / "pictures"
+    pictures = {"worst_cases": plot_worst_cases(folder / "worst_cases.png", false_positives, false_negatives,
+                                                cmap=cmap, value_range=value_range)}
     for number, example in enumerate(false_negatives[:2] + false_positives[:1]):
-        pictures[f"overlay_{number}"] = plot_anomaly_overlay(
-            run_dir / "pictures" / f"overlay_{number}.png", example["image"], example["anomaly_image"], cmap=cmap,
-            ground_truth=example["anomaly_ground_truth"], region=example["anomaly_region"],
-            value_range=value_range, title=example["title"])
+        maps = {"": example["anomaly_image"], **{f"_{k.removeprefix('anomaly_image_')}": v
+                                                 for k, v in example["branches"].items()}}
+        for suffix, anomaly_image in maps.items():
+            pictures[f"overlay_{number}{suffix}"] = plot_anomaly_overlay(
+                folder / f"overlay_{number}{suffix}.png", example["image"], anomaly_image, cmap=cmap,
+                ground_truth=example["anomaly_ground_truth"], region=example["anomaly_region"] if not suffix else None,
+                value_range=value_range if not suffix else None,
+                title=example["title"] + (f" [{suffix[1:]} map]" if suffix else ""))
     return pictures
 
 
@@ -154,28 +253,32 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
     """The whole workflow into ``run_dir``: dataset.json, model/, metrics.json, pictures/, index.html."""
     from anomax.artifact import save_model
 
+    # Every setting first: a wrong value fails here, before any weights or images are read.
+    run = RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()})
+    train_cfg = TrainConfig.from_dict(cfg.get("train"))
+    evaluate_cfg = EvaluateConfig.from_dict(cfg.get("evaluate"))
+    split_cfg = SplitConfig.from_dict(cfg.get("split"))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    evaluate_cfg = EvaluateConfig(**dict(cfg["evaluate"]))
-    cache_dir = cfg.get("cache_dir")
     timings = {}
     start = time.perf_counter()
-    model = build_model(cfg)  # first: a bad backbone, head or weights file fails before any image is read
-    dataset = read_configured_dataset(cfg["dataset"], cfg["split"], cfg["seed"])
+    model = build_model(cfg)
+    dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
+    check_thresholds_possible(dataset, evaluate_cfg)
     dataset.to_json(run_dir / "dataset.json")
     log.info("dataset %s: %s", cfg["dataset"].get("name"), _split_counts(dataset))
     timings["setup_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    fit_info = model.fit(dataset, "train", cache_dir=cache_dir)
+    fit_info = model.fit(dataset, "train", train=train_cfg, cache_dir=run.cache_dir, progress=run.progress)
     timings["fit_s"] = time.perf_counter() - start
-    log.info("fit %s in %.1f s: %s", cfg["model"]["head"]["name"], timings["fit_s"], _short(fit_info))
+    log.info("fit %s in %.1f s: %s", model.head.name, timings["fit_s"], _short(fit_info))
 
     start = time.perf_counter()
-    thresholds = estimate_thresholds(model, dataset, evaluate_cfg, cache_dir)
-    metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, cache_dir,
-                             title=f"anomax: {cfg['model']['head']['name']} + {cfg['model']['backbone']['name']} "
-                                   f"on {cfg['dataset'].get('name')}")
+    thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
+    metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
+                             title=f"anomax: {model.head.name} + {model.backbone.name} on {cfg['dataset'].get('name')}",
+                             progress=run.progress)
     timings["evaluate_s"] = time.perf_counter() - start
 
     save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config, overwrite=True)
@@ -183,10 +286,38 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
                "image_f1_max": metrics["image"]["f1_max"]}
     if metrics["pixel"] is not None:
         summary.update(pixel_auroc=metrics["pixel"]["auroc"], pixel_aupro=metrics["pixel"]["aupro"])
-    record = {"summary": summary, "fit": fit_info, "timings": timings, "splits": _split_counts(dataset),
-              "thresholds": thresholds.to_dict() if thresholds else None, "metrics": metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=1, default=_json_default))
+    record = {"summary": summary, "validation": validation, "fit": fit_info, "timings": timings,
+              "splits": _split_counts(dataset), "thresholds": thresholds.to_dict() if thresholds else None,
+              "classification_threshold": evaluate_cfg.classification_threshold, "metrics": metrics}
+    write_json_atomic(run_dir / "metrics.json", record, default=_json_default)
     return record
+
+
+def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:
+    """The end-of-run summary: metrics, thresholds and the confusion matrix at HALCON's intermediate
+    threshold (what a HALCON user looks at), and where everything was written."""
+    lines = ["test:        " + "  ".join(f"{key} {value:.4f}" for key, value in record["summary"].items())]
+    if record.get("validation", {}).get("image_auroc") is not None:
+        lines.append(f"validation:  image_auroc {record['validation']['image_auroc']:.4f}")
+    thresholds = record.get("thresholds")
+    if thresholds:
+        named = ", ".join(f"{key} {thresholds[key]:.4g}" for key in
+                          ("segmentation", "largest_good", "smallest_defect", "intermediate", "f1_image")
+                          if thresholds.get(key) is not None)
+        lines.append(f"thresholds ({thresholds['split']}, {thresholds['num_good']} good, "
+                     f"{thresholds['num_defective']} defective): {named}")
+        at = record["metrics"]["at_thresholds"].get("intermediate")
+        if at is not None:
+            (ok_ok, ok_nok), (nok_ok, nok_nok) = at["absolute_confusion_matrix"]
+            lines += [f"confusion matrix on test at intermediate = {at['threshold']:.4g}:",
+                      "                  truth ok  truth nok",
+                      f"  predicted ok   {ok_ok:9d}  {ok_nok:9d}",
+                      f"  predicted nok  {nok_ok:9d}  {nok_nok:9d}"]
+    else:
+        lines.append("thresholds: not estimated (no validation split)")
+    timings = record["timings"]
+    lines.append(f"fit {timings['fit_s']:.1f} s, thresholds + evaluation {timings['evaluate_s']:.1f} s -> {run_dir}")
+    return "\n".join(lines)
 
 
 def _split_counts(dataset: DLDataset) -> dict[str, dict[str, int]]:

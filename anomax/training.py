@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,76 +19,25 @@ import optax
 from tqdm.auto import tqdm
 
 from anomax.errors import AnomaxError, ConfigError
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
+from anomax.settings import Literal, Settings, setting
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """HALCON's training parameters (with its defaults) plus the optimiser settings."""
 
-    max_num_epochs: int = 30
-    error_threshold: float = 0.001  # stop as soon as an epoch's mean error falls below it
-    domain_ratio: float = 0.1  # fraction of positions per image entering the loss each step
-    regularization_noise: float = 0.0001  # std of Gaussian noise added to the inputs
-    optimizer: str = "adam"
-    learning_rate: float = 0.001
-    schedule: str = "constant"
-    weight_decay: float = 0.0001  # adamw only
-    momentum: float = 0.9  # sgd only
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        def fail(key: str, rule: str):
-            raise ConfigError(
-                f"train.{key} = {getattr(self, key)!r} is invalid: it must be {rule}; "
-                f"fix it in conf/train/ or on the command line (train.{key}=...)"
-            )
-
-        for key in ("max_num_epochs", "batch_size", "seed"):
-            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
-                fail(key, "an integer")
-        for key in ("error_threshold", "domain_ratio", "regularization_noise", "learning_rate",
-                    "weight_decay", "momentum"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(key, "a finite number")
-        if self.max_num_epochs < 1:
-            fail("max_num_epochs", ">= 1")
-        if self.error_threshold < 0:
-            fail("error_threshold", ">= 0")
-        if not 0 < self.domain_ratio <= 1:
-            fail("domain_ratio", "in (0, 1]")
-        if self.regularization_noise < 0:
-            fail("regularization_noise", ">= 0")
-        if self.learning_rate <= 0:
-            fail("learning_rate", "> 0")
-        if self.weight_decay < 0:
-            fail("weight_decay", ">= 0")
-        if not 0 <= self.momentum < 1:
-            fail("momentum", "in [0, 1)")
-        if self.batch_size < 1:
-            fail("batch_size", ">= 1")
-        if self.seed < 0:
-            fail("seed", ">= 0")
-        if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", f"one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            fail("schedule", f"one of {', '.join(SCHEDULES)}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
-        values = dict(values or {})
-        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
-        if unknown:
-            known = ", ".join(field.name for field in dataclasses.fields(cls))
-            raise ConfigError(f"unknown train key(s) {', '.join(unknown)}; known keys: {known}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    section: ClassVar[str] = "train"
+    max_num_epochs: int = setting(30, ge=1)
+    error_threshold: float = setting(0.001, ge=0)  # stop as soon as an epoch's mean error falls below it
+    domain_ratio: float = setting(0.1, gt=0, le=1)  # fraction of positions per image entering the loss each step
+    regularization_noise: float = setting(0.0001, ge=0)  # std of Gaussian noise added to the inputs
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = setting(0.001, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = setting(0.0001, ge=0)  # adamw only
+    momentum: float = setting(0.9, ge=0, lt=1)  # sgd only
+    batch_size: int = setting(8, ge=1)
+    seed: int = setting(0, ge=0)
 
     def optimizer_for(self, steps_per_epoch: int) -> optax.GradientTransformation:
         learning_rate = self.learning_rate

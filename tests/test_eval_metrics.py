@@ -7,7 +7,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomax.errors import InputError
-from anomax.evaluation import aupro, auroc, average_precision, evaluate_dl_model, f1_max
+from anomax.evaluation import PixelAccumulator, aupro, auroc, average_precision, evaluate_dl_model, f1_max
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -155,3 +155,24 @@ def test_native_resolution_resizes_maps_to_the_original_masks():
     assert native["pixel"]["auroc"] == pytest.approx(roc_auc_score(big.ravel(), resized.ravel()), abs=1e-9)
     with pytest.raises(InputError, match="native_resolution=True"):
         evaluate_dl_model(batch, exact=True)
+
+
+def test_adaptive_bins_match_exact_counts_and_merge_like_one_pass():
+    """Scores spread over very different ranges arrive batch by batch: the bins widen (merging
+    pairwise), stay within num_bins, and two accumulators merged equal one fed everything."""
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(2, 16, 16)) * scale + shift, rng.random((2, 16, 16)) > 0.9)
+               for scale, shift in ((1, 0), (5, 3), (0.1, -20), (50, 100))]
+    exact, adaptive, first, second = (PixelAccumulator(exact=True), PixelAccumulator(num_bins=1000),
+                                      PixelAccumulator(num_bins=1000), PixelAccumulator(num_bins=1000))
+    for number, (maps, masks) in enumerate(batches):
+        for accumulator in (exact, adaptive, first if number % 2 else second):
+            accumulator.add(maps, masks)
+    assert adaptive.resolution["bins_used"] <= 1000
+    merged = first.merged(second)
+    for metric in ("auroc", "aupro"):
+        single = getattr(adaptive.curve(), metric)()
+        assert getattr(merged.curve(), metric)() == pytest.approx(single, abs=1e-12)
+        assert single == pytest.approx(getattr(exact.curve(), metric)(), abs=5e-3)
+    # Counts are conserved exactly through every widening.
+    assert adaptive.curve().false_positives[-1] == exact.curve().false_positives[-1]

@@ -33,15 +33,15 @@ def test_nearest_resize_repeats_coarse_cells(features):
 
 def test_projections_are_seeded(features):
     channels = {"fine": 3, "coarse": 5}
-    subset = FeatureAdaptor(["fine", "coarse"], 1, projection_dim=4, projection="subset", seed=1)
+    subset = FeatureAdaptor(["fine", "coarse"], pool_size=1, projection_dim=4, projection="subset", seed=1)
     params = subset.init(channels)
-    full = np.asarray(FeatureAdaptor(["fine", "coarse"], 1).apply({}, features))
+    full = np.asarray(FeatureAdaptor(["fine", "coarse"], pool_size=1).apply({}, features))
     np.testing.assert_array_equal(np.asarray(subset.apply(params, features)), full[..., params["channels"]])
     assert np.array_equal(params["channels"], subset.init(channels)["channels"])
 
-    random = FeatureAdaptor(["fine", "coarse"], 1, projection_dim=4, seed=1)
+    random = FeatureAdaptor(["fine", "coarse"], pool_size=1, projection_dim=4, seed=1)
     matrix = random.init(channels)["matrix"]
-    assert matrix.shape == (8, 4) and not np.array_equal(matrix, FeatureAdaptor(["fine"], 1, 4, seed=2).init(
+    assert matrix.shape == (8, 4) and not np.array_equal(matrix, FeatureAdaptor(["fine"], pool_size=1, projection_dim=4, seed=2).init(
         {"fine": 8})["matrix"])
     np.testing.assert_allclose(np.asarray(random.apply({"matrix": matrix}, features)), full @ matrix, atol=1e-5)
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from feature_batches import IMAGE, batches_of
+from feature_batches import IMAGE, batches_of, grid_images
 
 from anomax.errors import ArtifactError, ConfigError
 from anomax.registry import HEADS
@@ -16,7 +16,7 @@ def train():
 
 @pytest.fixture(scope="module")
 def fitted(train):
-    head = HEADS.get("patchcore")(coreset_ratio=0.25, projection_dim=4, chunk_size=16)
+    head = HEADS.get("patchcore")(coreset_ratio=0.25, projection_dim=4, chunk_size=16, sigma=0.0)
     return head, head.fit(batches_of(train), progress=True)
 
 
@@ -33,7 +33,8 @@ def test_scores_are_nearest_distances_and_the_papers_reweighting(fitted, train):
     head, _ = fitted
     bank = head.state["memory_bank"].astype(np.float64)
     query = np.random.default_rng(1).standard_normal((3, 4, 5, 6)).astype(np.float32)
-    patch, image = jax.jit(head.score)(head.state, IMAGE[:3], query)
+    out = jax.jit(head.score)(head.state, grid_images(query), query)
+    patch, image = out["anomaly_image"], out["anomaly_score"]
 
     distances = np.sqrt(((query.reshape(3, 20, 1, 6) - bank) ** 2).sum(-1))  # (B, patches, bank)
     np.testing.assert_allclose(np.asarray(patch).reshape(3, 20), distances.min(-1), atol=1e-4)
@@ -50,7 +51,8 @@ def test_planted_outlier_gets_the_top_scores(fitted, train):
     head, _ = fitted
     test = train[:3].copy()
     test[2, 1, 3] += 6.0
-    patch, image = head.score(head.state, IMAGE[:3], test)
+    out = head.score(head.state, grid_images(test), test)
+    patch, image = out["anomaly_image"], out["anomaly_score"]
     assert np.unravel_index(np.argmax(patch), patch.shape) == (2, 1, 3)
     assert np.argmax(image) == 2
 
@@ -60,8 +62,8 @@ def test_absolute_size_patch_subsampling_and_reload(train):
     info = head.fit(iter(batches_of(train)))  # no len(): the bank grows instead of being preallocated
     assert info["num_patches"] == 50 and head.state["memory_bank"].shape == (7, 6)
     clone = HEADS.get("patchcore").from_state(json.loads(json.dumps(head.hyperparams)), head.state)
-    for a, b in zip(head.score(head.state, IMAGE, train[:4]), clone.score(clone.state, IMAGE, train[:4])):
-        np.testing.assert_array_equal(a, b)
+    for key, value in head.score(head.state, IMAGE, train[:4]).items():
+        np.testing.assert_array_equal(value, clone.score(clone.state, IMAGE, train[:4])[key])
     with pytest.raises(ArtifactError, match="memory_bank"):
         HEADS.get("patchcore").from_state(head.hyperparams, {})
 
@@ -76,3 +78,33 @@ def test_bad_hyperparameters_are_refused(bad):
 def test_coreset_larger_than_the_bank_is_refused(train):
     with pytest.raises(ConfigError, match="coreset_size"):
         HEADS.get("patchcore")(coreset_size=1000).fit(batches_of(train))
+
+
+def test_bank_is_allocated_once_from_the_known_image_count(train):
+    """The model's batches say how many images come: the bank is sized from that, never grown, and a
+    coreset larger than that bank fails before a single batch is extracted."""
+    from anomax.heads._base import FeatureBatches
+
+    extracted = []
+
+    def make():
+        for batch in batches_of(train):
+            extracted.append(1)
+            yield batch
+
+    head = HEADS.get("patchcore")(coreset_size=7, projection_dim=None)
+    head.fit(FeatureBatches(make, num_images=10, batch_size=4))
+    assert head.state["memory_bank"].shape == (7, 6)
+    with pytest.raises(ConfigError, match="coreset_size = 1000 .* at most the memory bank size 200"):
+        HEADS.get("patchcore")(coreset_size=1000).fit(FeatureBatches(make, num_images=10, batch_size=4))
+
+
+def test_upsampling_is_a_map_setting():
+    patch = np.zeros((1, 2, 2), np.float32)
+    patch[0, 0, 0] = 1.0
+    nearest = HEADS.get("patchcore")(upsample="nearest", sigma=0.0).anomaly_map(patch, (4, 4))
+    bilinear = HEADS.get("patchcore")(sigma=0.0).anomaly_map(patch, (4, 4))
+    np.testing.assert_array_equal(np.asarray(nearest)[0], np.kron([[1, 0], [0, 0]], np.ones((2, 2))))
+    assert 0 < float(bilinear[0, 1, 2]) < 1  # interpolated between the hot and a cold cell
+    with pytest.raises(ConfigError, match="model.head.upsample"):
+        HEADS.get("patchcore")(upsample="cubic")

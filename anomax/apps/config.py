@@ -1,8 +1,10 @@
-"""Structured configs: every config group's schema is derived from the function it configures.
+"""Structured configs: every config group's schema is derived from the class or function it configures.
 
-A head's hyper-parameters live in one place, its constructor's signature; the Hydra schema
-is made from that signature, so a typo in a key or a wrong type fails at composition,
-before any work starts, with Hydra's message naming the key.
+Heads, the feature adaptor, preprocess, train, evaluate, split and the run's top level are
+``anomax.settings.Settings`` classes: their Hydra schema is made from the class's fields, so a
+typo in a key or a wrong type fails at composition with Hydra's message naming the key, and the
+class's own validation (ranges, choices) runs before any work. Dataset formats and backbones are
+functions; their schemas come from their signatures.
 """
 from __future__ import annotations
 
@@ -16,7 +18,14 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+def _conf_dir() -> str:
+    """The configs: inside the installed package (a wheel maps conf/ to anomax/conf), else conf/ of
+    the source tree (an editable install or a checkout)."""
+    packaged = Path(__file__).resolve().parents[1] / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+CONF_DIR = _conf_dir()
 _SCALARS = (int, float, bool, str)
 
 
@@ -64,30 +73,6 @@ def schema_of(fn: Callable, name: str, extra: dict[str, tuple[Any, Any]] | None 
 
 
 @dataclasses.dataclass
-class SplitConfig:
-    """Percentages for datasets that bring no split of their own (the rest is test)."""
-
-    training_percent: float = 70.0
-    validation_percent: float = 15.0
-
-
-@dataclasses.dataclass
-class AppConfig:
-    """Top level of anomax-train; the groups below are validated by their own schemas."""
-
-    dataset: Any = None
-    preprocess: Any = None
-    model: Any = None
-    train: Any = None
-    evaluate: Any = None
-    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
-    seed: int = 0
-    batch_size: int = 16
-    cache_dir: Optional[str] = None
-    progress: bool = True
-
-
-@dataclasses.dataclass
 class EvaluateAppConfig:
     """Top level of anomax-evaluate."""
 
@@ -95,7 +80,7 @@ class EvaluateAppConfig:
     evaluate: Any = None
     model_dir: str = MISSING
     split: str = "test"
-    split_percent: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    split_percent: Any = None  # split.* percentages of the training run (validated as SplitConfig)
     seed: int = 0
     batch_size: Optional[int] = None
     cache_dir: Optional[str] = None
@@ -113,20 +98,39 @@ class PredictAppConfig:
     overlays: bool = True
 
 
+def settings_schema(cls: type, name: str, extra: dict[str, tuple[Any, Any]] | None = None,
+                    optional: bool = False) -> type:
+    """The Hydra schema of a Settings class: its fields with OmegaConf-checkable types and their
+    defaults (``optional``: every field nullable, default None), plus ``extra`` fields."""
+    hints = typing.get_type_hints(cls)
+    fields = [(key, annotation, _field(default)) for key, (annotation, default) in (extra or {}).items()]
+    for field in dataclasses.fields(cls):
+        annotation = _omegaconf_type(hints[field.name])
+        if optional:
+            fields.append((field.name, Optional[annotation] if annotation is not Any else Any, _field(None)))
+        else:
+            fields.append((field.name, annotation, _field(field.default)))
+    return dataclasses.make_dataclass(name, fields)
+
+
 def register_schemas() -> None:
-    """Put one schema per registry entry into Hydra's ConfigStore (``schema_<name>`` in its group)."""
+    """Put one schema per registry entry and per settings class into Hydra's ConfigStore."""
     from anomax.backbones import build_backbone
-    from anomax.features import FeatureAdaptor
-    from anomax.pipeline import EvaluateConfig
+    from anomax.evaluation.config import EvaluateConfig
+    from anomax.features import AdaptorConfig
+    from anomax.pipeline import RunConfig, SplitConfig
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import BACKBONES, DATASET_FORMATS, HEADS
     from anomax.training import TrainConfig
 
     store = ConfigStore.instance()
-    store.store(name="schema", node=AppConfig)
+    groups = {key: (Any, None) for key in ("dataset", "preprocess", "model", "train", "evaluate")}
+    split = settings_schema(SplitConfig, "Split")
+    groups["split"] = (split, split)
+    store.store(name="schema", node=settings_schema(RunConfig, "AppConfig", groups))
     store.store(name="schema_evaluate_app", node=EvaluateAppConfig)
     store.store(name="schema_predict_app", node=PredictAppConfig)
-    adaptor = schema_of(FeatureAdaptor, "Adaptor")
+    adaptor = settings_schema(AdaptorConfig, "Adaptor")
     for fmt in DATASET_FORMATS.names():
         node = schema_of(DATASET_FORMATS.get(fmt), f"Dataset_{fmt}", {"format": (str, fmt), "name": (str, fmt)})
         store.store(group="dataset", name=f"schema_{fmt}", node=node)
@@ -134,13 +138,13 @@ def register_schemas() -> None:
         node = schema_of(build_backbone, f"Backbone_{backbone}")
         store.store(group="model/backbone", name=f"schema_{backbone}", node=node)
     for head in HEADS.names():
-        node = schema_of(HEADS.get(head), f"Head_{head}", {"name": (str, head), "adaptor": (adaptor, adaptor)},
-                         exclude=("train",))  # trained heads get the train/ group
+        node = settings_schema(HEADS.get(head).Config, f"Head_{head}",
+                               {"name": (str, head), "adaptor": (adaptor, adaptor)})
         store.store(group="model/head", name=f"schema_{head}", node=node)
     # null preprocess values are filled from the backbone's requirements
-    store.store(group="preprocess", name="schema", node=schema_of(PreprocessParams, "Preprocess", optional=True))
-    store.store(group="train", name="schema", node=schema_of(TrainConfig, "Train"))
-    store.store(group="evaluate", name="schema", node=EvaluateConfig)
+    store.store(group="preprocess", name="schema", node=settings_schema(PreprocessParams, "Preprocess", optional=True))
+    store.store(group="train", name="schema", node=settings_schema(TrainConfig, "Train"))
+    store.store(group="evaluate", name="schema", node=settings_schema(EvaluateConfig, "Evaluate"))
 
 
 def _run_dir_suffix(override_dirname: str) -> str:

@@ -1,7 +1,6 @@
 """anomax-evaluate: a saved model on a dataset split -> metrics.json, pictures and index.html."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -17,18 +16,21 @@ from anomax.apps.config import CONF_DIR, register_schemas
 def _evaluate(cfg: DictConfig) -> float:
     from anomax.artifact import read_metadata
     from anomax.evaluation import AnomalyThresholds
-    from anomax.pipeline import EvaluateConfig, evaluate_split, read_configured_dataset
+    from anomax.files import write_json_atomic
+    from anomax.pipeline import EvaluateConfig, SplitConfig, evaluate_split, read_configured_dataset
 
     config = plain(cfg)
+    evaluate_cfg = EvaluateConfig.from_dict(config["evaluate"])  # before any work: a wrong value fails here
+    split_cfg = SplitConfig.from_dict(config["split_percent"])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     model = load_configured_model(config)
     estimates = read_metadata(config["model_dir"])["thresholds"]["estimates"]
-    dataset = read_configured_dataset(config["dataset"], config["split_percent"], config["seed"])
-    metrics = evaluate_split(model, dataset, config["split"], run_dir, EvaluateConfig(**config["evaluate"]),
+    dataset = read_configured_dataset(config["dataset"], split_cfg, config["seed"])
+    metrics = evaluate_split(model, dataset, config["split"], run_dir, evaluate_cfg,
                              estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],
                              title=f"anomax: {config['model_dir']} on {config['dataset'].get('name')} "
                                    f"({config['split']})")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json_atomic(run_dir / "metrics.json", metrics)
     auroc = metrics["image"]["auroc"]
     print(f"anomax-evaluate: image_auroc {auroc:.4f} on {metrics['num_images']} images -> {run_dir}")
     return auroc

@@ -11,15 +11,16 @@ from anomax.apps.config import CONF_DIR, register_schemas
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_train")
 @reports_errors("anomax-train")
-def _train(cfg: DictConfig) -> float:
-    from anomax.pipeline import train_and_evaluate
+def _train(cfg: DictConfig) -> float | None:
+    """Returns the validation image AUROC, the objective of a search (never the test split's)."""
+    from anomax.pipeline import summary_text, train_and_evaluate
 
     run_dir = HydraConfig.get().runtime.output_dir
     config = plain(cfg)
     record = train_and_evaluate(config, run_dir, resolved_config=config)
-    summary = "  ".join(f"{key} {value:.4f}" for key, value in record["summary"].items())
-    print(f"anomax-train: {summary}  (fit {record['timings']['fit_s']:.1f} s) -> {run_dir}")
-    return record["summary"]["image_auroc"]
+    print(f"anomax-train: {config['model']['head']['name']} + {config['model']['backbone']['name']} on "
+          f"{config['dataset'].get('name')}\n{summary_text(record, run_dir)}")
+    return record["validation"].get("image_auroc")
 
 
 def main() -> None:

@@ -167,10 +167,13 @@ def read_dataset(format_name: str, **kwargs) -> DLDataset:
 def split_dl_dataset(
     dataset: DLDataset, training_percent: float, validation_percent: float, seed: int = 0, overwrite: bool = False
 ) -> DLDataset:
-    """A copy of ``dataset`` with the 'ok' images split by percentages and every 'nok' image in test.
+    """A copy of ``dataset`` split as HALCON's ``split_dl_dataset`` does: defective images never train.
 
-    Train and validation get floor(percent · n_ok) 'ok' images but at least one when asked for;
-    test gets the remaining 'ok' images. Every split asked for must get an 'ok' image.
+    'ok' images: train and validation get floor(percent · n_ok) but at least one when asked for; test
+    gets the rest. Every split asked for must get an 'ok' image. 'nok' images go to validation and
+    test only, per defect type in the ratio validation_percent : (100 − training_percent −
+    validation_percent) (validation gets the floor), so thresholds can be estimated between good and
+    defective validation scores. Seeded by ``seed``.
     """
     for key, value in (("training_percent", training_percent), ("validation_percent", validation_percent)):
         if not 0 <= value <= 100:
@@ -204,8 +207,38 @@ def split_dl_dataset(
     boundaries = np.cumsum([counts["train"], counts["validation"]])
     for rank, position in enumerate(order):
         split_of[ok[position]] = SPLITS[int(np.searchsorted(boundaries, rank, side="right"))]
+    rest = 100 - training_percent
+    defective = [i for i, s in enumerate(dataset.samples) if s.anomaly_label == "nok"]
+    if defective and rest == 0:
+        raise ConfigError(f"training_percent=100 leaves no validation or test split for the {len(defective)} "
+                          "defective images (they never train); lower training_percent")
+    share = validation_percent / rest if rest else 0.0
+    for index in _stratified_share(dataset.samples, defective, share, np.random.default_rng([seed, 1])):
+        split_of[index] = "validation"
     samples = [dataclasses.replace(s, split=split) for s, split in zip(dataset.samples, split_of, strict=True)]
     return dataclasses.replace(dataset, samples=samples)
+
+
+def move_test_to_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> DLDataset:
+    """A copy with a seeded, stratified ``fraction`` of the test images moved to 'validation':
+    floor(fraction · n) of each defect type ('good' included), for formats that bring their own
+    train/test split (MVTec AD, VisA, ELPV), so thresholds see good and defective images."""
+    if isinstance(fraction, bool) or not 0 <= fraction < 1:
+        raise ConfigError(f"validation_from_test must be within [0, 1), got {fraction!r}")
+    test = [i for i, s in enumerate(dataset.samples) if s.split == "test"]
+    moved = set(_stratified_share(dataset.samples, test, fraction, np.random.default_rng([seed, 2])))
+    samples = [dataclasses.replace(s, split="validation") if i in moved else s for i, s in enumerate(dataset.samples)]
+    return dataclasses.replace(dataset, samples=samples)
+
+
+def _stratified_share(samples: list[Sample], indices: list[int], share: float, rng: np.random.Generator) -> list[int]:
+    """floor(share · n) seeded picks of ``indices`` per defect type, in a stable order."""
+    picked = []
+    for defect_type in sorted({samples[i].defect_type for i in indices}):
+        members = [i for i in indices if samples[i].defect_type == defect_type]
+        count = math.floor(share * len(members) + 1e-9)
+        picked += [members[j] for j in rng.permutation(len(members))[:count]]
+    return sorted(picked)
 
 
 def hold_out_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> DLDataset:

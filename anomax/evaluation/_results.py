@@ -24,21 +24,6 @@ def iterate_results(results: Results, *, native_resolution: bool = False) -> Ite
         yield checked
 
 
-def pixel_range(results: Results) -> tuple[float, float]:
-    """Smallest and largest anomaly-map value: a first pass that fixes the histogram bins."""
-    if not isinstance(results, Mapping) and iter(results) is results:
-        raise InputError(
-            "streamed pixel metrics need the range of the anomaly maps, but the results are a one-shot iterator: "
-            "pass pixel_range=(low, high), a re-iterable (e.g. a list of batches), or exact=True")
-    low, high = np.inf, -np.inf
-    for batch in iterate_results(results, native_resolution=True):
-        if batch.get("anomaly_image") is not None and batch["anomaly_image"].size:
-            low, high = min(low, float(batch["anomaly_image"].min())), max(high, float(batch["anomaly_image"].max()))
-    if low > high:
-        raise InputError("the results hold no 'anomaly_image': pixel metrics need anomaly maps")
-    return low, max(high, low + 1e-6)  # constant maps still need bins of non-zero width
-
-
 def _checked(batch: Mapping, where: str, native_resolution: bool, position: int) -> dict:
     for key in ("anomaly_score", "anomaly_label_id"):
         if key not in batch:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from anomax.errors import InputError
-from anomax.evaluation._results import Results, iterate_results, pixel_range as first_pass_range
+from anomax.evaluation._results import Results, iterate_results
 from anomax.evaluation.metrics import Curve, PixelAccumulator, image_curve
 from anomax.evaluation.thresholds import AnomalyThresholds
 
@@ -28,9 +28,10 @@ def evaluate_dl_model(
 ) -> dict:
     """Evaluate results (batches under HALCON's keys, see `_results`) into a JSON-serialisable dict.
 
-    Image metrics are exact. Pixel metrics need 'anomaly_image' and 'anomaly_ground_truth'; they are
-    streamed through num_bins equal bins over pixel_range (a first pass finds it when None, so results
-    must then be re-iterable), or exact=True keeps every pixel. native_resolution=True resizes each map
+    Results are read once (a generator of batches is fine). Image metrics are exact. Pixel metrics need
+    'anomaly_image' and 'anomaly_ground_truth'; they are streamed through num_bins bins over
+    pixel_range (None: bins that widen with the data, see PixelAccumulator), or exact=True keeps
+    every pixel. native_resolution=True resizes each map
     bilinearly to the size of its ground-truth mask (the caller hands the original masks) before counting.
     Per defect type, a defect type's images are evaluated together with all good images.
     Confusion matrices are computed at each named classification threshold (rows predicted, columns
@@ -44,10 +45,8 @@ def evaluate_dl_model(
         defect_types.append(batch["defect_type"])
         indices.append(batch["index"])
         if "anomaly_image" in batch and "anomaly_ground_truth" in batch:
-            if not exact and pixel_range is None:
-                pixel_range = first_pass_range(results)
             for defect_type in np.unique(batch["defect_type"]):
-                accumulator = pixels.setdefault(defect_type, PixelAccumulator(None if exact else pixel_range, num_bins))
+                accumulator = pixels.setdefault(defect_type, PixelAccumulator(pixel_range, num_bins, exact=exact))
                 for maps, masks in _pixel_pairs(batch, batch["defect_type"] == defect_type, native_resolution):
                     accumulator.add(maps, masks)
     scores, labels = np.concatenate(scores), np.concatenate(labels)

@@ -111,28 +111,31 @@ def f1_max(scores, labels) -> tuple[float, float]:
 
 def aupro(anomaly_images, masks, fpr_limit: float = 0.3) -> float:
     """Exact AUPRO of maps (N,H,W) against binary masks (N,H,W)."""
-    accumulator = PixelAccumulator()
+    accumulator = PixelAccumulator(exact=True)
     accumulator.add(np.asarray(anomaly_images), np.asarray(masks).astype(bool))
     return accumulator.curve().aupro(fpr_limit)
 
 
 class PixelAccumulator:
-    """Pixel ROC / PR / PRO counts gathered batch by batch.
+    """Pixel ROC / PR / PRO counts gathered batch by batch, in one pass.
 
-    pixel_range=None keeps every pixel score (exact; for small sets). Otherwise scores fall into num_bins
-    equal bins over pixel_range (values outside go to the end bins): the curves are then exact at the
-    num_bins bin lower edges and pixels sharing a bin count as tied, so memory stays O(num_bins).
+    exact=True keeps every pixel score (small sets). Otherwise scores are counted in num_bins bins:
+    over a fixed ``pixel_range`` (values outside go to the end bins), or, with pixel_range None, over
+    bins that adapt to the data: their width is a power of two and their edges multiples of it, and
+    when a batch falls outside, neighbouring bins merge pairwise (the width doubles) until every
+    score fits. The curves are exact at the final bin lower edges (pixels sharing a bin count as
+    tied), memory stays O(num_bins), and accumulators merge exactly (the finer one coarsens).
     PRO needs no per-region state: weighting each defect pixel by 1 / (its region's area) makes the
     weighted count above a threshold equal the sum of the regions' overlaps.
     """
 
-    def __init__(self, pixel_range: tuple[float, float] | None = None, num_bins: int = 10_000):
-        self.pixel_range, self.num_bins = pixel_range, num_bins
+    def __init__(self, pixel_range: tuple[float, float] | None = None, num_bins: int = 10_000, *,
+                 exact: bool = False):
+        self.pixel_range, self.num_bins, self.exact = pixel_range, num_bins, exact
         self.num_regions = 0
-        if pixel_range is None:
-            self._scores, self._anomalous, self._weights = [], [], []
-        else:
-            self._negatives, self._positives, self._overlap = np.zeros((3, num_bins))
+        self._scores, self._anomalous, self._weights = [], [], []  # exact mode
+        self._counts = np.zeros((3, num_bins if pixel_range is not None else 0))  # negatives, positives, overlap
+        self._exponent, self._start = None, 0  # adaptive bins: width 2**exponent, first bin index
 
     def add(self, anomaly_images: np.ndarray, masks: np.ndarray) -> None:
         """Add maps (B,H,W) and boolean ground truth (B,H,W); regions are 8-connected per image."""
@@ -140,45 +143,106 @@ class PixelAccumulator:
         areas = np.bincount(regions.ravel())
         areas[0] = 1
         weights = np.where(masks, 1.0 / areas[regions], 0.0).ravel()
-        scores, anomalous = anomaly_images.ravel(), masks.ravel()
+        scores, anomalous = np.asarray(anomaly_images, np.float64).ravel(), np.asarray(masks, bool).ravel()
         self.num_regions += num_regions
-        if self.pixel_range is None:
+        if self.exact:
             self._scores.append(scores)
             self._anomalous.append(anomalous)
             self._weights.append(weights)
             return
-        low, high = self.pixel_range
-        bins = np.clip(((scores - low) * (self.num_bins / (high - low))).astype(np.int64), 0, self.num_bins - 1)
-        self._negatives += np.bincount(bins, ~anomalous, self.num_bins)
-        self._positives += np.bincount(bins, anomalous, self.num_bins)
-        self._overlap += np.bincount(bins, weights, self.num_bins)
+        if not np.isfinite(scores).all():
+            raise ValueError("anomaly maps hold NaN or inf; pixel metrics need finite scores")
+        if self.pixel_range is not None:
+            low, high = self.pixel_range
+            bins = np.clip(((scores - low) * (self.num_bins / (high - low))).astype(np.int64), 0, self.num_bins - 1)
+        else:
+            bins = self._adaptive_bins(scores)
+        for row, values in enumerate((~anomalous, anomalous, weights)):
+            self._counts[row] += np.bincount(bins, values, self._counts.shape[1])
+
+    def _adaptive_bins(self, scores: np.ndarray) -> np.ndarray:
+        """Bin positions of ``scores`` in the adaptive grid, widened (coarsened) first if needed."""
+        low, high = float(scores.min()), float(scores.max())
+        if self._exponent is None:
+            span = max(high - low, abs(high) * 1e-6, 1e-12)
+            self._exponent = int(np.floor(np.log2(span / self.num_bins)))
+            self._start = int(np.floor(low / 2.0**self._exponent))
+        while True:
+            width = 2.0**self._exponent
+            first = min(self._start, int(np.floor(low / width))) if self._counts.shape[1] else int(np.floor(low / width))
+            last = max(self._start + self._counts.shape[1] - 1, int(np.floor(high / width)))
+            if last - first < self.num_bins:
+                break
+            self._coarsen(self._exponent + 1)
+        grown = np.zeros((3, last - first + 1))
+        grown[:, self._start - first:self._start - first + self._counts.shape[1]] = self._counts
+        self._counts, self._start = grown, first
+        return np.floor(scores / width).astype(np.int64) - first
+
+    def _coarsen(self, exponent: int) -> None:
+        """Merge bins until their width is 2**exponent (edges stay multiples of the width)."""
+        while self._exponent < exponent:
+            index = self._start + np.arange(self._counts.shape[1])
+            start = self._start >> 1
+            merged = np.zeros((3, (index[-1] >> 1) - start + 1 if len(index) else 0))
+            for row in range(3):
+                np.add.at(merged[row], (index >> 1) - start, self._counts[row])
+            self._counts, self._start, self._exponent = merged, start, self._exponent + 1
 
     def merged(self, other: "PixelAccumulator") -> "PixelAccumulator":
         """A new accumulator holding both (e.g. good images plus one defect type)."""
-        merged = PixelAccumulator(self.pixel_range, self.num_bins)
+        merged = PixelAccumulator(self.pixel_range, self.num_bins, exact=self.exact)
         merged.num_regions = self.num_regions + other.num_regions
-        if self.pixel_range is None:
+        if self.exact:
             merged._scores, merged._anomalous, merged._weights = (
                 self._scores + other._scores, self._anomalous + other._anomalous, self._weights + other._weights)
+        elif self.pixel_range is not None:
+            merged._counts = self._counts + other._counts
         else:
-            merged._negatives, merged._positives, merged._overlap = (
-                self._negatives + other._negatives, self._positives + other._positives, self._overlap + other._overlap)
+            for part in (self, other):
+                if part._exponent is None:
+                    continue
+                part = part._copy()
+                if merged._exponent is None:
+                    merged._exponent, merged._start, merged._counts = part._exponent, part._start, part._counts
+                    continue
+                exponent = max(merged._exponent, part._exponent)
+                part._coarsen(exponent)
+                merged._coarsen(exponent)
+                first = min(merged._start, part._start)
+                last = max(merged._start + merged._counts.shape[1], part._start + part._counts.shape[1])
+                counts = np.zeros((3, last - first))
+                for source in (merged, part):
+                    counts[:, source._start - first:source._start - first + source._counts.shape[1]] += source._counts
+                merged._counts, merged._start = counts, first
+                while merged._counts.shape[1] > self.num_bins:
+                    merged._coarsen(merged._exponent + 1)
         return merged
 
+    def _copy(self) -> "PixelAccumulator":
+        copy = PixelAccumulator(self.pixel_range, self.num_bins, exact=self.exact)
+        copy._counts, copy._exponent, copy._start = self._counts.copy(), self._exponent, self._start
+        return copy
+
     def curve(self) -> Curve:
-        if self.pixel_range is None:
+        if self.exact:
             values, inverse = np.unique(np.concatenate(self._scores), return_inverse=True)
             anomalous = np.concatenate(self._anomalous)
             weights = (~anomalous, anomalous, np.concatenate(self._weights))
             counts = [np.bincount(inverse, w, len(values)) for w in weights]
-        else:
+            return Curve.from_counts(values, *counts, num_regions=self.num_regions)
+        if self.pixel_range is not None:
             low, high = self.pixel_range
             values = low + (high - low) * np.arange(self.num_bins) / self.num_bins
-            counts = [self._negatives, self._positives, self._overlap]
-        return Curve.from_counts(values, *counts, num_regions=self.num_regions)
+        else:
+            values = (self._start + np.arange(self._counts.shape[1])) * 2.0 ** (self._exponent or 0)
+        return Curve.from_counts(values, *self._counts, num_regions=self.num_regions)
 
     @property
     def resolution(self) -> dict:
-        if self.pixel_range is None:
+        if self.exact:
             return {"mode": "exact"}
-        return {"mode": "histogram", "num_bins": self.num_bins, "pixel_range": [float(v) for v in self.pixel_range]}
+        if self.pixel_range is not None:
+            return {"mode": "histogram", "num_bins": self.num_bins, "pixel_range": [float(v) for v in self.pixel_range]}
+        return {"mode": "adaptive histogram", "num_bins": self.num_bins,
+                "bin_width": 2.0 ** (self._exponent or 0), "bins_used": int(self._counts.shape[1])}

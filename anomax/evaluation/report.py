@@ -1,10 +1,11 @@
 """One static HTML page per run: metric tables and the run's pictures, linked relatively."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 
 from anomax.errors import InputError
+from anomax.files import write_text_atomic
 from anomax.evaluation.thresholds import AnomalyThresholds
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:0.5em 0 1.5em}
@@ -14,10 +15,11 @@ figure{display:inline-block;margin:0.5em;vertical-align:top}img{max-width:32em}"
 
 def write_html_report(run_dir, metrics: Mapping, pictures: Mapping[str, str | Path], *,
                       thresholds: AnomalyThresholds | Mapping[str, float] | None = None,
-                      title: str = "anomax evaluation") -> Path:
-    """Write run_dir/index.html from evaluate_dl_model's metrics and pictures (name -> PNG inside run_dir)."""
+                      title: str = "anomax evaluation", notes: Sequence[str] = ()) -> Path:
+    """Write run_dir/index.html from evaluate_dl_model's metrics and pictures (name -> PNG inside run_dir);
+    ``notes`` are sentences shown under the title (e.g. that the dataset has no masks)."""
     run_dir = Path(run_dir).resolve()
-    sections = [f"<h1>{escape(title)}</h1>",
+    sections = [f"<h1>{escape(title)}</h1>", *(f"<p class='note'>{escape(note)}</p>" for note in notes),
                 _table(["images", "good", "defective"],
                        [[metrics["num_images"], metrics["num_good"], metrics["num_defective"]]])]
     groups = {"all": metrics, **metrics["per_defect_type"]}
@@ -52,8 +54,8 @@ def write_html_report(run_dir, metrics: Mapping, pictures: Mapping[str, str | Pa
         sections.append(f'<figure><img src="{escape(source)}" alt="{escape(name)}">'
                         f"<figcaption>{escape(name)}</figcaption></figure>")
     page = run_dir / "index.html"
-    page.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-                    f"<style>{_STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
+    write_text_atomic(page, f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+                            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
     return page
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from anomax.errors import ConfigError, InputError
-from anomax.evaluation._results import Results, iterate_results, pixel_range as first_pass_range
+from anomax.evaluation._results import Results, iterate_results
 from anomax.evaluation.metrics import PixelAccumulator, image_curve, label_regions
 
 CLASSIFICATION_RULES = ("largest_good", "smallest_defect", "intermediate")
@@ -61,7 +61,8 @@ def compute_dl_anomaly_thresholds(
     The segmentation threshold is mean + std_factor * std (population std) of every pixel score of the
     good images, optionally clipped to clip=(low, high). With good images only, all classification
     thresholds are the largest-good one. The F1-optimal pixel threshold needs 'anomaly_ground_truth'
-    and is streamed through num_bins bins over pixel_range (first pass when None) unless exact.
+    and is streamed through num_bins bins over pixel_range (None: bins that widen with the data) unless
+    exact. Results are read once.
     """
     if split == "test":
         if not allow_test_split:
@@ -83,7 +84,7 @@ def compute_dl_anomaly_thresholds(
             moments += good.size, (good - shift).sum(), np.square(good - shift).sum()
         if "anomaly_ground_truth" in batch:
             if pixels is None:
-                pixels = PixelAccumulator(None if exact else pixel_range or first_pass_range(results), num_bins)
+                pixels = PixelAccumulator(pixel_range, num_bins, exact=exact)
             pixels.add(batch["anomaly_image"], batch["anomaly_ground_truth"])
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     good, defective = scores[labels == 0], scores[labels == 1]

@@ -1,12 +1,15 @@
-"""The protocol every head follows: hyperparameters in, one fitting pass, state out.
+"""The protocol every head follows: settings in, one fitting pass, state out, maps from a pure score.
 
-A head's `state` is a flat dict of numpy arrays (saved in the artifact); `score` is a
-pure function of that state, so the model can jit backbone -> adaptor -> head in one
-program and a reloaded head scores bit-identically.
+A head's hyperparameters are one frozen ``Settings`` class (``Head.Config``): the Hydra schema,
+the saved hyperparameters and the loader's validation all come from it. Its ``state`` is a
+flat dict of numpy arrays (saved in the artifact); ``score`` is a pure function of that state
+returning the upsampled, smoothed ``anomaly_image`` and the ``anomaly_score``, so the model
+jits backbone -> adaptor -> head -> map in one program and a reloaded head scores bit-identically.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -14,35 +17,56 @@ from tqdm import tqdm
 
 from anomax.errors import ArtifactError, ConfigError, InputError
 from anomax.kernels.maps import anomaly_map
+from anomax.settings import Literal, Settings, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig(Settings):
+    """Map settings every head shares. sigma: Gaussian smoothing of the anomaly map in input
+    pixels (0 = none). upsample: patch grid -> input size ('bilinear', the PatchCore and PaDiM
+    papers; 'nearest', anomalib's PatchCore)."""
+
+    section: ClassVar[str] = "model.head"
+    sigma: float = setting(4.0, ge=0)
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+
+
+class FeatureBatches:
+    """What the model hands a head's fit: re-iterable batches {'image', 'features', 'valid'} whose
+    image count is known before the first batch is extracted (so a head can size its state)."""
+
+    def __init__(self, make_batches: Callable[[], Iterator[dict[str, Any]]], num_images: int, batch_size: int):
+        self._make_batches = make_batches
+        self.num_images = num_images
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._make_batches()
+
+    def __len__(self) -> int:
+        return -(-self.num_images // self.batch_size)
 
 
 class Head:
-    name: str = ""
-    state_keys: tuple[str, ...] = ()
-    # Runtime, not a hyperparameter: the jax.sharding.Mesh that score() spreads its work over
-    # (set by AnomalyModel.set_params(device='all')); None is one device.
-    mesh = None
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[HeadConfig]] = HeadConfig
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    uses_backbone: ClassVar[bool] = True  # False: score() needs only the images (features=None)
+    wants_validation: ClassVar[bool] = False  # True: fit() also gets the validation split's good images
 
-    def __init__(self, sigma: float = 4.0):
-        self.check(isinstance(sigma, (int, float)) and sigma >= 0, "sigma", sigma, "a number >= 0")
-        self.sigma = float(sigma)
+    def __init__(self, config: HeadConfig | None = None, **settings: Any):
+        """``Head(config)`` or ``Head(key=value, ...)``; unknown keys and bad values raise ConfigError."""
+        if config is not None and settings:
+            raise ConfigError(f"head '{self.name}': pass a {self.Config.__name__} or keyword settings, not both")
+        if config is not None and not isinstance(config, self.Config):
+            raise ConfigError(f"head '{self.name}' needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config if config is not None else self.Config.from_dict(settings)
         self._state: dict[str, np.ndarray] | None = None
 
-    # ---- hyperparameters -------------------------------------------------------------
     @property
     def hyperparams(self) -> dict[str, Any]:
-        """JSON-able constructor arguments: HEADS.get(name)(**hyperparams) rebuilds the head."""
-        raise NotImplementedError
-
-    def check(self, ok: bool, key: str, value: Any, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"head '{self.name}': {key} must be {expected}, got {value!r} "
-                              f"(set it in conf/model/head/{self.name}.yaml or on the command line)")
-
-    def check_count(self, key: str, value: Any, optional: bool = False) -> None:
-        valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        self.check(valid or (optional and value is None), key, value,
-                   "null or an integer >= 1" if optional else "an integer >= 1")
+        """JSON-able settings: ``HEADS.get(name).from_state(hyperparams, state)`` rebuilds the head."""
+        return self.config.to_dict()
 
     # ---- state -------------------------------------------------------------------------
     @property
@@ -53,7 +77,7 @@ class Head:
 
     @classmethod
     def from_state(cls, hyperparams: Mapping[str, Any], state: Mapping[str, Any]) -> "Head":
-        head = cls(**hyperparams)
+        head = cls(cls.Config.from_dict(hyperparams))
         missing = sorted(set(cls.state_keys) - set(state))
         if missing:
             raise ArtifactError(f"head '{cls.name}' state lacks {missing}; the artifact is incomplete or "
@@ -62,18 +86,29 @@ class Head:
         return head
 
     # ---- fit and score -----------------------------------------------------------------
-    def fit(self, batches: Iterable[Mapping[str, Any]], progress: bool = False) -> dict[str, Any]:
+    def fit(self, batches: Iterable[Mapping[str, Any]], *, train=None, validation=None,
+            progress: bool = False) -> dict[str, Any]:
         """One pass over batches {'image', 'features' (B,h,w,D), 'valid' (B,)}; sets state and
-        returns JSON-able fit information."""
+        returns JSON-able fit information. ``train`` (a TrainConfig) is for trained heads;
+        ``validation`` (batches of good validation images) for heads with wants_validation."""
         raise NotImplementedError
 
-    def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array):
-        """Pure: -> (patch_scores (B, h, w), image_scores (B,))."""
+    def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None,
+              mesh=None) -> dict[str, jax.Array]:
+        """Pure: -> {'anomaly_image' (B, H, W), 'anomaly_score' (B,), and any extra maps}.
+        ``mesh``: the jax.sharding.Mesh to spread the work over (static; None is one device)."""
         raise NotImplementedError
 
     def anomaly_map(self, patch_scores: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-        """(B, h, w) -> (B, H, W) upsampled and smoothed with this head's sigma."""
-        return anomaly_map(patch_scores, tuple(out_hw), self.sigma)
+        """(B, h, w) -> (B, H, W) upsampled and smoothed with this head's map settings."""
+        return anomaly_map(patch_scores, tuple(out_hw), self.config.sigma, self.config.upsample)
+
+    def outputs(self, patch_scores: jax.Array, images: jax.Array, image_scores: jax.Array | None = None):
+        """The result dict from patch scores; the image score defaults to the map's maximum."""
+        anomaly_image = self.anomaly_map(patch_scores, images.shape[1:3])
+        if image_scores is None:
+            image_scores = anomaly_image.max(axis=(1, 2))
+        return {"anomaly_image": anomaly_image, "anomaly_score": image_scores}
 
     def feature_batches(self, batches: Iterable[Mapping[str, Any]], progress: bool):
         """Yield (features (B,h,w,D) float32, valid (B,) bool) per batch, with a progress bar."""

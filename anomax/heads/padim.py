@@ -2,15 +2,17 @@
 score of a patch is its Mahalanobis distance to the Gaussian of its position."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from anomax.errors import DatasetError, InputError
-from anomax.heads._base import Head
-from anomax.kernels.maps import anomaly_map
+from anomax.heads._base import Head, HeadConfig
 from anomax.kernels.stats import covariance, init_moments, update_moments
 from anomax.registry import HEADS
+from anomax.settings import setting
 
 
 @jax.jit
@@ -23,24 +25,21 @@ def _whitening(moments, eps):
     return jax.scipy.linalg.solve_triangular(cholesky, jnp.broadcast_to(identity, cov.shape), lower=True)
 
 
-@HEADS.register("padim")
-class Padim(Head):
+@dataclasses.dataclass(frozen=True)
+class PadimConfig(HeadConfig):
     """eps: covariance regulariser eps * I (anomalib's 0.01). The channel subset of the
     paper is the FeatureAdaptor's projection='subset'."""
 
+    eps: float = setting(0.01, gt=0)
+
+
+@HEADS.register("padim")
+class Padim(Head):
     name = "padim"
+    Config = PadimConfig
     state_keys = ("mean", "whitening")
 
-    def __init__(self, eps: float = 0.01, sigma: float = 4.0):
-        super().__init__(sigma)
-        self.check(isinstance(eps, (int, float)) and eps > 0, "eps", eps, "a number > 0")
-        self.eps = float(eps)
-
-    @property
-    def hyperparams(self):
-        return {"eps": self.eps, "sigma": self.sigma}
-
-    def fit(self, batches, progress=False):
+    def fit(self, batches, *, train=None, validation=None, progress=False):
         moments = None
         for features, valid in self.feature_batches(batches, progress):
             batch, height, width, dim = features.shape
@@ -50,15 +49,15 @@ class Padim(Head):
             elif (height, width, dim) != grid:
                 raise InputError(f"padim.fit: features changed shape from {grid} to {(height, width, dim)} "
                                  f"between batches; all images must be preprocessed to one size")
-            previous = moments
+            previous_count = moments.count
             moments = update_moments(moments, jnp.reshape(features, (batch, height * width, dim)), valid)
             # jit dispatches asynchronously: without this wait a fast producer queues every batch in
             # memory. One batch stays in flight, so reading overlaps compute and memory stays flat.
-            jax.block_until_ready(previous)
+            jax.block_until_ready(previous_count)
         count = 0 if moments is None else int(moments.count)
         if count < 2:
             raise DatasetError(f"padim.fit needs at least 2 training images to estimate a covariance, got {count}")
-        whitening = _whitening(moments, self.eps)
+        whitening = _whitening(moments, self.config.eps)
         state = {"mean": np.asarray(moments.mean).reshape(grid),
                  "whitening": np.asarray(whitening).reshape(*grid, grid[-1])}
         if not all(np.isfinite(v).all() for v in state.values()):
@@ -66,9 +65,12 @@ class Padim(Head):
         self._state = state
         return {"num_images": count}
 
-    def score(self, state, images, features):
+    def score(self, state, images, features, mesh=None):
+        return self.outputs(self.distances(state, features), images)
+
+    @staticmethod
+    def distances(state, features):
+        """(B, h, w, D) -> (B, h, w) Mahalanobis distance to each position's Gaussian."""
         delta = features - state["mean"]
         whitened = jnp.einsum("hwij,bhwj->bhwi", state["whitening"], delta, precision="highest")
-        patch_scores = jnp.sqrt(jnp.sum(jnp.square(whitened), axis=-1))
-        image_scores = anomaly_map(patch_scores, images.shape[1:3], self.sigma).max(axis=(1, 2))
-        return patch_scores, image_scores
+        return jnp.sqrt(jnp.sum(jnp.square(whitened), axis=-1))

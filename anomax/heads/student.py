@@ -8,6 +8,7 @@ channel dominates the error.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -18,8 +19,9 @@ from tqdm import tqdm
 
 from anomax import training
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
-from anomax.heads._base import Head
+from anomax.heads._base import Head, HeadConfig
 from anomax.registry import HEADS
+from anomax.settings import Literal, setting
 from anomax.training import TrainConfig
 
 STRIDES = (8, 16)
@@ -67,44 +69,39 @@ def regression_error(student: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(student - target), axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentConfig(HeadConfig):
+    """complexity: channels of the student's first stage (doubling per stage).
+    stride: image pixels per feature position (8 or 16); null derives it at fit."""
+
+    complexity: int = setting(8, ge=1)
+    stride: Literal[8, 16] | None = None
+
+
 @HEADS.register("student")
 class StudentHead(Head):
-    """complexity: channels of the student's first stage (doubling per stage).
-    stride: image pixels per feature position (8 or 16); null derives it at fit.
-    sigma: smoothing of the anomaly map. train: TrainConfig fields (conf/train/)."""
+    """Trained by fit(..., train=TrainConfig) with HALCON's training parameters (conf/train/)."""
 
     name = "student"
+    Config = StudentConfig
 
-    def __init__(self, complexity: int = 8, stride: int | None = None, sigma: float = 4.0,
-                 train: Mapping[str, Any] | TrainConfig | None = None):
-        super().__init__(sigma)
-        self.check_count("complexity", complexity)
-        self.check(stride is None or stride in STRIDES, "stride", stride, f"null or one of {STRIDES}")
-        self.complexity = complexity
-        self.stride = stride
-        # Validated here, so bad training parameters fail before any image is read.
-        self.train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)
-
-    @property
-    def hyperparams(self) -> dict[str, Any]:
-        return {"complexity": self.complexity, "stride": self.stride, "sigma": self.sigma,
-                "train": self.train.to_dict()}
-
-    def fit(self, batches: Iterable[Mapping[str, Any]], progress: bool = False) -> dict[str, Any]:
+    def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None, validation=None,
+            progress: bool = False) -> dict[str, Any]:
+        train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)
         images, features = self._collect(batches, progress)
-        self.stride = self._stride_of(images.shape, features.shape)
+        self.config = self.config.replace(stride=self._stride_of(images.shape, features.shape))
         mean = features.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
         # The floor keeps constant channels finite.
         std = np.maximum(features.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
         targets = (features - mean) / std
         self._build(images.shape[-1], features.shape[-1])
-        _, params = nnx.split(StudentNet(images.shape[-1], features.shape[-1], self.complexity, self.stride,
-                                         rngs=nnx.Rngs(self.train.seed)))
+        _, params = nnx.split(StudentNet(images.shape[-1], features.shape[-1], self.config.complexity,
+                                         self.config.stride, rngs=nnx.Rngs(train.seed)))
 
         def error_fn(params, images, targets):
             return regression_error(nnx.merge(self._graphdef, params)(images), targets)
 
-        params, info = training.train(error_fn, params, images, targets, self.train, desc="train student",
+        params, info = training.train(error_fn, params, images, targets, train, desc="train student",
                                       progress=progress)
         weights = {f"student/{key}": np.asarray(value) for key, value in zip(self._keys, jax.tree.leaves(params))}
         self._state = {**weights, "teacher_mean": mean, "teacher_std": std}
@@ -112,8 +109,8 @@ class StudentHead(Head):
 
     @classmethod
     def from_state(cls, hyperparams: Mapping[str, Any], state: Mapping[str, Any]) -> StudentHead:
-        head = cls(**hyperparams)
-        if head.stride is None or "teacher_mean" not in state or "student/layers/0/kernel" not in state:
+        head = cls(cls.Config.from_dict(hyperparams))
+        if head.config.stride is None or "teacher_mean" not in state or "student/layers/0/kernel" not in state:
             raise ArtifactError("the student head state lacks its stride, teacher statistics or student weights; "
                                 "re-train the model")
         head._build(state["student/layers/0/kernel"].shape[2], state["teacher_mean"].shape[0])
@@ -124,19 +121,17 @@ class StudentHead(Head):
         head._state = {key: np.asarray(state[key]) for key in keys}
         return head
 
-    def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array):
+    def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array, mesh=None):
         """Pure: patch scores = per-position regression error against the standardised
         teacher; image score = maximum of the smoothed, upsampled map."""
         params = jax.tree.unflatten(self._treedef, [state[f"student/{key}"] for key in self._keys])
         target = (features - state["teacher_mean"]) / state["teacher_std"]
-        patch_scores = regression_error(nnx.merge(self._graphdef, params)(images), target)
-        image_scores = self.anomaly_map(patch_scores, images.shape[1:3]).max(axis=(1, 2))
-        return patch_scores, image_scores
+        return self.outputs(regression_error(nnx.merge(self._graphdef, params)(images), target), images)
 
     def _build(self, in_channels: int, out_channels: int) -> None:
         """The student's structure (no weights): graphdef, pytree layout and '/'-joined keys."""
-        abstract = nnx.eval_shape(lambda: StudentNet(in_channels, out_channels, self.complexity, self.stride,
-                                                     rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: StudentNet(in_channels, out_channels, self.config.complexity,
+                                                     self.config.stride, rngs=nnx.Rngs(0)))
         self._graphdef, params = nnx.split(abstract)
         self._treedef = jax.tree.structure(params)
         # to_flat_state walks the state in the same sorted order as jax.tree.leaves.
@@ -166,7 +161,7 @@ class StudentHead(Head):
             raise InputError(f"the student head needs features {STRIDES} times smaller than the image, got image "
                              f"{height}x{width} and features {rows}x{cols}; choose adaptor taps of stride 8 or 16 "
                              "and an image size that is a multiple of it")
-        if self.stride is not None and stride != self.stride:
-            raise ConfigError(f"head.stride={self.stride} but the features are {stride} times smaller than the "
+        if self.config.stride is not None and stride != self.config.stride:
+            raise ConfigError(f"model.head.stride={self.config.stride} but the features are {stride} times smaller than the "
                               "image; set head.stride to null or to the taps' stride")
         return stride

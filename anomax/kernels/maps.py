@@ -36,10 +36,16 @@ def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
     return x[:, 0]
 
 
-@partial(jax.jit, static_argnames=("out_hw", "sigma"))
-def anomaly_map(patch_scores: jax.Array, out_hw: tuple[int, int], sigma: float = 4.0) -> jax.Array:
-    """(B, h, w) patch scores -> (B, H, W): bilinear upsampling with half-pixel centres
-    (torch F.interpolate(mode='bilinear', align_corners=False)), then Gaussian smoothing."""
+UPSAMPLING = ("bilinear", "nearest")
+
+
+@partial(jax.jit, static_argnames=("out_hw", "sigma", "upsample"))
+def anomaly_map(patch_scores: jax.Array, out_hw: tuple[int, int], sigma: float = 4.0,
+                upsample: str = "bilinear") -> jax.Array:
+    """(B, h, w) patch scores -> (B, H, W): upsampling with half-pixel centres (torch
+    F.interpolate(mode='bilinear', align_corners=False), or 'nearest'), then Gaussian smoothing."""
+    if upsample not in UPSAMPLING:
+        raise InputError(f"anomaly_map: upsample must be one of {UPSAMPLING}, got {upsample!r}")
     batch = patch_scores.shape[0]
-    upsampled = jax.image.resize(patch_scores.astype(jnp.float32), (batch, *out_hw), "bilinear", antialias=False)
+    upsampled = jax.image.resize(patch_scores.astype(jnp.float32), (batch, *out_hw), upsample, antialias=False)
     return gaussian_blur(upsampled, sigma)

@@ -74,7 +74,8 @@ def _check_k(k: int, num_bank: int) -> None:
 def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, chunk_size: int):
     """The tiled search; bank_norms (N,) are ||b||^2, or inf for rows that must never match."""
     num_queries = queries.shape[0]
-    bank_rows = _tile_rows(bank.shape[0], max(chunk_size, k))
+    # A tile holds at least k rows (padding rows have infinite norm), so top_k always has k candidates.
+    bank_rows = max(_tile_rows(bank.shape[0], chunk_size), k)
     query_rows = _tile_rows(num_queries, chunk_size)
     bank_tiles = _tiles(bank, bank_rows)
     norm_tiles = _tiles(bank_norms, bank_rows, fill=jnp.inf)

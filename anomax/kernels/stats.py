@@ -6,6 +6,7 @@ cancellation of raw sum / sum-of-squares formulas.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -23,9 +24,16 @@ def init_moments(positions: int, dim: int) -> Moments:
                    jnp.zeros((positions, dim, dim), jnp.float32))
 
 
-@jax.jit
 def update_moments(moments: Moments, x: jax.Array, valid: jax.Array) -> Moments:
-    """Merge a batch x (B, P, D) whose rows with valid[b] False are padding."""
+    """Merge a batch x (B, P, D) whose rows with valid[b] False are padding. The old mean and
+    m2 buffers are donated (reused for the result, so P*D*D is held once, not twice) and must not
+    be read afterwards; the count is not donated, so a caller can wait on the previous one."""
+    return Moments(*_update(moments.count, moments.mean, moments.m2, x, valid))
+
+
+@partial(jax.jit, donate_argnums=(1, 2))
+def _update(count: jax.Array, mean: jax.Array, m2: jax.Array, x: jax.Array, valid: jax.Array):
+    moments = Moments(count, mean, m2)
     weight = valid.astype(jnp.float32)[:, None, None]
     n_batch = weight.sum()
     batch_mean = (x * weight).sum(0) / jnp.maximum(n_batch, 1.0)

@@ -9,85 +9,57 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
 from anomax.errors import ConfigError, InputError
+from anomax.settings import Literal, Settings, setting
 
-NORMALIZATION_TYPES = ("none", "all_channels", "first_channel", "constant_values")
-DOMAIN_HANDLINGS = ("full_domain", "crop_domain", "keep_domain")
 RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class PreprocessParams:
-    """Validated, hashable preprocess parameters; build them with ``create_dl_preprocess_param``.
+class PreprocessParams(Settings):
+    """Validated, hashable preprocess parameters (HALCON's names); build them with
+    ``create_dl_preprocess_param``.
 
     ``domain`` is a box ``(row1, col1, row2, col2)`` in original-image pixels, inclusive, or the
     path of a mask image (pixels > 0 inside); ``crop_domain`` crops to it (a mask to its bounding
     box), ``keep_domain`` keeps the size and sets image and ground truth to 0 outside it.
     """
 
-    width: int = 256
-    height: int = 256
-    num_channels: int = 3
+    section: ClassVar[str] = "preprocess"
+    width: int = setting(256, ge=1)
+    height: int = setting(256, ge=1)
+    num_channels: Literal[1, 3] = 3
     range_min: float = -127.0
     range_max: float = 128.0
-    normalization_type: str = "none"
+    normalization_type: Literal["none", "all_channels", "first_channel", "constant_values"] = "none"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    domain_handling: str = "full_domain"
-    domain: tuple[int, int, int, int] | str | None = None
-    resize: str = "bilinear"
+    domain_handling: Literal["full_domain", "crop_domain", "keep_domain"] = "full_domain"
+    domain: tuple[int, ...] | str | None = None
+    resize: Literal["bilinear", "area"] = "bilinear"
 
-    def __post_init__(self):
-        for key in ("width", "height"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"preprocess '{key}' must be a positive integer, got {value!r}")
-            object.__setattr__(self, key, int(value))  # numpy integers would not survive to_dict → JSON
-        _require_choice("num_channels", self.num_channels, (1, 3))
-        _require_choice("normalization_type", self.normalization_type, NORMALIZATION_TYPES)
-        _require_choice("domain_handling", self.domain_handling, DOMAIN_HANDLINGS)
-        _require_choice("resize", self.resize, tuple(RESIZE_FILTERS))
-        if not (_is_number(self.range_min) and _is_number(self.range_max) and self.range_min < self.range_max):
-            raise ConfigError(
-                f"preprocess 'range_min' < 'range_max' must hold, got {self.range_min!r}, {self.range_max!r}"
-            )
-        object.__setattr__(self, "range_min", float(self.range_min))
-        object.__setattr__(self, "range_max", float(self.range_max))
+    def check(self) -> None:
+        if self.range_min >= self.range_max:
+            self.fail("range_max", f"greater than range_min = {self.range_min}")
         for key in ("mean", "std"):
             values = getattr(self, key)
-            if not isinstance(values, (tuple, list)) or not all(_is_number(v) for v in values):
-                raise ConfigError(f"preprocess '{key}' must be a list of numbers, got {values!r}")
-            object.__setattr__(self, key, tuple(float(v) for v in values))
             if self.normalization_type == "constant_values" and len(values) not in (1, self.num_channels):
-                raise ConfigError(
-                    f"preprocess '{key}' needs 1 or num_channels={self.num_channels} values, got {values!r}"
-                )
+                self.fail(key, f"1 or num_channels = {self.num_channels} values")
         if any(s <= 0 for s in self.std):
-            raise ConfigError(f"preprocess 'std' values must be positive, got {self.std!r}")
+            self.fail("std", "a list of positive numbers")
         object.__setattr__(self, "domain", _checked_domain(self.domain, self.domain_handling))
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PreprocessParams:
-        return create_dl_preprocess_param(**values)
 
 
 def create_dl_preprocess_param(**kwargs) -> PreprocessParams:
     """Preprocess parameters from keyword arguments; an unknown key is a ConfigError."""
-    known = [f.name for f in dataclasses.fields(PreprocessParams)]
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown preprocess parameter(s) {unknown}; known: {known}")
-    return PreprocessParams(**kwargs)
+    return PreprocessParams.from_dict(kwargs)
 
 
 def preprocess_image(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
@@ -210,15 +182,4 @@ def _checked_domain(domain, domain_handling: str):
     raise ConfigError(
         f"preprocess 'domain' must be a box (row1, col1, row2, col2) with 0 <= row1 <= row2, 0 <= col1 <= col2, "
         f"or a mask file, for domain_handling '{domain_handling}'; got {domain!r}"
-    )
-
-
-def _require_choice(key: str, value, choices: tuple) -> None:
-    if isinstance(value, bool) or value not in choices:
-        raise ConfigError(f"preprocess '{key}' must be one of {list(choices)}, got {value!r}")
-
-
-def _is_number(value) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation
+from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation, move_test_to_validation
 from anomax.errors import ConfigError, DatasetError
 from anomax.registry import DATASET_FORMATS
 
@@ -21,12 +21,15 @@ TRAIN_FRACTION = 0.7
 
 
 @DATASET_FORMATS.register("elpv")
-def read_elpv(cell_type: str, validation_from_train: float = 0.0, seed: int = 0) -> DLDataset:
+def read_elpv(cell_type: str, validation_from_train: float = 0.0, validation_from_test: float = 0.0,
+              seed: int = 0) -> DLDataset:
     """The ELPV protocol split for ``cell_type`` 'mono' or 'poly'.
 
     ``validation_from_train`` moves that fraction of the train cells (seeded by ``seed``, at least
-    one) to a 'validation' split so thresholds can be estimated. The default 0 keeps the protocol
-    exact; a model fitted on fewer cells is not the same protocol, so say so beside its numbers.
+    one) to a 'validation' split of good cells. ``validation_from_test`` moves a seeded, stratified
+    fraction of the test cells (good and defective) to 'validation', so thresholds are estimated
+    between good and defective scores while training keeps the protocol's cells (the test split is
+    then smaller than the protocol's: say so beside its numbers). Both 0 keep the protocol exact.
     """
     if cell_type not in ("mono", "poly"):
         raise ConfigError(f"cell_type must be 'mono' or 'poly', got '{cell_type}'")
@@ -49,4 +52,5 @@ def read_elpv(cell_type: str, validation_from_train: float = 0.0, seed: int = 0)
     ]
     records += [(data_dir / p, None, "nok", "defective", "test") for p in defective]
     dataset = dataset_from_records(records, "elpv", data_dir / "images")
-    return hold_out_validation(dataset, validation_from_train, seed)
+    dataset = hold_out_validation(dataset, validation_from_train, seed)
+    return move_test_to_validation(dataset, validation_from_test, seed)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation, read_dl_dataset_anomaly
+from anomax.data.dataset import (DLDataset, dataset_from_records, hold_out_validation, read_dl_dataset_anomaly,
+                                 move_test_to_validation)
 from anomax.errors import DatasetError
 from anomax.registry import DATASET_FORMATS
 
@@ -13,11 +14,13 @@ log = logging.getLogger("anomax")
 
 
 @DATASET_FORMATS.register("mvtec_ad")
-def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float = 0.0, seed: int = 0) -> DLDataset:
+def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float = 0.0,
+                  validation_from_test: float = 0.0, seed: int = 0) -> DLDataset:
     """One MVTec AD category with its own train/test split.
 
-    ``validation_from_train`` holds out that fraction of the train images (seeded) as a 'validation'
-    split for threshold estimation; the default 0 keeps the published protocol.
+    ``validation_from_train`` holds out that fraction of the train images (seeded) as a good-only
+    'validation' split; ``validation_from_test`` moves a seeded, stratified fraction of the test
+    images (good and defective) to 'validation'. The defaults 0 keep the published protocol.
     """
     folder = Path(root) / category
     if not folder.is_dir():
@@ -38,4 +41,5 @@ def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float 
     if defective and not dataset.has_pixel_ground_truth:
         log.warning("MVTec AD category %s has no ground_truth/ folder with masks: its %d defective images have no "
                     "masks, so only image-level metrics exist", folder, defective)
-    return hold_out_validation(dataset, validation_from_train, seed)
+    dataset = hold_out_validation(dataset, validation_from_train, seed)
+    return move_test_to_validation(dataset, validation_from_test, seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation
+from anomax.data.dataset import DLDataset, dataset_from_records, hold_out_validation, move_test_to_validation
 from anomax.errors import DatasetError
 from anomax.registry import DATASET_FORMATS
 
@@ -19,12 +19,14 @@ def read_visa(
     split_csv: str | Path = "split_csv/1cls.csv",
     category: str | None = None,
     validation_from_train: float = 0.0,
+    validation_from_test: float = 0.0,
     seed: int = 0,
 ) -> DLDataset:
     """The rows of ``split_csv`` (relative to ``root`` unless absolute), optionally one ``category``.
 
     Splits come from the CSV ('train'/'test'); ``validation_from_train`` holds out that fraction of
-    the train images (seeded) as 'validation'; the default 0 keeps the published protocol.
+    the train images (seeded) as 'validation', ``validation_from_test`` a stratified fraction of the
+    test images (good and defective); the defaults 0 keep the published protocol.
     """
     root, csv_path = Path(root), Path(root) / split_csv
     if not csv_path.is_file():
@@ -47,4 +49,5 @@ def read_visa(
         records.append((root / row["image"], mask, *LABELS[row["label"]], row["split"]))
     if not records:
         raise DatasetError(f"VisA split file {csv_path} has no rows for category '{category}'")
-    return hold_out_validation(dataset_from_records(records, "visa", root), validation_from_train, seed)
+    dataset = hold_out_validation(dataset_from_records(records, "visa", root), validation_from_train, seed)
+    return move_test_to_validation(dataset, validation_from_test, seed)
