@@ -134,6 +134,9 @@ def read_pair(image_path: str | Path, mask_path: str | Path | None) -> tuple[np.
     return image, mask
 
 
+_UNLISTABLE = {errno.ELOOP: ("symlink loop", "symlink loops"), errno.ENOENT: ("dangling symlink", "dangling symlinks")}
+
+
 def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = None) -> list[Path]:
     """The files under ``folder``, recursively and sorted, optionally only those with ``suffixes``
     (lower case). Symlinked folders are followed; dangling symlinks, symlink loops, a folder reached
@@ -163,8 +166,7 @@ def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = 
             try:
                 os.stat(path)
             except OSError as error:
-                loop = error.errno == errno.ELOOP
-                skip(("symlink loop", "symlink loops") if loop else ("dangling symlink", "dangling symlinks"), path)
+                skip(_UNLISTABLE.get(error.errno, ("unreadable file", "unreadable files")), path)
                 continue
             if path.is_file():
                 files.append(path)
