@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
@@ -38,10 +39,11 @@ class BackboneSpec:
     """What the registry holds for one backbone name."""
 
     network: Callable[..., FeatureNetwork]  # (*, width_multiplier, rngs) -> network
-    torch_layers: Callable[[FeatureNetwork], Iterable[tuple[str, nnx.Module]]]  # torch name -> layer
+    torch_layers: Callable[[FeatureNetwork], Iterable[tuple[str, nnx.Module]]] | None  # torch name -> layer
     default_taps: tuple[str, ...]
     requirements: dict
     weights: WeightsSource | None
+    load_weights: Callable[[FeatureNetwork, Path], None] | None = None  # instead of torch_layers, for other files
 
 
 class Backbone:
@@ -56,7 +58,8 @@ class Backbone:
         self.available_taps = tuple(stage for stage, _ in network.stages())
         self.taps = check_taps(taps, self.available_taps, name)
         self.graphdef, self.params = nnx.split(network)
-        probe = jax.ShapeDtypeStruct((1, 2 * INPUT_MULTIPLE, 2 * INPUT_MULTIPLE, 3), jnp.float32)
+        multiple = self.requirements["input_multiple"]
+        probe = jax.ShapeDtypeStruct((1, 2 * multiple, 2 * multiple, 3), jnp.float32)
         shapes = jax.eval_shape(lambda p, x: nnx.merge(self.graphdef, p)(x, self.taps), self.params, probe)
         self.strides = {tap: probe.shape[1] // shapes[tap].shape[1] for tap in self.taps}
         self.channels = {tap: shapes[tap].shape[-1] for tap in self.taps}
@@ -67,9 +70,10 @@ class Backbone:
         if images.ndim != 4 or images.shape[-1] != 3 or not jnp.issubdtype(images.dtype, jnp.floating):
             raise InputError(f"backbone '{self.name}': expected float images (B, H, W, 3) normalised as "
                              f"{self.requirements}, got {images.dtype} {tuple(images.shape)}")
-        if images.shape[1] % INPUT_MULTIPLE or images.shape[2] % INPUT_MULTIPLE:
+        multiple = self.requirements["input_multiple"]
+        if images.shape[1] % multiple or images.shape[2] % multiple:
             raise InputError(f"backbone '{self.name}': image height and width must be multiples of "
-                             f"{INPUT_MULTIPLE}, got {tuple(images.shape[1:3])}; change the preprocess size")
+                             f"{multiple}, got {tuple(images.shape[1:3])}; change the preprocess size")
         return images
 
     def forward(self, params, images: jax.Array) -> dict[str, jax.Array]:
@@ -120,7 +124,10 @@ def build_backbone(name: str, *, taps: Iterable[str] | None = None,
         nnx.update(network, random_init(nnx.state(network), seed))
         return Backbone(name, network, taps, spec.requirements, width_multiplier=width_multiplier)
     path = resolve_weights(name, pretrained)
-    assign_torch_weights(spec.torch_layers(network), load_state_dict(path), str(path))
+    if spec.load_weights is not None:
+        spec.load_weights(network, path)
+    else:
+        assign_torch_weights(spec.torch_layers(network), load_state_dict(path), str(path))
     state = nnx.state(network)
     empty = [jax.tree_util.keystr(key) for key, value in jax.tree_util.tree_leaves_with_path(state)
              if isinstance(value, jax.ShapeDtypeStruct)]
