@@ -1,8 +1,16 @@
 """An MVTec-AD-like dataset from scikit-image's real textures with drawn defects and exact masks.
 
-``<root>/<texture>/train/good``, ``test/good``, ``test/<defect>`` and
+``<root>/<category>/train/good``, ``test/good``, ``test/<defect>`` and
 ``ground_truth/<defect>/<name>_mask.png``; read it with ``read_dataset('mvtec_ad', root=root,
-category=texture)``. The same arguments give the same files, byte for byte.
+category=category)``. The same arguments give the same files, byte for byte.
+
+Categories: the textures (``brick``, ``grass``, ``gravel``) with structural defects, and
+``parts``, whose rule is global (logical anomalies, as in MVTec LOCO): every good image shows
+exactly ``PARTS_COUNT`` parts of one shared colour at random, non-overlapping positions and
+angles. Its defects break the rule while each patch stays normal (``too_few``, ``too_many``,
+``mismatched``: one part in another palette colour), plus one structural defect (``scratch``
+on a part). Because the layout is random, a missing or extra part cannot be found by comparing
+positions with the training images: only a model of the whole image sees it.
 """
 
 from __future__ import annotations
@@ -16,6 +24,12 @@ from anomax.errors import ConfigError
 
 TEXTURES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "hole", "stain", "patch")
+PARTS = "parts"
+PARTS_DEFECTS = ("too_few", "too_many", "mismatched", "scratch")
+PARTS_COUNT = 3
+PARTS_VERSION = 1  # of the parts generator's output
+# Saturated colours far apart and from the gray background; every one appears in good images.
+PALETTE = ((220, 40, 40), (40, 170, 60), (50, 80, 220), (230, 200, 30), (200, 60, 200))
 
 
 def make_synthetic_dataset(
@@ -26,22 +40,31 @@ def make_synthetic_dataset(
     n_test_good: int = 8,
     n_test_defect: int = 8,
     textures: tuple[str, ...] = ("brick",),
-    defects: tuple[str, ...] = DEFECTS,
+    defects: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> Path:
     """Write the dataset under ``root`` and return ``root``.
 
-    Each image is a random crop (a quarter to half of the 512 px texture) resized to ``size``;
-    the ``n_test_defect`` defective images per texture cycle through ``defects``.
+    Each texture image is a random crop (a quarter to half of the 512 px texture) resized to
+    ``size``; each ``parts`` image a fresh random layout. The ``n_test_defect`` defective images
+    per category cycle through ``defects`` (None: all of the category's defects).
     """
-    unknown = sorted(set(textures) - set(TEXTURES)) + sorted(set(defects) - set(DEFECTS))
-    if unknown or not textures or not defects:
-        raise ConfigError(f"unknown or no textures/defects {unknown}; choose from {list(TEXTURES)} and {list(DEFECTS)}")
-    if size < 16:
-        raise ConfigError(f"synthetic 'size' must be at least 16 pixels to hold a defect, got {size}")
+    known = {**{texture: DEFECTS for texture in TEXTURES}, PARTS: PARTS_DEFECTS}
+    unknown = sorted(set(textures) - set(known))
+    unknown += sorted({d for t in textures if t in known for d in (defects or ())} - set().union(
+        *(known[t] for t in textures if t in known)))
+    if unknown or not textures or defects == ():
+        raise ConfigError(f"unknown or no categories/defects {unknown}; choose categories from {list(known)}, "
+                          f"defects from {list(DEFECTS)} (textures) or {list(PARTS_DEFECTS)} (parts)")
+    if size < 16 or (PARTS in textures and size < 32):
+        raise ConfigError(f"synthetic 'size' must be at least 16 pixels (32 for parts) to hold a defect, got {size}")
     root = Path(root)
     for texture_index, texture in enumerate(textures):
         rng = np.random.default_rng([seed, texture_index])
+        if texture == PARTS:
+            _write_parts(root / PARTS, rng, size, n_train, n_test_good, n_test_defect, defects or PARTS_DEFECTS)
+            continue
+        texture_defects = [d for d in (defects or DEFECTS) if d in DEFECTS]
         source = _load_texture(texture)
         donor = _load_texture(TEXTURES[(TEXTURES.index(texture) + 1) % len(TEXTURES)])  # pasted patches
         folder = root / texture
@@ -50,9 +73,9 @@ def make_synthetic_dataset(
         for i in range(n_test_good):
             _save(_crop(source, size, rng), folder / "test" / "good" / f"{i:03d}.png")
         for i in range(n_test_defect):
-            defect = defects[i % len(defects)]
+            defect = texture_defects[i % len(texture_defects)]
             image, mask = DRAW[defect](_crop(source, size, rng), rng, _crop(donor, size, rng))
-            name = f"{i // len(defects):03d}"
+            name = f"{i // len(texture_defects):03d}"
             _save(image, folder / "test" / defect / f"{name}.png")
             _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / defect / f"{name}_mask.png")
     return root
@@ -125,6 +148,102 @@ def _patch(image, rng, donor):
 
 
 DRAW = {"scratch": _scratch, "hole": _hole, "stain": _stain, "patch": _patch}
+
+
+# ---- parts: a global rule (count and shared colour) ------------------------------------------
+
+def _write_parts(folder: Path, rng: np.random.Generator, size: int, n_train: int, n_test_good: int,
+                 n_test_defect: int, defects) -> None:
+    for split, count in (("train", n_train), ("test", n_test_good)):
+        for i in range(count):
+            _save(parts_sample(rng, size)[0], folder / split / "good" / f"{i:03d}.png")
+    for i in range(n_test_defect):
+        defect = defects[i % len(defects)]
+        image, mask, _ = parts_sample(rng, size, defect)
+        name = f"{i // len(defects):03d}"
+        _save(image, folder / "test" / defect / f"{name}.png")
+        _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / defect / f"{name}_mask.png")
+
+
+def parts_sample(rng: np.random.Generator, size: int, defect: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One ``parts`` image (size, size, 3) uint8, its defect mask (size, size) bool and the good
+    image of the same layout it was made from (equal to the image when ``defect`` is None).
+    The mask is exactly the pixels the defect changed: the removed, added or recoloured part,
+    or the scratch on a part."""
+    if defect is not None and defect not in PARTS_DEFECTS:
+        raise ConfigError(f"unknown parts defect {defect!r}; choose from {list(PARTS_DEFECTS)}")
+    colour = int(rng.integers(len(PALETTE)))
+    # One layout slot more than needed: 'too_many' places the extra part without overlap.
+    poses = _layout(rng, size, PARTS_COUNT + 1)
+    good_parts = [(pose, colour) for pose in poses[:PARTS_COUNT]]
+    noise_seed = int(rng.integers(2**31))
+    good = _render(good_parts, size, noise_seed)
+    parts, scratch = list(good_parts), None
+
+    def footprint(pose):
+        return _shape_mask(size, lambda d: d.polygon(_outline(pose, size), fill=255))
+
+    mask = np.zeros((size, size), bool)
+    if defect == "too_few":
+        mask = footprint(parts.pop(int(rng.integers(PARTS_COUNT)))[0])
+    elif defect == "too_many":
+        parts.append((poses[PARTS_COUNT], colour))
+        mask = footprint(poses[PARTS_COUNT])
+    elif defect == "mismatched":
+        index = int(rng.integers(PARTS_COUNT))
+        other = (colour + 1 + int(rng.integers(len(PALETTE) - 1))) % len(PALETTE)
+        parts[index] = (parts[index][0], other)
+        mask = footprint(parts[index][0])
+    elif defect == "scratch":
+        pose = parts[int(rng.integers(PARTS_COUNT))][0]
+        angle = pose[2] + rng.uniform(-0.3, 0.3)  # along the part, clipped to it below
+        half = 0.5 * _part_length(size)
+        ends = [(pose[0] + sign * half * np.cos(angle), pose[1] + sign * half * np.sin(angle)) for sign in (-1, 1)]
+        scratch = mask = _shape_mask(size, lambda d: d.line(ends, fill=255, width=max(2, size // 40))) & footprint(pose)
+    image = good if defect is None else _render(parts, size, noise_seed, scratch)
+    return image, mask, good
+
+
+def _part_length(size: int) -> float:
+    return 0.26 * size
+
+
+def _outline(pose: tuple[float, float, float], size: int) -> list[tuple[float, float]]:
+    """A 'screw': an oblong body with a wider head at one end, so its angle shows."""
+    x, y, angle = pose
+    length, body, head = _part_length(size), 0.06 * size, 0.11 * size
+    local = [(-length / 2, -body), (length / 4, -body), (length / 4, -head), (length / 2, -head),
+             (length / 2, head), (length / 4, head), (length / 4, body), (-length / 2, body)]
+    cos, sin = np.cos(angle), np.sin(angle)
+    return [(x + u * cos - v * sin, y + u * sin + v * cos) for u, v in local]
+
+
+def _layout(rng: np.random.Generator, size: int, count: int) -> list[tuple[float, float, float]]:
+    """``count`` poses (x, y, angle) whose parts lie inside the image and never touch."""
+    reach = 0.5 * np.hypot(_part_length(size), 0.22 * size)  # circumradius of a part
+    for _ in range(1000):
+        poses: list[tuple[float, float, float]] = []
+        for _ in range(200):
+            x, y = rng.uniform(reach + 1, size - reach - 1, 2)
+            if all(np.hypot(x - px, y - py) > 2 * reach + 2 for px, py, _ in poses):
+                poses.append((float(x), float(y), float(rng.uniform(0, 2 * np.pi))))
+                if len(poses) == count:
+                    return poses
+    raise ConfigError(f"cannot place {count} parts without overlap in {size} px images")
+
+
+def _render(parts, size: int, noise_seed: int, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Gray background with mild noise; each part filled with its palette colour, lit by the same
+    noise; the scratch dark."""
+    noise = np.random.default_rng(noise_seed).normal(0, 6, (size, size, 1))
+    image = np.full((size, size, 3), 128.0) + noise
+    for pose, colour in parts:
+        inside = _shape_mask(size, lambda d, pose=pose: d.polygon(_outline(pose, size), fill=255))
+        image[inside] = np.asarray(PALETTE[colour], float) + noise[inside]
+    if scratch is not None:
+        image[scratch] = 20.0 + noise[scratch]
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def _save(array: np.ndarray, path: Path) -> None:

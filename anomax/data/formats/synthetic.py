@@ -1,4 +1,4 @@
-"""The synthetic texture dataset as a format: generated once per parameter set, then read as MVTec AD."""
+"""The synthetic dataset as a format: generated once per parameter set, then read as MVTec AD."""
 
 from __future__ import annotations
 
@@ -11,21 +11,25 @@ from pathlib import Path
 
 from anomax.data.dataset import DLDataset
 from anomax.data.formats.mvtec_ad import read_mvtec_ad
-from anomax.data.synthetic import make_synthetic_dataset
+from anomax.data.synthetic import PARTS, PARTS_VERSION, make_synthetic_dataset
 from anomax.registry import DATASET_FORMATS
 
 
 @DATASET_FORMATS.register("synthetic")
 def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_test_good: int = 8,
-                   n_test_defect: int = 8, validation_from_train: float = 0.25, seed: int = 0,
+                   n_test_defect: int = 8, validation_from_train: float = 0.25,
+                   validation_from_test: float = 0.0, seed: int = 0,
                    root: str | None = None) -> DLDataset:
-    """Generate (unless already there) and read a synthetic texture dataset.
+    """Generate (unless already there) and read a synthetic dataset: ``texture`` is one of the
+    textures (structural defects) or 'parts' (logical anomalies; see anomax.data.synthetic).
 
     Files go to ``root`` or ``~/.cache/anomax/synthetic/<hash of the arguments>``; the folder is
     written under a temporary name and renamed when complete, so a half-written one is never read.
     """
     spec = dict(texture=texture, size=size, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
                 seed=seed)
+    if texture == PARTS:  # bump PARTS_VERSION when the generator's output changes: a new cache folder
+        spec["version"] = PARTS_VERSION
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(root or Path(os.path.expanduser("~/.cache/anomax/synthetic"))) / key
     if not folder.is_dir():
@@ -40,4 +44,5 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return read_mvtec_ad(folder, texture, validation_from_train=validation_from_train, seed=seed)
+    return read_mvtec_ad(folder, texture, validation_from_train=validation_from_train,
+                         validation_from_test=validation_from_test, seed=seed)
