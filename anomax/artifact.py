@@ -2,7 +2,7 @@
 
 Layout of an artifact directory (``save_model`` / HALCON's ``write_dl_model``)::
 
-    manifest.json          format version, anomax version, sha256 of every other file
+    manifest.json          "format": "anomax-model", format version, anomax version, sha256 of every other file
     model.json             backbone (name, taps, width, published weights' name and sha256),
                            adaptor config, head name and hyperparameters, preprocess params,
                            thresholds (the chosen pair and every estimate), batch size
@@ -13,18 +13,21 @@ Layout of an artifact directory (``save_model`` / HALCON's ``write_dl_model``)::
     domain<.ext>           the preprocess domain mask, when the domain is a mask file
 
 Arrays are safetensors with '/'-joined pytree paths as keys, metadata is JSON: nothing is
-unpickled. Writes are atomic (a temporary sibling directory renamed into place), and
-``load_model`` checks every checksum before reading a byte of it.
+unpickled. A save writes a staging directory and swaps it into place; it replaces only an
+artifact, and the next save or load undoes a swap a kill interrupted. ``load_model`` checks
+every checksum before reading a byte, reads only files inside the directory, and validates
+model.json like a config: the manifest is a checksum, not a signature.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +35,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from anomax.errors import ArtifactError, ConfigError
+from anomax.errors import ArtifactError, ConfigError, OutputError
+from anomax.files import fsync_path, locked, output_errors, sha256_file, writing
 
+log = logging.getLogger("anomax")
+FORMAT = "anomax-model"  # the manifest's marker: only a directory that carries it is ever replaced
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.json", "config.json", "backbone.safetensors", "adaptor.safetensors", "head.safetensors")
@@ -69,24 +75,15 @@ def unflatten_arrays(like, arrays: Mapping[str, np.ndarray], file: Path):
 
 
 # ---- files -------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+
+
+def _write_arrays(path: Path, tree) -> None:
+    try:
+        save_file(flatten_arrays(tree), path)
+    except SafetensorError as error:  # its I/O failures (disk full) are not OSErrors
+        raise OSError(f"{error}") from error
 
 
 def _read_json(path: Path) -> Any:
@@ -102,6 +99,20 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError) as error:
         raise ArtifactError(f"{path} is not a complete safetensors file ({error}); the artifact is truncated "
                             f"or corrupt — save the model again")
+
+
+def _member(root: Path, name: Any, source: Path, key: str) -> Path:
+    """The file ``name`` directly inside the artifact ``root``. A modified manifest or model.json must
+    not make the loader read anything else: no directories in the name, no absolute paths, no links
+    that leave the artifact."""
+    if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
+        raise ArtifactError(f"{source}: '{key}' names {name!r}, which is not a file name inside the artifact; "
+                            f"an artifact only reads its own files — the artifact was modified, save the model again")
+    file = root / name
+    if file.resolve().parent != root.resolve():
+        raise ArtifactError(f"{source}: '{key}' names {file}, a link that leaves the artifact directory; an artifact "
+                            f"only reads its own files — copy the file in and save the model again")
+    return file
 
 
 # ---- save ----------------------------------------------------------------------------------------
@@ -120,7 +131,9 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     """Write ``model`` (an AnomalyModel with a fitted head) as an artifact directory at ``path``.
 
     thresholds: the AnomalyThresholds the model's pair was chosen from (kept for reference);
-    config: the full resolved run config (JSON-able). Returns ``path``.
+    config: the full resolved run config (JSON-able). overwrite: replace an existing artifact
+    (never anything else: a directory that is not an artifact, or holds other files, is refused).
+    Returns ``path``. OS failures (disk full, permissions) raise OutputError naming ``path``.
     """
     target = Path(path).absolute()
     try:
@@ -128,8 +141,6 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     except (TypeError, ValueError) as error:
         raise ConfigError(f"save_model: config must be plain JSON data ({error}); pass "
                           f"OmegaConf.to_container(cfg, resolve=True)") from None
-    if target.exists() and not overwrite:
-        raise ArtifactError(f"{target} already exists; pass overwrite=True to replace it")
     preprocess = model.preprocess.to_dict()
     domain_file = None
     if isinstance(model.preprocess.domain, str):  # a mask file: copied in, so the artifact loads anywhere
@@ -144,103 +155,242 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
                        "estimates": None if thresholds is None else thresholds.to_dict()},
         "batch_size": model.batch_size,
     }
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    staging.mkdir(parents=True)
-    try:
-        _write_json(staging / "model.json", record)
-        _write_json(staging / "config.json", config)
-        save_file(flatten_arrays(model.backbone.params), staging / "backbone.safetensors")
-        save_file(flatten_arrays(model.adaptor_params), staging / "adaptor.safetensors")
-        save_file(flatten_arrays(model.head.state), staging / "head.safetensors")
-        if domain_file is not None:
-            shutil.copyfile(model.preprocess.domain, staging / domain_file)
-        files = sorted(p.name for p in staging.iterdir())
-        from anomax import __version__
-
-        _write_json(staging / MANIFEST, {"format_version": FORMAT_VERSION, "anomax_version": __version__,
-                                         "files": {name: _sha256(staging / name) for name in files}})
-        for name in files + [MANIFEST]:
-            _fsync(staging / name)
-        _fsync(staging)
-        _replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with locked(target.parent):  # one save (or recovery) at a time next to the target
+            _recover(target)
+            if target.exists() or target.is_symlink():
+                if not overwrite:
+                    raise OutputError(f"{target} already exists; pass overwrite=True to replace it")
+                _check_replaceable(target)
+            staging = _aside(target, "tmp")
+            try:
+                staging.mkdir()
+                _write_json(staging / "model.json", record)
+                _write_json(staging / "config.json", config)
+                _write_arrays(staging / "backbone.safetensors", model.backbone.params)
+                _write_arrays(staging / "adaptor.safetensors", model.adaptor_params)
+                _write_arrays(staging / "head.safetensors", model.head.state)
+                if domain_file is not None:
+                    shutil.copyfile(model.preprocess.domain, staging / domain_file)
+                _write_manifest(staging)
+                _swap(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
     return target
 
 
-def _replace(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing target is moved aside first and removed after."""
+def _write_manifest(staging: Path) -> None:
+    """The manifest (written last): format marker and version, and the sha256 of every other file."""
+    from anomax import __version__
+
+    files = sorted(p.name for p in staging.iterdir())
+    _write_json(staging / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "anomax_version": __version__,
+                                     "files": {name: sha256_file(staging / name) for name in files}})
+    for name in files + [MANIFEST]:
+        fsync_path(staging / name)
+    fsync_path(staging)
+
+
+def _check_replaceable(target: Path) -> None:
+    """overwrite=True replaces an anomax artifact holding only its own files, nothing else: a user's folder
+    that happens to be at the target is never deleted."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if (target.is_symlink() or not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or not isinstance(manifest.get("files"), dict)):
+        raise OutputError(f"refusing to replace {target}: it is not an anomax model artifact (no {MANIFEST} saying "
+                          f"\"format\": \"{FORMAT}\"); save to another path, or move it away yourself")
+    foreign = sorted({entry.name for entry in target.iterdir()} - {MANIFEST, *manifest["files"]})
+    if foreign:
+        raise OutputError(f"refusing to replace {target}: besides the artifact it holds {', '.join(foreign[:5])}; "
+                          f"move those files away or save to another path")
+
+
+# A save writes a staging sibling (.NAME.tmp-*), moves the old artifact aside (.NAME.old-*), renames the
+# staging directory into place, then deletes the old one. A kill can stop it between any two steps.
+def _aside(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex}")
+
+
+def _swap(staging: Path, target: Path) -> None:
     previous = None
     if target.exists():
-        previous = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-        target.rename(previous)
-    staging.rename(target)
-    _fsync(target.parent)
+        previous = _aside(target, "old")
+        os.rename(target, previous)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if previous is not None:  # an error, not a kill: put the old artifact back at once
+            os.rename(previous, target)
+        raise
+    fsync_path(target.parent)
     if previous is not None:
-        shutil.rmtree(previous)
+        shutil.rmtree(previous, ignore_errors=True)  # what is left is removed by the next save
+
+
+def _recover(target: Path) -> None:
+    """Undo what a killed save left next to ``target`` (call with its parent locked): when the target
+    is missing, the artifact it had moved aside goes back in place; leftover copies are removed."""
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    leftovers = [entry for entry in target.parent.iterdir()
+                 if entry.name.startswith(prefixes) and entry.is_dir() and not entry.is_symlink()]
+    moved_aside = [entry for entry in leftovers if entry.name.startswith(prefixes[1])]
+    if moved_aside and not (target.exists() or target.is_symlink()):
+        previous = max(moved_aside, key=lambda entry: entry.stat().st_mtime_ns)
+        os.rename(previous, target)
+        log.warning("%s: restored the artifact an interrupted save had moved aside to %s", target, previous.name)
+        leftovers.remove(previous)
+    for entry in leftovers:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 # ---- load ----------------------------------------------------------------------------------------
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Verify the artifact at ``path`` and return its metadata: model.json's content plus
-    'config', 'format_version' and 'anomax_version'."""
-    root = Path(path)
+    'config', 'format_version', 'anomax_version' and 'files' (the names its manifest lists)."""
+    root = Path(path).absolute()
+    if not root.exists() and root.parent.is_dir():  # perhaps a save was killed while it swapped
+        with output_errors(root), locked(root.parent):
+            _recover(root)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{root} is not an anomax model artifact: {MANIFEST} is missing")
     manifest = _read_json(manifest_path)
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int) or not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{manifest_path} lacks 'format_version' or 'files'; the artifact is corrupt")
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path} is not a JSON object; the artifact is corrupt — save the model again")
+    version = manifest.get("format_version")
+    if type(version) is not int or version < 1:  # not bool, not float, not a string
+        raise ArtifactError(f"{manifest_path}: 'format_version' must be an integer >= 1, got {version!r}; "
+                            f"the artifact is corrupt — save the model again")
     if version > FORMAT_VERSION:
         from anomax import __version__
 
         raise ArtifactError(f"{root} has artifact format {version} (written by anomax "
                             f"{manifest.get('anomax_version')}); anomax {__version__} reads formats up to "
                             f"{FORMAT_VERSION} — upgrade anomax (pip install -U anomax)")
-    unlisted = [name for name in REQUIRED_FILES if name not in manifest["files"]]
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(checksum, str) for checksum in files.values()):
+        raise ArtifactError(f"{manifest_path}: 'files' must map file names to sha256 strings; the artifact is "
+                            f"corrupt — save the model again")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
     if unlisted:
         raise ArtifactError(f"{manifest_path} does not list {unlisted}; the artifact is incomplete — save it again")
-    for name, checksum in manifest["files"].items():
-        file = root / name
+    for name, checksum in files.items():
+        file = _member(root, name, manifest_path, f"files.{name}")
         if not file.is_file():
             raise ArtifactError(f"{file} is missing from the artifact; copy the whole directory or save it again")
-        if _sha256(file) != checksum:
+        if sha256_file(file) != checksum:
             raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: it is corrupt, truncated or "
                                 f"was modified — restore it or save the model again")
-    return {**_read_json(root / "model.json"), "config": _read_json(root / "config.json"),
-            "format_version": version, "anomax_version": manifest.get("anomax_version")}
+    record = _read_json(root / "model.json")
+    with _checked(root / "model.json"):
+        _exactly(record, MODEL_KEYS)
+    return {**record, "config": _read_json(root / "config.json"), "format_version": version,
+            "anomax_version": manifest.get("anomax_version"), "files": sorted(files)}
 
 
 def load_model(path: str | os.PathLike):
     """The AnomalyModel saved at ``path``: no training data, no Hydra, no network access."""
-    from anomax.backbones import build_backbone
-    from anomax.features import FeatureAdaptor
+    root = Path(path).absolute()
+    return _build_model(root, read_metadata(root))
+
+
+MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size")
+
+
+def _build_model(root: Path, meta: Mapping[str, Any]):
+    """The AnomalyModel that model.json describes, each section checked by the class that checks its config.
+
+    The manifest is a checksum, not a signature: whoever edits model.json can rehash it. So nothing
+    in it is trusted: every bad value (wrong type, NaN, unknown name, missing key) becomes an
+    ArtifactError naming model.json and the key, and only files inside the artifact are read.
+    """
+    from anomax.features import AdaptorConfig, FeatureAdaptor
     from anomax.model import AnomalyModel
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import HEADS
 
-    root = Path(path).absolute()
-    meta = read_metadata(root)
-    spec = meta["backbone"]
-    # Random init is numpy (no compilation); only the structure is used, the stored arrays replace it.
-    backbone = build_backbone(spec["name"], taps=spec["taps"], pretrained=None,
-                              width_multiplier=spec["width_multiplier"])
-    backbone.params = unflatten_arrays(backbone.params, _read_arrays(root / "backbone.safetensors"),
-                                       root / "backbone.safetensors")
-    backbone.weights_sha256 = spec["weights_sha256"]
-    adaptor = FeatureAdaptor(**meta["adaptor"])
-    adaptor_params = {key: jnp.asarray(value) for key, value in
-                      _read_arrays(root / "adaptor.safetensors").items()}
-    head = HEADS.get(meta["head"]["name"]).from_state(meta["head"]["hyperparams"],
-                                                     _read_arrays(root / "head.safetensors"))
-    preprocess = dict(meta["preprocess"])
-    if isinstance(preprocess.get("domain"), str):
-        preprocess["domain"] = str(root / preprocess["domain"])
-    thresholds = {key: value for key, value in meta["thresholds"].items() if key != "estimates"}
-    return AnomalyModel(PreprocessParams.from_dict(preprocess), backbone, adaptor, head, adaptor_params=adaptor_params,
-                        thresholds=thresholds, batch_size=meta["batch_size"])
+    source = root / "model.json"
+    with _checked(source, "backbone"):
+        backbone = _load_backbone(meta["backbone"], root / "backbone.safetensors")
+    with _checked(source, "adaptor"):
+        adaptor = FeatureAdaptor(AdaptorConfig.from_dict(meta["adaptor"]))
+        adaptor_params = unflatten_arrays(adaptor.init(backbone.channels), _read_arrays(root / "adaptor.safetensors"),
+                                          root / "adaptor.safetensors")
+    with _checked(source, "head"):
+        head = _exactly(meta["head"], ("name", "hyperparams"))
+        head = HEADS.get(head["name"]).from_state(head["hyperparams"], _read_arrays(root / "head.safetensors"))
+    with _checked(source, "preprocess"):
+        preprocess = dict(meta["preprocess"])
+        if isinstance(preprocess.get("domain"), str):  # a mask file the artifact holds and its manifest lists
+            if preprocess["domain"] not in meta["files"]:
+                raise ValueError(f"the domain mask {preprocess['domain']!r} is not a file of the artifact")
+            preprocess["domain"] = str(_member(root, preprocess["domain"], source, "preprocess.domain"))
+        preprocess = PreprocessParams.from_dict(preprocess)
+    model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params)
+    with _checked(source, "thresholds"):
+        model.set_params(thresholds={key: value for key, value in meta["thresholds"].items() if key != "estimates"})
+    with _checked(source, "batch_size"):
+        if meta["batch_size"] is None:  # None would mean 'unchanged' to set_params
+            raise TypeError("batch_size must be an integer >= 1, got None")
+        model.set_params(batch_size=meta["batch_size"])
+    return model
+
+
+def _load_backbone(spec: Mapping[str, Any], file: Path):
+    """The backbone with the stored parameters. Its structure is built as shapes only and checked
+    against the file first, so an absurd width in model.json cannot allocate more than the file holds."""
+    from flax import nnx
+
+    from anomax.backbones import Backbone
+    from anomax.registry import BACKBONES
+
+    spec = _exactly(spec, ("name", "taps", "width_multiplier", "weights_sha256", "weights_file"))
+    registered = BACKBONES.get(spec["name"])
+    width = spec["width_multiplier"]
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < float("inf"):
+        raise ValueError(f"width_multiplier must be a number > 0, got {width!r}")
+    if not all(value is None or isinstance(value, str) for value in (spec["weights_sha256"], spec["weights_file"])):
+        raise TypeError("weights_sha256 and weights_file must be strings or null")
+    network = nnx.eval_shape(lambda: registered.network(width_multiplier=width, rngs=nnx.Rngs(0)))
+    arrays = _read_arrays(file)
+    try:
+        nnx.update(network, unflatten_arrays(nnx.state(network), arrays, file))
+    except ArtifactError as error:
+        raise ValueError(f"{spec['name']} with width_multiplier {width} does not fit the stored arrays: "
+                         f"{error}") from None
+    return Backbone(spec["name"], network, spec["taps"], registered.requirements, spec["weights_sha256"], width)
+
+
+def _exactly(values: Any, keys: Sequence[str]) -> Mapping[str, Any]:
+    """``values``, a JSON object with exactly ``keys``."""
+    if not isinstance(values, dict):
+        raise TypeError(f"expected an object with keys {list(keys)}, got {values!r}")
+    missing, unknown = [k for k in keys if k not in values], sorted(set(values) - set(keys))
+    if missing:
+        raise KeyError(missing[0])
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; known: {list(keys)}")
+    return values
+
+
+@contextlib.contextmanager
+def _checked(source: Path, key: str | None = None) -> Iterator[None]:
+    """Any invalid value met in the block becomes an ArtifactError naming ``source`` and ``key``."""
+    where = f"{source}: '{key}'" if key else str(source)
+    try:
+        yield
+    except KeyError as error:
+        missing = f"{key}.{error.args[0]}" if key else error.args[0]
+        raise ArtifactError(f"{source}: '{missing}' is missing; the artifact is incomplete or was modified "
+                            f"— save the model again") from None
+    except (ConfigError, TypeError, ValueError, AttributeError, OverflowError) as error:
+        raise ArtifactError(f"{where} is invalid: {error}; the artifact was modified or written by an "
+                            f"incompatible anomax — save the model again") from None
 
 
 # HALCON's names.
@@ -277,15 +427,8 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
     exported = export.export(jax.jit(infer), platforms=platforms)(shapes, images)
     function = np.frombuffer(exported.serialize(), np.uint8)
     target = Path(path)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(staging, "wb") as file:
-            np.savez(file, **{EXPORTED_FUNCTION: function}, **flat)
-        _fsync(staging)
-        staging.replace(target)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    with writing(target) as temporary, open(temporary, "wb") as file:
+        np.savez(file, **{EXPORTED_FUNCTION: function}, **flat)
     return target
 
 

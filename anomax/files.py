@@ -1,21 +1,29 @@
-"""File helpers every writer and reader of the project shares: content hashes and atomic writes.
+"""File helpers every writer and reader of the project shares: content hashes, atomic writes, locks.
 
 An output is either complete or absent: each write goes to a temporary sibling that is
 fsynced and renamed over the target, so a kill or a full disk never leaves half a file.
 OS failures (disk full, read-only directory, permission) become an ``OutputError`` that
-names the path.
+names the path. A run directory belongs to one run (``claim_run_dir``).
+
+Locks are ``flock`` locks: the kernel drops them when their process dies, so a killed run
+never leaves a stale lock behind (POSIX only).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from anomax.errors import OutputError
+
+log = logging.getLogger("anomax")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -37,20 +45,31 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
+def output_errors(path: str | os.PathLike) -> Iterator[None]:
+    """OS errors raised in the block (disk full, read-only directory, permission) become an
+    OutputError that names ``path``, the output being written."""
+    try:
+        yield
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+        raise OutputError(f"cannot write {path}: {error.strerror or error}{where}; check free disk space and "
+                          f"permissions of {Path(path).parent}") from error
+
+
+@contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it replaces ``path`` atomically.
     On any failure the temporary file is removed and OS errors are re-raised as OutputError."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield temporary
-        fsync_path(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}; check free disk space and "
-                          f"permissions of {path.parent}") from error
+        with output_errors(path):
+            yield temporary
+            fsync_path(temporary)
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never there, or the directory itself is unusable
+            temporary.unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -66,3 +85,64 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, value: Any, default: Callable[[Any], Any] | None = None) -> Path:
     """JSON (indent 1, no NaN) written atomically."""
     return write_text_atomic(path, json.dumps(value, indent=1, allow_nan=False, default=default) + "\n")
+
+
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # e.g. Lustre or NFS mounted without locking
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (an existing file or directory) for the block.
+    wait=False: raise BlockingIOError at once if another process, or another open of it, holds it.
+    On a file system without locks the block runs unlocked, with a warning."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as error:
+            if error.errno not in NO_LOCKS:
+                raise
+            log.warning("%s: the file system does not support locks; nothing guards against a concurrent writer",
+                        path)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+RUN_LOCK = ".anomax-run.lock"
+
+
+def _before_the_run(entry: Path) -> bool:
+    """What may be in a run directory before the run starts: Hydra writes .hydra/ and the
+    job's log (train.log) before it calls the task, and a crashed run leaves its lock."""
+    return entry.name in (".hydra", RUN_LOCK) or (entry.suffix == ".log" and entry.is_file())
+
+
+@contextlib.contextmanager
+def claim_run_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Create the run directory ``path`` and hold it for one run; yields its absolute path.
+
+    A second run into the same directory fails at once while this one holds it, and a directory
+    that already holds another run's outputs (or anything else of the user's) is refused, naming
+    what is there: runs never overwrite or mix with each other's files.
+    """
+    run_dir = Path(path).absolute()
+    lock = run_dir / RUN_LOCK
+    with output_errors(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(locked(lock, wait=False))
+        except BlockingIOError:
+            owner = lock.read_text().strip() or "unknown"
+            raise OutputError(f"{run_dir} is in use by another anomax run (pid {owner}); give this run its own "
+                              f"directory (hydra.run.dir=...) or wait for that one to finish") from None
+        found = sorted(entry.name for entry in run_dir.iterdir() if not _before_the_run(entry))
+        if found:
+            raise OutputError(f"{run_dir} already holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}: "
+                              f"a run writes only into a new or empty directory; choose another hydra.run.dir "
+                              f"or move those files away")
+        with output_errors(lock):
+            lock.write_text(f"{os.getpid()}\n")  # who holds it, for a second run's message
+        yield run_dir

@@ -1,6 +1,9 @@
 """Model artifacts: bit-identical round trips, clear errors on damage, atomic writes, exported StableHLO."""
+import errno
 import importlib.util
 import json
+import re
+import os
 import shutil
 import subprocess
 import sys
@@ -13,12 +16,14 @@ import pytest
 import anomax
 from anomax import artifact
 from anomax.backbones import backbone_requirements, build_backbone
-from anomax.errors import ArtifactError, ConfigError
+from anomax.errors import ArtifactError, ConfigError, OutputError
+from anomax.files import sha256_file
 from anomax.evaluation.thresholds import AnomalyThresholds
 from anomax.features import FeatureAdaptor
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param
 from PIL import Image
+from safetensors import SafetensorError
 from anomax.registry import HEADS
 
 SIZE = 64
@@ -26,8 +31,9 @@ HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: both projection kinds get s
     "padim": ({"eps": 0.01}, {"pool_size": 1, "projection_dim": 16, "projection": "subset"}),
     "patchcore": ({"coreset_size": 32, "projection_dim": None, "num_neighbors": 3},
                   {"projection_dim": 16, "projection": "random"}),
-    "student": ({"complexity": 4, "train": {"max_num_epochs": 1, "batch_size": 4}}, {"projection_dim": 8}),
+    "student": ({"complexity": 4}, {"projection_dim": 8}),
 }
+TRAIN = {"max_num_epochs": 1, "batch_size": 4}  # for trained heads
 ESTIMATES = AnomalyThresholds(1.5, 2.0, 3.0, 2.5, 2.6, None, "validation", 4.0, 5, 3)
 
 
@@ -43,7 +49,7 @@ def fitted_model(head_name: str) -> AnomalyModel:
     model = AnomalyModel(preprocess, backbone, adaptor, HEADS.get(head_name)(**hyperparams), batch_size=4)
     images = np.random.default_rng(0).normal(size=(8, SIZE, SIZE, 3)).astype(np.float32)
     features = model._features(backbone.params, model.adaptor_params, images)
-    model.head.fit([{"image": images, "features": features, "valid": np.ones(8, bool)}])
+    model.head.fit([{"image": images, "features": features, "valid": np.ones(8, bool)}], train=TRAIN)
     model.thresholds = {"segmentation": 2.0, "classification": 2.5}
     return model
 
@@ -85,7 +91,8 @@ def test_layout_metadata_and_checksums(padim):
     manifest = json.loads((path / "manifest.json").read_text())
     assert sorted(p.name for p in path.iterdir()) == sorted([*manifest["files"], "manifest.json"])
     assert set(manifest["files"]) == set(artifact.REQUIRED_FILES)
-    assert manifest["format_version"] == artifact.FORMAT_VERSION and manifest["anomax_version"] == anomax.__version__
+    assert manifest["format"] == "anomax-model" and manifest["format_version"] == artifact.FORMAT_VERSION
+    assert manifest["anomax_version"] == anomax.__version__
     meta = artifact.read_metadata(path)
     assert meta["config"] == {"model": {"head": {"name": "padim"}}, "seed": 0}
     assert AnomalyThresholds.from_dict(meta["thresholds"]["estimates"]) == ESTIMATES
@@ -109,7 +116,7 @@ def test_truncated_file_is_reported(copy):
         anomax.load_model(copy)
     # Even with a manifest that agrees (e.g. truncated before hashing), the reader says so.
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"]["backbone.safetensors"] = artifact._sha256(file)
+    manifest["files"]["backbone.safetensors"] = sha256_file(file)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"backbone\.safetensors is not a complete safetensors file"):
         anomax.load_model(copy)
@@ -135,15 +142,15 @@ def test_crash_mid_save_leaves_nothing_loadable(padim, tmp_path, monkeypatch):
     target = tmp_path / "model"
 
     def failing_save(*args, **kwargs):
-        raise OSError("disk full")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
     monkeypatch.setattr(artifact, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=f"cannot write {target}: .*StorageFull"):
         anomax.write_dl_model(model, target)
     assert list(tmp_path.iterdir()) == []
     # Overwriting: the old artifact stays whole when the new save crashes.
     old = Path(shutil.copytree(existing, target))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="StorageFull"):
         anomax.save_model(model, old, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     artifact.read_metadata(old)
@@ -151,13 +158,107 @@ def test_crash_mid_save_leaves_nothing_loadable(padim, tmp_path, monkeypatch):
 
 def test_overwrite_only_when_asked(padim, copy):
     model, _ = padim
-    with pytest.raises(ArtifactError, match="already exists; pass overwrite=True"):
+    with pytest.raises(OutputError, match="already exists; pass overwrite=True"):
         anomax.save_model(model, copy)
-    (copy / "stale.txt").write_text("from before")
+    before = (copy / "manifest.json").stat().st_mtime_ns
     anomax.save_model(model, copy, overwrite=True)
-    assert not (copy / "stale.txt").exists()
+    assert (copy / "manifest.json").stat().st_mtime_ns != before, "a new artifact replaced the old one"
     assert not list(copy.parent.glob(".copy*"))
     artifact.read_metadata(copy)
+
+
+@pytest.mark.parametrize("content", [{"notes.md": "my notes"}, {"manifest.json": '{"files": {}}', "a.txt": "x"}])
+def test_overwrite_never_deletes_a_folder_that_is_not_an_artifact(padim, tmp_path, content):
+    """A user's folder at the target (even one with some manifest.json) survives overwrite=True."""
+    folder = tmp_path / "userdata"
+    folder.mkdir()
+    for name, text in content.items():
+        (folder / name).write_text(text)
+    with pytest.raises(OutputError, match=f"refusing to replace {folder}: it is not an anomax model artifact"):
+        anomax.save_model(padim[0], folder, overwrite=True)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == content
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(OutputError, match="refusing to replace .*file: it is not an anomax model artifact"):
+        anomax.save_model(padim[0], tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "userdata"]
+
+
+def test_overwrite_refuses_an_artifact_holding_other_files(padim, copy):
+    (copy / "notes.md").write_text("mine")
+    with pytest.raises(OutputError, match=r"refusing to replace .*copy: besides the artifact it holds notes\.md"):
+        anomax.save_model(padim[0], copy, overwrite=True)
+    assert (copy / "notes.md").read_text() == "mine"
+    artifact.read_metadata(copy)
+
+
+def _kill_mid_swap(path: Path) -> tuple[str, Path]:
+    """The state a kill between the swap's two renames leaves: the artifact moved aside, a complete new
+    one still in staging, nothing at ``path``. Returns the old manifest and the staging directory."""
+    manifest = (path / "manifest.json").read_text()
+    staging = Path(shutil.copytree(path, path.with_name(f".{path.name}.tmp-0123")))
+    (staging / "head.safetensors").write_bytes(b"a newer, different head")
+    path.rename(path.with_name(f".{path.name}.old-4567"))
+    return manifest, staging
+
+
+def test_a_swap_killed_midway_is_undone_by_the_next_load(copy):
+    manifest, staging = _kill_mid_swap(copy)
+    anomax.load_model(copy)
+    assert (copy / "manifest.json").read_text() == manifest, "the old artifact is back in place"
+    assert [p.name for p in copy.parent.iterdir()] == ["copy"], "staging and moved-aside copies are removed"
+
+
+def test_a_swap_killed_midway_is_undone_by_the_next_save(padim, copy):
+    _kill_mid_swap(copy)
+    with pytest.raises(OutputError, match="already exists"):  # the restored artifact is not silently replaced
+        anomax.save_model(padim[0], copy)
+    assert [p.name for p in copy.parent.iterdir()] == ["copy"]
+    artifact.read_metadata(copy)
+
+
+def test_stale_copies_are_removed_by_the_next_save(padim, copy):
+    (copy.parent / ".copy.tmp-89ab").mkdir()
+    shutil.copytree(copy, copy.parent / ".copy.old-cdef")
+    (copy.parent / ".copyright.tmp-1").mkdir()  # another target's: not touched
+    anomax.save_model(padim[0], copy, overwrite=True)
+    assert sorted(p.name for p in copy.parent.iterdir()) == [".copyright.tmp-1", "copy"]
+
+
+def test_an_error_between_the_renames_puts_the_old_artifact_back(padim, copy, monkeypatch):
+    manifest = (copy / "manifest.json").read_text()
+    rename = os.rename
+
+    def failing_rename(source, destination):
+        if ".tmp-" in Path(source).name:  # the staging directory's move into place
+            raise OSError(errno.EIO, "Input/output error")
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OutputError, match=f"cannot write {copy}: Input/output error"):
+        anomax.save_model(padim[0], copy, overwrite=True)
+    assert [p.name for p in copy.parent.iterdir()] == ["copy"]
+    assert (copy / "manifest.json").read_text() == manifest
+    artifact.read_metadata(copy)
+
+
+def test_unwritable_directory_is_an_output_error(padim, tmp_path, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)  # what a read-only directory does to the save
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'model'}: Permission denied"):
+        anomax.save_model(padim[0], tmp_path / "model")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_is_an_output_error(padim, tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'model'}: Permission denied"):
+            anomax.save_model(padim[0], tmp_path / "model")
+    finally:
+        tmp_path.chmod(0o700)
 
 
 def test_runtime_params(padim):
@@ -242,3 +343,83 @@ def test_config_must_be_json(padim, tmp_path):
     with pytest.raises(ConfigError, match="config must be plain JSON"):
         anomax.save_model(padim[0], tmp_path / "model", config={"path": Path("x")})
     assert not (tmp_path / "model").exists()
+
+
+# ---- a modified artifact whose manifest was rehashed: the loader still validates what it reads ----------
+MJ = r"model\.json: "
+
+
+def _rehashed(path: Path, name: str, edit) -> None:
+    """Apply ``edit`` to the JSON file ``name`` and update its sha256 in the manifest, as an attacker would."""
+    data = json.loads((path / name).read_text())
+    edit(data)
+    (path / name).write_text(json.dumps(data))
+    if name != "manifest.json":
+        _rehashed(path, "manifest.json", lambda manifest: manifest["files"].update({name: sha256_file(path / name)}))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["thresholds"].update(classification=float("nan")), MJ + r"'thresholds' is invalid: .*finite"),
+    (lambda m: m["thresholds"].update(segmentation="2.0"), MJ + r"'thresholds' is invalid"),
+    (lambda m: m["thresholds"].pop("segmentation"), MJ + r"'thresholds' is invalid"),
+    (lambda m: m.pop("batch_size"), MJ + r"'batch_size' is missing"),
+    (lambda m: m.update(batch_size=0), MJ + r"'batch_size' is invalid: .*integer >= 1"),
+    (lambda m: m.update(batch_size=None), MJ + r"'batch_size' is invalid"),
+    (lambda m: m.update(extra=1), r"model\.json is invalid: unknown key\(s\) \['extra'\]"),
+    (lambda m: m["head"].update(name="nohead"), MJ + r"'head' is invalid: unknown head 'nohead'"),
+    (lambda m: m["head"].pop("hyperparams"), MJ + r"'head\.hyperparams' is missing"),
+    (lambda m: m["head"]["hyperparams"].update(eps="big"), MJ + r"'head' is invalid: .*eps"),
+    (lambda m: m["head"]["hyperparams"].update(unknown=1), MJ + r"'head' is invalid: .*unknown"),
+    (lambda m: m["backbone"].update(name="nonet"), MJ + r"'backbone' is invalid: unknown backbone 'nonet'"),
+    (lambda m: m["backbone"].update(width_multiplier=1e9),  # checked against the file, not allocated
+     MJ + r"'backbone' is invalid: resnet18 with width_multiplier 1000000000.0 does not fit the stored arrays"),
+    (lambda m: m["backbone"].update(width_multiplier="wide"), MJ + r"'backbone' is invalid: width_multiplier"),
+    (lambda m: m["backbone"].update(width_multiplier=-1.0), MJ + r"'backbone' is invalid: width_multiplier"),
+    (lambda m: m["backbone"].update(taps=["nope"]), MJ + r"'backbone' is invalid: .*nope"),
+    (lambda m: m["adaptor"].update(projection_dim=3), r"adaptor\.safetensors: .* has shape"),
+    (lambda m: m["adaptor"].update(pool_size=2), MJ + r"'adaptor' is invalid: .*pool_size"),
+    (lambda m: m.update(preprocess=[1, 2]), MJ + r"'preprocess' is invalid"),
+    (lambda m: m["preprocess"].update(width=-5), MJ + r"'preprocess' is invalid: .*width"),
+    (lambda m: m["preprocess"].update(colour="red"),
+     MJ + r"'preprocess' is invalid: unknown key\(s\) preprocess\.colour"),
+], ids=["nan-threshold", "string-threshold", "one-threshold", "no-batch-size", "batch-size-0",
+    "batch-size-null", "unknown-key", "unknown-head", "no-hyperparams", "string-eps", "unknown-hyperparam",
+    "unknown-backbone", "absurd-width", "string-width", "negative-width", "unknown-tap", "projection-dim",
+    "even-pool-size", "preprocess-list", "negative-image-width", "unknown-preprocess-key"])
+def test_loader_validates_a_rehashed_model_json(copy, edit, message):
+    _rehashed(copy, "model.json", edit)
+    with pytest.raises(ArtifactError, match=message):
+        anomax.load_model(copy)
+
+
+@pytest.mark.parametrize("version", [0, -7, True, "2", 1.5, None])
+def test_format_version_must_be_a_known_integer(copy, version):
+    _rehashed(copy, "manifest.json", lambda manifest: manifest.update(format_version=version))
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: 'format_version' must be an integer >= 1, got "
+                                            rf"{re.escape(repr(version))}"):
+        anomax.load_model(copy)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "sub/file", ".."])
+def test_manifest_entries_outside_the_artifact_are_refused(copy, name):
+    _rehashed(copy, "manifest.json", lambda manifest: manifest["files"].update({name: "0" * 64}))
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: 'files\.{re.escape(name)}' names .* not a file name "
+                                            r"inside the artifact"):
+        anomax.load_model(copy)
+
+
+def test_links_leaving_the_artifact_are_refused(copy, tmp_path):
+    (tmp_path / "outside.txt").write_text("not the artifact's")
+    (copy / "notes.txt").symlink_to(tmp_path / "outside.txt")
+    _rehashed(copy, "manifest.json", lambda manifest: manifest["files"].update(
+        {"notes.txt": sha256_file(tmp_path / "outside.txt")}))
+    with pytest.raises(ArtifactError, match=r"'files\.notes\.txt' names .*notes\.txt, a link that leaves"):
+        anomax.load_model(copy)
+
+
+@pytest.mark.parametrize("domain", ["../roi.png", "ROI", "/etc/hostname"])
+def test_domain_mask_outside_the_artifact_is_refused(copy, tmp_path, domain):
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "roi.png")
+    _rehashed(copy, "model.json", lambda m: m["preprocess"].update(domain_handling="keep_domain", domain=domain))
+    with pytest.raises(ArtifactError, match=r"model\.json: 'preprocess.*domain"):
+        anomax.load_model(copy)

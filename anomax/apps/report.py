@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import logging
 import statistics
 import sys
 from pathlib import Path
@@ -12,21 +14,37 @@ from typing import Any
 import yaml
 
 from anomax.errors import AnomaxError, DatasetError
+from anomax.files import write_text_atomic
+
+log = logging.getLogger("anomax")
 
 METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupro")
 
 
 def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
-    """One row per finished run under the sweep directories: its overrides, summary metrics and fit time."""
+    """One row per finished run under the sweep directories: its overrides, summary metrics and fit time.
+    A run whose metrics.json or overrides cannot be read (e.g. truncated by a full disk) is skipped
+    with a warning naming the file."""
     rows = []
     for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"))]:
         run_dir = metrics_file.parent
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        record = json.loads(metrics_file.read_text())
-        params = dict(item.split("=", 1) for item in overrides or [] if not item.startswith("hydra."))
-        rows.append({"run": str(run_dir.relative_to(sweep_dir)), "params": params,
-                     "metrics": {**record["summary"], "fit_s": record["timings"]["fit_s"]}})
+        try:
+            record = json.loads(metrics_file.read_text())
+            metrics = {**record["summary"], "fit_s": record["timings"]["fit_s"]}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            log.warning("skipping %s: not readable JSON (%s)", metrics_file, error)
+            continue
+        except (KeyError, TypeError) as error:
+            log.warning("skipping %s: not a training run's metrics (no %s)", metrics_file, error)
+            continue
+        try:
+            overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+            params = dict(item.split("=", 1) for item in overrides or [] if not item.startswith("hydra."))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError) as error:
+            log.warning("skipping %s: its overrides %s are unreadable (%s)", run_dir, overrides_file, error)
+            continue
+        rows.append({"run": str(run_dir.relative_to(sweep_dir)), "params": params, "metrics": metrics})
     if not rows:
         raise DatasetError(f"no finished runs (metrics.json) under {', '.join(map(str, sweep_dirs))}; "
                            "is it a multirun directory?")
@@ -65,9 +83,10 @@ def _cell(values: list[float | None], grouped: bool, spec: str) -> str:
 def write_tables(out_dir: str | Path, header: list[str], table: list[list[str]]) -> str:
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(row) + " |" for row in table)]) + "\n"
-    (Path(out_dir) / "report.md").write_text(markdown)
-    with open(Path(out_dir) / "report.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([header, *table])
+    comma_separated = io.StringIO(newline="")
+    csv.writer(comma_separated).writerows([header, *table])
+    write_text_atomic(Path(out_dir) / "report.md", markdown)
+    write_text_atomic(Path(out_dir) / "report.csv", comma_separated.getvalue())
     return markdown
 
 
@@ -76,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dirs", nargs="+", help="multirun directories, e.g. multirun/2026-11-28_12-00-00")
     parser.add_argument("--out", help="where report.md and report.csv go (default: the first sweep directory)")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="anomax-report: warning: %(message)s", level=logging.WARNING)
     try:
         header, table = summarise(read_runs(*args.sweep_dirs))
         print(write_tables(args.out or args.sweep_dirs[0], header, table), end="")

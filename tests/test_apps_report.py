@@ -1,0 +1,52 @@
+"""anomax-report over a sweep with damaged runs: each is skipped with a warning, the table is still written."""
+import json
+import logging
+
+import pytest
+
+from anomax.apps import report
+
+
+def finished_run(run_dir, head: str, auroc: float) -> None:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(f"- model/head={head}\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"summary": {"image_auroc": auroc}, "timings": {"fit_s": 1.0}}))
+
+
+def test_unreadable_runs_are_skipped_with_a_warning(tmp_path, capsys, caplog):
+    finished_run(tmp_path / "0", "padim", 0.9)
+    finished_run(tmp_path / "1", "patchcore", 0.8)
+    text = (tmp_path / "1" / "metrics.json").read_text()
+    (tmp_path / "1" / "metrics.json").write_text(text[:20])  # the disk filled up mid-write
+    finished_run(tmp_path / "2", "student", 0.7)
+    (tmp_path / "2" / "metrics.json").write_text(json.dumps({"image": {"auroc": 0.7}}))  # not a training run's
+    finished_run(tmp_path / "3", "fastflow", 0.6)
+    (tmp_path / "3" / "metrics.json").write_bytes(b"\xff\xfe")
+    with caplog.at_level(logging.WARNING, logger="anomax"):
+        report.main([str(tmp_path)])
+    table = (tmp_path / "report.md").read_text()
+    assert table == capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| padim"]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 3
+    for run, reason in [("1", "not readable JSON"), ("2", "'summary'"), ("3", "not readable JSON")]:
+        assert any(w.startswith(f"skipping {tmp_path / run / 'metrics.json'}: ") and reason in w for w in warnings)
+    assert (tmp_path / "report.csv").read_text().splitlines() == ["model/head,image_auroc,fit_s", "padim,0.9000,1.0"]
+
+
+def test_no_readable_run_is_an_error(tmp_path, capsys):
+    finished_run(tmp_path / "0", "padim", 0.9)
+    (tmp_path / "0" / "metrics.json").write_text("{")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    finished_run(tmp_path / "sweep" / "0", "padim", 0.9)
+    (tmp_path / "out").write_text("a file, not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"cannot write {tmp_path / 'out' / 'report.md'}: Not a directory" in capsys.readouterr().err
