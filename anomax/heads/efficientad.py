@@ -1,0 +1,305 @@
+"""EfficientAD (Batzner et al., WACV 2024): a local student-teacher pair plus a global autoencoder.
+
+Three small networks on the image, none of them the big backbone at inference:
+
+- the teacher, a patch description network (PDN) distilled from the frozen backbone's
+  adapted features on the training images (and, optionally, a folder of generic images);
+- the student, the same PDN with twice the output channels. Its first half regresses the
+  teacher with the hard-feature loss (only the errors above their q-quantile count), so it
+  stays poor wherever the image is unlike the training set: the local map;
+- the autoencoder, which rebuilds the teacher's output from the whole image through a small
+  latent vector, so it knows the typical layout but not the detail. The student's second
+  half learns to predict the autoencoder; where they disagree a part is missing, extra or
+  swapped though each patch looks normal: the global map (HALCON's global context).
+
+Each map is normalised so that its 0.9 quantile on good validation images is 0 and its 0.995
+quantile is 0.1; the combined map is their mean.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, ClassVar, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from anomax import training
+from anomax.errors import ArtifactError, DatasetError, InputError
+from anomax.heads._base import Head, HeadConfig
+from anomax.heads._pdn import PDN, AutoEncoder
+from anomax.registry import HEADS
+from anomax.settings import Literal, setting
+from anomax.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STRIDES = (4, 8, 16)
+BRANCHES = ("local", "global")
+# EfficientAD's map normalisation: these validation quantiles go to 0 and 0.1.
+QUANTILES = (0.9, 0.995)
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientADConfig(HeadConfig):
+    """size: the PDN of the paper, 'small' or 'medium'. width: the PDN's first-layer channels
+    (the paper's 128; cost grows with width²). ae_width, latent: the autoencoder's first-layer
+    channels and bottleneck length. hard_quantile: q of the hard-feature loss.
+    distill_epochs, distill_learning_rate: the teacher's own budget (Adam, cosine decay).
+    distill_images: a folder of generic images the teacher also learns from (null: the
+    training images only). holdout: fraction of the training images kept back for the map
+    quantiles when the model has no validation split."""
+
+    size: Literal["small", "medium"] = "small"
+    width: int = setting(16, ge=1)
+    ae_width: int = setting(16, ge=1)
+    latent: int = setting(64, ge=1)
+    hard_quantile: float = setting(0.999, ge=0, lt=1)
+    distill_epochs: int = setting(10, ge=1)
+    distill_learning_rate: float = setting(0.002, gt=0)
+    distill_images: str | None = None
+    holdout: float = setting(0.1, gt=0, lt=1)
+
+
+# ---- losses and normalisation (pure, tested against numpy) --------------------------------
+
+def hard_feature_loss(squared_errors: jax.Array, q: float) -> jax.Array:
+    """EfficientAD's L_hard: the mean of the elements of ``squared_errors`` at or above their
+    q-quantile (q=0 is the plain mean)."""
+    hard = squared_errors >= jnp.quantile(squared_errors, q)
+    return jnp.sum(jnp.where(hard, squared_errors, 0.0)) / jnp.sum(hard)
+
+
+def hard_feature_errors(squared_errors: jax.Array, q: float) -> jax.Array:
+    """(B, h, w, C) -> (B, h, w): each position's share of L_hard, scaled so that their mean
+    over all positions is exactly ``hard_feature_loss`` (the training loop averages positions)."""
+    hard = squared_errors >= jnp.quantile(squared_errors, q)
+    positions = math.prod(squared_errors.shape[:-1])
+    return jnp.sum(jnp.where(hard, squared_errors, 0.0), axis=-1) * (positions / jnp.sum(hard))
+
+
+def map_quantiles(maps: np.ndarray) -> np.ndarray:
+    """The (0.9, 0.995) quantiles of all values of good images' maps, float32 (2,)."""
+    return np.quantile(np.asarray(maps, np.float64), QUANTILES).astype(np.float32)
+
+
+def normalise(maps: jax.Array, quantiles: jax.Array) -> jax.Array:
+    """Affine: quantiles[0] -> 0, quantiles[1] -> 0.1."""
+    low, high = quantiles[0], quantiles[1]
+    return 0.1 * (maps - low) / jnp.maximum(high - low, 1e-12)
+
+
+# ---- the head -------------------------------------------------------------------------------
+
+class _Layout:
+    """One network's structure without weights: graphdef, pytree layout, flat state keys."""
+
+    def __init__(self, prefix: str, make):
+        self.prefix, self.make = prefix, make  # make(rngs) -> the network
+        self.graphdef, params = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+        self.treedef = jax.tree.structure(params)
+        # to_flat_state walks the state in the same sorted order as jax.tree.leaves.
+        self.keys = [f"{prefix}/" + "/".join(map(str, path)) for path, _ in nnx.to_flat_state(params)]
+
+    def init(self, seed: int):
+        return nnx.split(self.make(nnx.Rngs(seed)))[1]
+
+    def flatten(self, params) -> dict[str, np.ndarray]:
+        return {key: np.asarray(value) for key, value in zip(self.keys, jax.tree.leaves(params))}
+
+    def params(self, state: Mapping[str, Any]):
+        return jax.tree.unflatten(self.treedef, [state[key] for key in self.keys])
+
+    def apply(self, params, images: jax.Array) -> jax.Array:
+        return nnx.merge(self.graphdef, params)(images)
+
+
+@HEADS.register("efficientad")
+class EfficientAD(Head):
+    name = "efficientad"
+    Config = EfficientADConfig
+    uses_backbone = False  # the distilled teacher replaces the backbone at inference
+    wants_validation = True  # map quantiles come from good validation images
+
+    # ---- structure ----------------------------------------------------------------------
+    def _build(self, geometry: np.ndarray) -> None:
+        """Networks for images (H, W, C) and teacher features of D channels at stride s."""
+        height, width, channels, dim, stride = (int(v) for v in geometry)
+        grid = (height // stride, width // stride)
+        config = self.config
+        pdn = dict(size=config.size, width=config.width, stride=stride)
+        self._geometry = np.asarray(geometry, np.int32)
+        self._teacher = _Layout("teacher", lambda rngs: PDN(channels, dim, **pdn, rngs=rngs))
+        self._student = _Layout("student", lambda rngs: PDN(channels, 2 * dim, **pdn, rngs=rngs))
+        self._ae = _Layout("autoencoder", lambda rngs: AutoEncoder(channels, dim, image_hw=(height, width),
+                                                                   grid_hw=grid, width=config.ae_width,
+                                                                   latent=config.latent, rngs=rngs))
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (*self._teacher.keys, *self._student.keys, *self._ae.keys, "teacher_mean", "teacher_std",
+                "quantiles_local", "quantiles_global", "geometry")
+
+    @classmethod
+    def from_state(cls, hyperparams: Mapping[str, Any], state: Mapping[str, Any]) -> EfficientAD:
+        head = cls(cls.Config.from_dict(hyperparams))
+        if "geometry" not in state:
+            raise ArtifactError("the efficientad head state lacks 'geometry'; the artifact is incomplete — re-train")
+        head._build(np.asarray(state["geometry"]))
+        missing = sorted(set(head.state_keys) - set(state))
+        if missing:
+            raise ArtifactError(f"the efficientad head state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                                "the artifact is incomplete or from other settings — re-train")
+        head._state = {key: np.asarray(state[key]) for key in head.state_keys}
+        return head
+
+    # ---- maps ---------------------------------------------------------------------------
+    def _raw_maps(self, state: Mapping[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Unnormalised (B, h, w) local and global maps."""
+        teacher = (self._teacher.apply(self._teacher.params(state), images) - state["teacher_mean"]) / state["teacher_std"]
+        student = self._student.apply(self._student.params(state), images)
+        autoencoder = self._ae.apply(self._ae.params(state), images)
+        dim = teacher.shape[-1]
+        local = jnp.mean(jnp.square(teacher - student[..., :dim]), axis=-1)
+        global_ = jnp.mean(jnp.square(autoencoder - student[..., dim:]), axis=-1)
+        return local, global_
+
+    def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None = None,
+              mesh=None) -> dict[str, jax.Array]:
+        """Pure: combined, local and global maps (B, H, W) and their maxima as image scores."""
+        local, global_ = self._raw_maps(state, images)
+        local = normalise(local, state["quantiles_local"])
+        global_ = normalise(global_, state["quantiles_global"])
+        out = {}
+        for suffix, patch_scores in (("", 0.5 * (local + global_)), ("_local", local), ("_global", global_)):
+            anomaly_image = self.anomaly_map(patch_scores, images.shape[1:3])
+            out[f"anomaly_image{suffix}"] = anomaly_image
+            out[f"anomaly_score{suffix}"] = anomaly_image.max(axis=(1, 2))
+        return out
+
+    # ---- fit ----------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None,
+            validation: Iterable[Mapping[str, Any]] | None = None,
+            distill: Iterable[Mapping[str, Any]] | None = None, progress: bool = False) -> dict[str, Any]:
+        """Distil the teacher, train student and autoencoder (``train``: HALCON's parameters),
+        then take the map quantiles on ``validation`` (good images) or, without it, on a
+        held-out part of the training images. ``distill``: extra batches {'image', 'features'}
+        of generic images (the model reads ``distill_images`` into them) for the teacher only."""
+        config, train = self.config, train or TrainConfig()
+        images, features = _collect(batches, "the training split", progress, need_features=True)
+        height, width = images.shape[1:3]
+        stride = height // features.shape[1]
+        if stride not in STRIDES or features.shape[1:3] != (height // stride, width // stride):
+            raise InputError(f"efficientad needs teacher features {STRIDES} times smaller than the image, got "
+                             f"image {height}x{width} and features {features.shape[1]}x{features.shape[2]}; "
+                             "choose adaptor taps of stride 4, 8 or 16 and an image size that is a multiple of it")
+        self._build(np.array([height, width, images.shape[3], features.shape[3], stride]))
+
+        if validation is None:
+            order = np.random.default_rng(train.seed).permutation(len(images))
+            keep = max(1, round(config.holdout * len(images)))
+            if len(images) - keep < 1:
+                raise DatasetError(f"efficientad needs at least 2 training images to hold some out for the map "
+                                   f"quantiles, got {len(images)}; add images or a validation split")
+            held, order = np.sort(order[:keep]), np.sort(order[keep:])
+            val_images, images, features = images[held], images[order], features[order]
+            quantile_source = f"{keep} training images held out (no validation split)"
+        else:
+            val_images, _ = _collect(validation, "the validation split", progress, need_features=False)
+            quantile_source = f"{len(val_images)} validation images"
+
+        teacher_params, distill_info = self._distil(images, features, distill, train, progress)
+        state = self._teacher.flatten(teacher_params)
+        teacher_out = _batched(jax.jit(self._teacher.apply), teacher_params, images, train.batch_size)
+        state["teacher_mean"] = teacher_out.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+        state["teacher_std"] = np.maximum(teacher_out.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
+        targets = (teacher_out - state["teacher_mean"]) / state["teacher_std"]
+        del teacher_out
+
+        params = {"student": self._student.init(train.seed + 1), "autoencoder": self._ae.init(train.seed + 2)}
+        q = config.hard_quantile
+
+        def error_fn(params, images, targets):
+            dim = targets.shape[-1]
+            student = self._student.apply(params["student"], images)
+            autoencoder = self._ae.apply(params["autoencoder"], images)
+            hard = hard_feature_errors(jnp.square(targets - student[..., :dim]), q)
+            reconstruction = jnp.mean(jnp.square(targets - autoencoder), axis=-1)
+            imitation = jnp.mean(jnp.square(autoencoder - student[..., dim:]), axis=-1)
+            return hard + reconstruction + imitation
+
+        params, info = training.train(error_fn, params, images, targets, train,
+                                      desc="train efficientad student+autoencoder", progress=progress)
+        _log_epochs("student+autoencoder", info["log"])
+        state.update(self._student.flatten(params["student"]))
+        state.update(self._ae.flatten(params["autoencoder"]))
+        state["geometry"] = self._geometry
+
+        raw = jax.jit(self._raw_maps)
+        maps = [raw(state, val_images[i:i + train.batch_size]) for i in range(0, len(val_images), train.batch_size)]
+        for index, branch in enumerate(BRANCHES):
+            state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index]) for m in maps]))
+        self._state = state
+        return {**info, "distillation": distill_info, "quantiles_from": quantile_source,
+                "num_train_images": len(images)}
+
+    def _distil(self, images: np.ndarray, features: np.ndarray, extra, train: TrainConfig, progress: bool):
+        """The teacher regresses the standardised backbone features (training images + extra)."""
+        if extra is not None:
+            more_images, more_features = _collect(extra, "the distillation images", progress, need_features=True)
+            if more_images.shape[1:] != images.shape[1:] or more_features.shape[1:] != features.shape[1:]:
+                raise InputError(f"efficientad: distillation images {more_images.shape[1:]} / features "
+                                 f"{more_features.shape[1:]} differ from the training ones {images.shape[1:]} / "
+                                 f"{features.shape[1:]}; preprocess them the same way")
+            images, features = np.concatenate([images, more_images]), np.concatenate([features, more_features])
+        mean = features.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+        std = np.maximum(features.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
+        targets = (features - mean) / std
+
+        def error_fn(params, images, targets):
+            return jnp.mean(jnp.square(self._teacher.apply(params, images) - targets), axis=-1)
+
+        config = dataclasses.replace(train, max_num_epochs=self.config.distill_epochs, error_threshold=0.0,
+                                     domain_ratio=1.0, regularization_noise=0.0, optimizer="adam",
+                                     learning_rate=self.config.distill_learning_rate, schedule="cosine")
+        params, info = training.train(error_fn, self._teacher.init(train.seed), images, targets, config,
+                                      desc="distil efficientad teacher", progress=progress)
+        _log_epochs("teacher distillation", info["log"])
+        info["num_images"] = len(images)
+        return params, info
+
+
+def _log_epochs(phase: str, epochs: list[dict[str, Any]]) -> None:
+    for entry in epochs:
+        log.info("efficientad %s epoch %d: error %.5g (%.1f s)", phase, entry["epoch"], entry["error"],
+                 entry["seconds"])
+
+
+def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn(params, images) over fixed-size chunks (the last padded), so it compiles once."""
+    outs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        outs.append(np.asarray(fn(params, padded))[: len(chunk)])
+    return np.concatenate(outs)
+
+
+def _collect(batches, what: str, progress: bool, need_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """All valid images (and features) of ``batches`` in memory: training runs many epochs on them."""
+    images, features = [], []
+    for batch in tqdm(batches, desc=f"efficientad: read {what}", unit="batch", disable=not progress):
+        if "image" not in batch or (need_features and "features" not in batch):
+            raise InputError(f"efficientad.fit: a batch of {what} needs 'image'"
+                             f"{' and features' if need_features else ''}, got {sorted(batch)}")
+        valid = np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool)), bool)
+        images.append(np.asarray(batch["image"], np.float32)[valid])
+        if need_features:
+            features.append(np.asarray(batch["features"], np.float32)[valid])
+    if not images or sum(len(x) for x in images) == 0:
+        raise DatasetError(f"efficientad.fit got no valid images in {what}")
+    return np.concatenate(images), (np.concatenate(features) if need_features else None)

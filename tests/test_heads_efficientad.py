@@ -1,0 +1,146 @@
+"""The efficientad head on tiny shapes: its loss and normalisation against numpy, the training
+protocol (HALCON's parameters, early stop, best epoch, seeds), and the maps through apply and an
+artifact round trip. The teacher target is a random-init narrow ResNet-18's adapted features."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import anomax
+from anomax.backbones import backbone_requirements, build_backbone
+from anomax.errors import ConfigError, InputError
+from anomax.features import FeatureAdaptor
+from anomax.heads.efficientad import EfficientAD, hard_feature_errors, hard_feature_loss, map_quantiles, normalise
+from anomax.model import AnomalyModel
+from anomax.preprocess.params import create_dl_preprocess_param
+from anomax.registry import HEADS
+from anomax.training import TrainConfig
+
+SIZE = 32
+HEAD = dict(width=2, ae_width=2, latent=4, distill_epochs=2, sigma=1.0)
+TRAIN = TrainConfig(max_num_epochs=4, error_threshold=0.0, domain_ratio=0.5, batch_size=4, learning_rate=0.003)
+KEYS = ("anomaly_image", "anomaly_image_local", "anomaly_image_global")
+
+
+def build_model(**head) -> AnomalyModel:
+    backbone = build_backbone("resnet18", pretrained=None, width_multiplier=0.25)
+    requirements = {k: v for k, v in backbone_requirements("resnet18").items() if k != "input_multiple"}
+    preprocess = create_dl_preprocess_param(width=SIZE, height=SIZE, **requirements)
+    adaptor = FeatureAdaptor(backbone.taps, projection_dim=8)
+    return AnomalyModel(preprocess, backbone, adaptor, EfficientAD(**{**HEAD, **head}), batch_size=4)
+
+
+MODEL = build_model()
+IMAGES = np.random.default_rng(0).normal(size=(10, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def batches(images):
+    """Fixed-shape batches like the model's: the last one padded and marked invalid."""
+    for start in range(0, len(images), 4):
+        chunk = images[start:start + 4]
+        padded = np.concatenate([chunk, np.zeros((4 - len(chunk), *chunk.shape[1:]), np.float32)])
+        features = MODEL._features(MODEL.backbone.params, MODEL.adaptor_params, padded)
+        yield {"image": padded, "features": np.asarray(features), "valid": np.arange(4) < len(chunk)}
+
+
+def fit(validation=None, **train):
+    head = EfficientAD(**HEAD)
+    info = head.fit(batches(IMAGES), train=dataclasses.replace(TRAIN, **train),
+                    validation=None if validation is None else batches(validation))
+    return head, info
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return fit()
+
+
+def test_hard_feature_loss_matches_numpy():
+    errors = np.random.default_rng(1).exponential(size=(2, 3, 4, 50)).astype(np.float32)
+    for q in (0.0, 0.5, 0.9, 0.999):
+        reference = errors[errors >= np.quantile(errors, q)].mean()
+        np.testing.assert_allclose(hard_feature_loss(jnp.asarray(errors), q), reference, rtol=1e-5)
+        # The per-position shares the training loop averages give the same loss.
+        np.testing.assert_allclose(hard_feature_errors(jnp.asarray(errors), q).mean(), reference, rtol=1e-5)
+    assert hard_feature_errors(jnp.asarray(errors), 0.9).shape == (2, 3, 4)
+
+
+def test_quantile_normalisation_on_known_maps():
+    maps = np.arange(2000, dtype=np.float32).reshape(5, 20, 20)
+    quantiles = map_quantiles(maps)
+    np.testing.assert_allclose(quantiles, [0.9 * 1999, 0.995 * 1999], rtol=1e-6)
+    normalised = np.asarray(normalise(jnp.asarray([quantiles[0], quantiles[1], 2 * quantiles[1] - quantiles[0]]),
+                                      jnp.asarray(quantiles)))
+    np.testing.assert_allclose(normalised, [0.0, 0.1, 0.2], atol=1e-6)
+
+
+def test_fit_reports_halcon_results_and_both_phases(trained):
+    head, info = trained
+    errors = [entry["error"] for entry in info["log"]]
+    assert len(errors) == 4 and info["best_error"] == min(errors) and errors[info["best_epoch"] - 1] == min(errors)
+    assert len(info["distillation"]["log"]) == 2
+    assert info["quantiles_from"].startswith("1 training images held out") and info["num_train_images"] == 9
+    quantiles = head.state["quantiles_local"]
+    assert quantiles.shape == (2,) and quantiles[0] < quantiles[1]
+
+
+def test_stops_at_error_threshold_and_is_deterministic_per_seed(trained):
+    head, info = trained
+    threshold = info["log"][1]["error"] * 1.0001  # the same trajectory reaches it in epoch 2 at the latest
+    stopped, stopped_info = fit(error_threshold=threshold)
+    assert stopped_info["best_epoch"] <= 2 and len(stopped_info["log"]) == stopped_info["best_epoch"] < 4
+    # Same seed: the same errors epoch by epoch and the same teacher, bit for bit.
+    assert [e["error"] for e in stopped_info["log"]] == [e["error"] for e in info["log"][:len(stopped_info["log"])]]
+    for key in head.state:
+        if key.startswith("teacher"):
+            np.testing.assert_array_equal(stopped.state[key], head.state[key])
+    other, other_info = fit(seed=1, max_num_epochs=1)
+    assert other_info["log"][0]["error"] != info["log"][0]["error"]
+
+
+def test_validation_images_set_the_quantiles():
+    head, info = fit(validation=IMAGES[:4], max_num_epochs=1)
+    assert info["quantiles_from"] == "4 validation images" and info["num_train_images"] == 10
+
+
+def test_score_gives_local_global_and_combined_maps(trained):
+    head, _ = trained
+    state = {key: jnp.asarray(value) for key, value in head.state.items()}
+    out = jax.jit(head.score)(state, IMAGES[:3], None)
+    for key in KEYS:
+        assert out[key].shape == (3, SIZE, SIZE)
+        np.testing.assert_allclose(out[key.replace("image", "score")], out[key].max(axis=(1, 2)))
+    # Upsampling and smoothing are linear: the combined map is the branches' mean.
+    np.testing.assert_allclose(out["anomaly_image"], 0.5 * (out["anomaly_image_local"] + out["anomaly_image_global"]),
+                               atol=1e-5)
+
+
+def test_apply_and_artifact_round_trip_are_bit_identical(trained, tmp_path):
+    model = build_model()
+    model.head = trained[0]
+    raw = list(np.random.default_rng(2).integers(0, 256, (5, SIZE + 8, SIZE, 3), dtype=np.uint8))
+    results = model.apply(raw)
+    assert len(results) == 5
+    for key in KEYS:
+        assert results[0][key].shape == (SIZE, SIZE)
+        assert isinstance(results[0][key.replace("image", "score")], float)
+    path = anomax.save_model(model, tmp_path / "model")
+    loaded = anomax.load_model(path)
+    assert loaded.head.name == "efficientad" and loaded.head.config == model.head.config
+    for before, after in zip(results, loaded.apply(raw)):
+        assert before.keys() == after.keys()
+        for key in before:
+            np.testing.assert_array_equal(before[key], after[key])
+
+
+def test_registry_and_bad_settings():
+    assert HEADS.get("efficientad") is EfficientAD
+    with pytest.raises(ConfigError, match="size"):
+        EfficientAD(size="large")
+    with pytest.raises(ConfigError, match="hard_quantile"):
+        EfficientAD(hard_quantile=1.0)
+    bad = [{"image": IMAGES[:4], "features": np.zeros((4, 5, 5, 8), np.float32)}]
+    with pytest.raises(InputError, match="times smaller"):
+        EfficientAD(**HEAD).fit(bad, train=TRAIN)
