@@ -29,7 +29,7 @@ from anomax.evaluation.metrics import auroc
 from anomax.features import AdaptorConfig, FeatureAdaptor
 from anomax.files import write_json_atomic
 from anomax.model import AnomalyModel
-from anomax.preprocess.params import create_dl_preprocess_param
+from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param
 from anomax.registry import HEADS
 from anomax.settings import Settings, setting
 from anomax.training import TrainConfig
@@ -249,15 +249,40 @@ def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir
     return pictures
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Every validated settings group of a training run."""
+
+    run: RunConfig
+    split: SplitConfig
+    preprocess: Mapping[str, Any]
+    adaptor: AdaptorConfig
+    head: Settings
+    train: TrainConfig
+    evaluate: EvaluateConfig
+
+
+def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
+    """Check every setting of a composed config; a wrong value raises ConfigError naming its key.
+    Runs before any weights or images are read (preprocess nulls are filled from the backbone later)."""
+    head_cfg = dict(cfg["model"]["head"])
+    head_cls = HEADS.get(head_cfg.pop("name"))
+    adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
+    preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
+    PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
+    return RunSettings(
+        run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
+        split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
+        head=head_cls.Config.from_dict(head_cfg), train=TrainConfig.from_dict(cfg.get("train")),
+        evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")))
+
+
 def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None) -> dict:
     """The whole workflow into ``run_dir``: dataset.json, model/, metrics.json, pictures/, index.html."""
     from anomax.artifact import save_model
 
-    # Every setting first: a wrong value fails here, before any weights or images are read.
-    run = RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()})
-    train_cfg = TrainConfig.from_dict(cfg.get("train"))
-    evaluate_cfg = EvaluateConfig.from_dict(cfg.get("evaluate"))
-    split_cfg = SplitConfig.from_dict(cfg.get("split"))
+    settings = validate_config(cfg)  # every setting first: nothing is read before they all hold
+    run, train_cfg, evaluate_cfg, split_cfg = settings.run, settings.train, settings.evaluate, settings.split
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timings = {}

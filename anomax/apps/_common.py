@@ -22,7 +22,7 @@ def load_configured_model(config: dict[str, Any]):
     from anomax.artifact import load_model
 
     model = load_model(config["model_dir"])
-    if config["batch_size"]:
+    if config["batch_size"] is not None:  # 0 is refused by set_params, not taken for "unset"
         model.set_params(batch_size=config["batch_size"])
     return model
 
@@ -33,8 +33,8 @@ def reports_errors(app: str) -> Callable:
     def wrap(task: Callable) -> Callable:
         @functools.wraps(task)
         def run(cfg: DictConfig) -> Any:
-            for noisy in ("jax", "absl"):  # backend probing and TFDS's cache notes are not the user's business
-                logging.getLogger(noisy).setLevel(logging.WARNING)
+            # Third-party warnings go to the run's log file (conf/hydra/job_logging), not the console.
+            logging.captureWarnings(True)
             try:
                 return task(cfg)
             except AnomaxError as error:

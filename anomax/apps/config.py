@@ -9,7 +9,9 @@ functions; their schemas come from their signatures.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -147,9 +149,25 @@ def register_schemas() -> None:
     store.store(group="evaluate", name="schema", node=settings_schema(EvaluateConfig, "Evaluate"))
 
 
-def _run_dir_suffix(override_dirname: str) -> str:
-    """Readable run directory names from the overrides: '_model.head-padim__seed-1' (no '/' in a name)."""
-    return f"_{override_dirname.replace('/', '.')}" if override_dirname else ""
+MAX_RUN_NAME = 80  # characters of the override part of a run directory's name
 
 
-OmegaConf.register_new_resolver("anomax_dirname", _run_dir_suffix, replace=True)
+def run_dir_suffix(overrides) -> str:
+    """A short, command-line-safe run directory suffix from the task overrides:
+    '_head-padim__seed-1'. Keys are abbreviated to their last part, path-valued overrides are left
+    out (the full list is in the run's .hydra/overrides.yaml), odd characters become '_', and a name
+    longer than MAX_RUN_NAME becomes a short hash of the overrides."""
+    parts = []
+    for override in overrides or ():
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if key.startswith("hydra") or "/" in value or value.startswith("~"):
+            continue
+        name = f"{key.replace('/', '.').rsplit('.', 1)[-1]}-{value}"
+        parts.append(re.sub(r"[^A-Za-z0-9._-]", "_", name))
+    suffix = "__".join(parts)
+    if len(suffix) > MAX_RUN_NAME:
+        suffix = "overrides-" + hashlib.sha256("\n".join(map(str, overrides)).encode()).hexdigest()[:10]
+    return f"_{suffix}" if suffix else ""
+
+
+OmegaConf.register_new_resolver("anomax_dirname", run_dir_suffix, replace=True)

@@ -1,0 +1,102 @@
+"""Every setting of every config group: a wrong value fails at composition, naming its key.
+
+Values are set the way a user does, as command-line overrides composed by Hydra; the composed
+config is then validated (anomax-train does that before it reads any weights or images).
+"""
+import dataclasses
+import typing
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from anomax.apps.config import CONF_DIR, MAX_RUN_NAME, register_schemas, run_dir_suffix
+from anomax.errors import ConfigError
+from anomax.evaluation.config import EvaluateConfig
+from anomax.features import AdaptorConfig
+from anomax.pipeline import RunConfig, SplitConfig, validate_config
+from anomax.preprocess.params import PreprocessParams
+from anomax.registry import HEADS
+from anomax.training import TrainConfig
+
+ANY_STRING_IS_VALID = {"cache_dir", "distill_images"}  # paths, checked where they are read
+
+
+def wrong_values(cls):
+    """(field, override value) pairs that must be refused: wrong type, out of range, unknown choice."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        annotation, name = hints[field.name], field.name
+        if name in ANY_STRING_IS_VALID:
+            continue
+        options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        if typing.get_origin(annotation) is typing.Literal or any(typing.get_origin(o) is typing.Literal
+                                                                   for o in options):
+            yield name, "not_a_choice"
+            continue
+        yield name, "true" if options[0] in (int, float) else "{a: 1}" if options[0] is bool else "'@x'"
+        bounds = field.metadata.get("bounds", {})
+        for rule, limit in bounds.items():
+            step = 1 if options[0] is int else 0.5
+            yield name, {"ge": limit - step, "gt": limit, "le": limit + step, "lt": limit}[rule]
+        if field.metadata.get("odd"):
+            yield name, 2
+
+
+GROUPS = [("", RunConfig, []), ("split.", SplitConfig, []), ("train.", TrainConfig, []),
+          ("evaluate.", EvaluateConfig, []), ("preprocess.", PreprocessParams, []),
+          ("model.head.adaptor.", AdaptorConfig, [])]
+GROUPS += [("model.head.", HEADS.get(name).Config, [f"model/head={name}"]) for name in HEADS.names()]
+CASES = [pytest.param(prefix, name, value, extra, id=f"{prefix}{name}={value}{'@' + extra[0] if extra else ''}")
+         for prefix, cls, extra in GROUPS for name, value in wrong_values(cls)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def schemas():
+    register_schemas()
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("anomax_train", overrides=["dataset=synthetic", *overrides])
+
+
+@pytest.mark.parametrize("prefix, name, value, extra", CASES)
+def test_a_wrong_value_fails_at_composition_naming_the_key(prefix, name, value, extra):
+    from omegaconf import OmegaConf
+
+    with pytest.raises((ConfigError, HydraException, OmegaConfBaseException)) as failure:
+        validate_config(OmegaConf.to_container(composed(*extra, f"{prefix}{name}={value}"), resolve=True))
+    assert name in str(failure.value)
+
+
+def test_every_group_has_cases_and_the_defaults_validate():
+    from omegaconf import OmegaConf
+
+    assert len(CASES) > 60
+    for name in HEADS.names():
+        validate_config(OmegaConf.to_container(composed(f"model/head={name}"), resolve=True))
+
+
+def test_bools_are_not_numbers_and_unknown_keys_are_named():
+    for override in ("model.head.coreset_ratio=true", "model.head.sigma=false"):
+        with pytest.raises((ConfigError, HydraException, OmegaConfBaseException), match=override.split("=")[0][11:]):
+            from omegaconf import OmegaConf
+
+            validate_config(OmegaConf.to_container(composed(override), resolve=True))
+    with pytest.raises(HydraException, match="coreset_ratoi"):
+        composed("model.head.coreset_ratoi=0.1")
+
+
+def test_run_directory_names_stay_short_and_usable():
+    assert run_dir_suffix(["model/head=padim", "seed=1"]) == "_head-padim__seed-1"
+    long = ["dataset=mvtec_ad", "dataset.root=/a/very/long/path/" + "x" * 300, "dataset.category=c0",
+            "dataset.validation_from_train=0.0", "model/head=patchcore", "model.head.coreset_ratio=0.001",
+            "preprocess.width=128", "preprocess.height=128", "+experiment=elpv_protocol"]
+    suffix = run_dir_suffix(long)
+    assert "root" not in suffix and "/" not in suffix and len(suffix) <= MAX_RUN_NAME + 1
+    many = [f"model.head.adaptor.taps=[features.{i},features.{i + 1}]" for i in range(20)]
+    hashed = run_dir_suffix(many)
+    assert hashed.startswith("_overrides-") and len(hashed) < 30 and hashed == run_dir_suffix(many)
+    assert run_dir_suffix([]) == ""

@@ -1,0 +1,48 @@
+"""The package as a user installs it: a wheel (not an editable checkout) carries the configs."""
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_source_package_is_in_the_wheel():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "anomax").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """The wheel built from this tree, installed (without dependencies: the test venv has them)
+    into a folder that is not the source tree."""
+    work = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"), str(ROOT)],
+                   check=True, capture_output=True)
+    wheel = next((work / "dist").glob("anomax-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(work / "site"),
+                    str(wheel)], check=True, capture_output=True)
+    return work / "site"
+
+
+def test_configs_compose_from_the_installed_wheel(installed_wheel, tmp_path):
+    script = """
+import anomax, anomax.apps.config as config
+from hydra import compose, initialize_config_dir
+config.register_schemas()
+with initialize_config_dir(config_dir=config.CONF_DIR, version_base="1.3"):
+    cfg = compose("anomax_train", overrides=["dataset=synthetic", "model/head=padim"])
+print(anomax.__file__)
+print(config.CONF_DIR)
+print(cfg.dataset.format, cfg.model.head.name, cfg.model.head.eps)
+"""
+    env = {**os.environ, "PYTHONPATH": str(installed_wheel)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    module_file, conf_dir, composed = result.stdout.strip().splitlines()
+    assert Path(module_file).is_relative_to(installed_wheel) and Path(conf_dir) == installed_wheel / "anomax" / "conf"
+    assert composed == "synthetic padim 0.01"
