@@ -105,7 +105,7 @@ def _member(root: Path, name: Any, source: Path, key: str) -> Path:
     """The file ``name`` directly inside the artifact ``root``. A modified manifest or model.json must
     not make the loader read anything else: no directories in the name, no absolute paths, no links
     that leave the artifact."""
-    if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
+    if not isinstance(name, str) or name in ("", "..") or "\0" in name or Path(name).name != name:
         raise ArtifactError(f"{source}: '{key}' names {name!r}, which is not a file name inside the artifact; "
                             f"an artifact only reads its own files — the artifact was modified, save the model again")
     file = root / name
@@ -281,9 +281,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"{manifest_path} does not list {unlisted}; the artifact is incomplete — save it again")
     for name, checksum in files.items():
         file = _member(root, name, manifest_path, f"files.{name}")
-        if not file.is_file():
+        try:
+            present = file.is_file()
+            matches = present and sha256_file(file) == checksum
+        except OSError as error:
+            raise ArtifactError(f"cannot read {file}: {error.strerror or error}") from None
+        if not present:
             raise ArtifactError(f"{file} is missing from the artifact; copy the whole directory or save it again")
-        if sha256_file(file) != checksum:
+        if not matches:
             raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: it is corrupt, truncated or "
                                 f"was modified — restore it or save the model again")
     record = _read_json(root / "model.json")
@@ -309,6 +314,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
     in it is trusted: every bad value (wrong type, NaN, unknown name, missing key) becomes an
     ArtifactError naming model.json and the key, and only files inside the artifact are read.
     """
+    from anomax.evaluation.thresholds import AnomalyThresholds
     from anomax.features import AdaptorConfig, FeatureAdaptor
     from anomax.model import AnomalyModel
     from anomax.preprocess.params import PreprocessParams
@@ -333,7 +339,11 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         preprocess = PreprocessParams.from_dict(preprocess)
     model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params)
     with _checked(source, "thresholds"):
-        model.set_params(thresholds={key: value for key, value in meta["thresholds"].items() if key != "estimates"})
+        thresholds = dict(meta["thresholds"])
+        estimates = thresholds.pop("estimates", None)
+        if estimates is not None:  # not used by the model, but anomax-evaluate reads them
+            AnomalyThresholds.from_dict(estimates)
+        model.set_params(thresholds=thresholds)
     with _checked(source, "batch_size"):
         if meta["batch_size"] is None:  # None would mean 'unchanged' to set_params
             raise TypeError("batch_size must be an integer >= 1, got None")

@@ -362,6 +362,7 @@ def _rehashed(path: Path, name: str, edit) -> None:
     (lambda m: m["thresholds"].update(classification=float("nan")), MJ + r"'thresholds' is invalid: .*finite"),
     (lambda m: m["thresholds"].update(segmentation="2.0"), MJ + r"'thresholds' is invalid"),
     (lambda m: m["thresholds"].pop("segmentation"), MJ + r"'thresholds' is invalid"),
+    (lambda m: m["thresholds"]["estimates"].pop("split"), MJ + r"'thresholds' is invalid: .*split"),
     (lambda m: m.pop("batch_size"), MJ + r"'batch_size' is missing"),
     (lambda m: m.update(batch_size=0), MJ + r"'batch_size' is invalid: .*integer >= 1"),
     (lambda m: m.update(batch_size=None), MJ + r"'batch_size' is invalid"),
@@ -382,7 +383,7 @@ def _rehashed(path: Path, name: str, edit) -> None:
     (lambda m: m["preprocess"].update(width=-5), MJ + r"'preprocess' is invalid: .*width"),
     (lambda m: m["preprocess"].update(colour="red"),
      MJ + r"'preprocess' is invalid: unknown key\(s\) preprocess\.colour"),
-], ids=["nan-threshold", "string-threshold", "one-threshold", "no-batch-size", "batch-size-0",
+], ids=["nan-threshold", "string-threshold", "one-threshold", "estimates-key", "no-batch-size", "batch-size-0",
     "batch-size-null", "unknown-key", "unknown-head", "no-hyperparams", "string-eps", "unknown-hyperparam",
     "unknown-backbone", "absurd-width", "string-width", "negative-width", "unknown-tap", "projection-dim",
     "even-pool-size", "preprocess-list", "negative-image-width", "unknown-preprocess-key"])
@@ -400,7 +401,7 @@ def test_format_version_must_be_a_known_integer(copy, version):
         anomax.load_model(copy)
 
 
-@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "sub/file", ".."])
+@pytest.mark.parametrize("name", ["../../../../etc/hostname", "/etc/hostname", "sub/file", "..", "nul\0byte"])
 def test_manifest_entries_outside_the_artifact_are_refused(copy, name):
     _rehashed(copy, "manifest.json", lambda manifest: manifest["files"].update({name: "0" * 64}))
     with pytest.raises(ArtifactError, match=rf"manifest\.json: 'files\.{re.escape(name)}' names .* not a file name "
