@@ -75,16 +75,36 @@ def test_bad_value_is_one_clear_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
+def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A small run as a user starts it, through the preprocessed cache (TFDS array_record)."""
     cwd = tmp_path_factory.mktemp("train")
-    done = run("train", *SMOKE, "model/head=padim", cwd=cwd)
+    done = run("train", *SMOKE, "model/head=padim", f"cache_dir={cwd / 'cache'}", cwd=cwd)
     assert "image_auroc" in done.stdout
     (run_dir,) = (cwd / "outputs").iterdir()
-    return run_dir
+    return run_dir, done
+
+
+@pytest.fixture(scope="module")
+def trained_run(trained) -> Path:
+    return trained[0]
+
+
+def test_the_console_is_quiet_and_ends_with_a_summary(trained):
+    """No third-party warnings or TFDS notes on the console (they go to train.log); one summary
+    with the metrics, the thresholds and the confusion matrix at HALCON's intermediate threshold."""
+    run_dir, done = trained
+    console = done.stdout + done.stderr
+    for noise in ("absl", "WARNING:", "Downloading and preparing", "dataset_info.json", "UserWarning"):
+        assert noise not in console, noise
+    assert "confusion matrix on test at intermediate" in done.stdout and "truth nok" in done.stdout
+    assert "thresholds (validation" in done.stdout and str(run_dir) in done.stdout
+    for bar in ("fit padim", "score validation", "score test", "report"):
+        assert bar in done.stderr, bar
+    assert "fit padim" in (run_dir / "train.log").read_text() or (run_dir / "train.log").stat().st_size > 0
 
 
 def test_train_writes_a_complete_run(trained_run):
-    assert "model.head-padim" in trained_run.name  # run directories are named from the overrides
+    assert "head-padim" in trained_run.name  # run directories are named from the overrides
     record = json.loads((trained_run / "metrics.json").read_text())
     assert 0.0 <= record["summary"]["image_auroc"] <= 1.0
     assert record["thresholds"]["split"] == "validation"
@@ -136,8 +156,8 @@ def test_parallel_multirun_and_report(tmp_path):
     (sweep,) = (tmp_path / "multirun").iterdir()
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(runs) == 2
-    assert runs[0].startswith("0_") and "model.head-padim" in runs[0]
-    assert runs[1].startswith("1_") and "model.head-patchcore" in runs[1]
+    assert runs[0].startswith("0_") and "head-padim" in runs[0]
+    assert runs[1].startswith("1_") and "head-patchcore" in runs[1]
     done = run("report", str(sweep), cwd=tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| model/head | image_auroc")

@@ -26,9 +26,9 @@ def counts(dataset):
 
 def test_percentages_and_nok_to_validation_and_test_never_train():
     split = split_dl_dataset(make(20, 7), 70, 15, seed=3)
-    # 'nok' in the ratio validation : test = 15 : 15 (validation gets the floor).
+    # 'nok' in the ratio validation : test = 15 : 15 (validation gets the rounded share of 3.5).
     assert counts(split) == {("train", "ok"): 14, ("validation", "ok"): 3, ("test", "ok"): 3,
-                             ("validation", "nok"): 3, ("test", "nok"): 4}
+                             ("validation", "nok"): 4, ("test", "nok"): 3}
     assert [s.image_file_name for s in split.samples] == [s.image_file_name for s in make(20, 7).samples]
     uneven = split_dl_dataset(make(40, 30), 50, 10, seed=0)  # nok ratio 10 : 40, so 30 x 1/5 to validation
     assert counts(uneven) == {("train", "ok"): 20, ("validation", "ok"): 4, ("test", "ok"): 16,
@@ -138,3 +138,12 @@ def test_classification_thresholds_differ_when_validation_holds_overlapping_defe
     assert thresholds.intermediate == 3.5
     assert thresholds.f1_image == 4.0
     assert len({thresholds.largest_good, thresholds.smallest_defect, thresholds.intermediate}) == 3
+
+
+def test_small_defect_types_are_not_all_rounded_away():
+    """Four defect types of one image each, half to validation: two of them go, not none."""
+    dataset = own_split(4, 4, 4)
+    for sample in dataset.samples[-4:]:
+        sample.defect_type = f"type{sample.image_id}"
+    moved = counts(move_test_to_validation(dataset, 0.5, seed=0))
+    assert moved[("validation", "nok")] == 2 and moved[("validation", "ok")] == 2

@@ -34,3 +34,15 @@ def test_padding_never_wins_even_for_a_query_at_the_origin():
 def test_k_larger_than_bank_is_refused():
     with pytest.raises(InputError, match="bank size"):
         nearest_neighbors(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), k=3)
+
+
+@pytest.mark.parametrize("rows, k, chunk_size", [(11, 9, 10), (5, 4, 4), (7, 7, 1)])
+def test_bank_tiles_narrower_than_k_still_give_the_k_nearest(rows, k, chunk_size):
+    """A chunk_size that splits the bank into tiles of fewer than k rows used to make top_k fail."""
+    rng = np.random.default_rng(2)
+    bank = rng.standard_normal((rows, 3)).astype(np.float32)
+    queries = rng.standard_normal((6, 3)).astype(np.float32)
+    distances, indices = nearest_neighbors(queries, bank, k=k, chunk_size=chunk_size)
+    expected_d, expected_i = brute_force(queries, bank, k)
+    np.testing.assert_allclose(distances, expected_d, atol=1e-5)
+    np.testing.assert_array_equal(indices, expected_i)

@@ -23,3 +23,13 @@ def test_streamed_mean_and_covariance_equal_float64_numpy():
     assert int(moments.count) == 61
     assert np.abs(np.asarray(moments.mean) - mean).max() / np.abs(mean).max() < 1e-4
     assert np.abs(np.asarray(covariance(moments)) - cov).max() / np.abs(cov).max() < 1e-4
+
+
+def test_the_old_moment_buffers_are_donated_to_the_update():
+    """The P x D x D buffer is reused for the result instead of living twice; the count stays readable
+    so a caller can wait on it."""
+    moments = init_moments(4, 3)
+    x = np.ones((2, 4, 3), np.float32)
+    updated = update_moments(moments, x, np.ones(2, bool))
+    assert moments.m2.is_deleted() and moments.mean.is_deleted()
+    assert not moments.count.is_deleted() and float(updated.count) == 2

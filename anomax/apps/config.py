@@ -117,16 +117,19 @@ def settings_schema(cls: type, name: str, extra: dict[str, tuple[Any, Any]] | No
 
 def register_schemas() -> None:
     """Put one schema per registry entry and per settings class into Hydra's ConfigStore."""
+    from anomax.augment import AugmentConfig
     from anomax.backbones import build_backbone
     from anomax.evaluation.config import EvaluateConfig
     from anomax.features import AdaptorConfig
     from anomax.pipeline import RunConfig, SplitConfig
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import BACKBONES, DATASET_FORMATS, HEADS
+    from anomax.distributed import DistributedConfig
     from anomax.training import TrainConfig
 
     store = ConfigStore.instance()
-    groups = {key: (Any, None) for key in ("dataset", "preprocess", "model", "train", "evaluate")}
+    groups = {key: (Any, None) for key in ("dataset", "preprocess", "model", "train", "evaluate", "augment",
+                                           "distributed")}
     split = settings_schema(SplitConfig, "Split")
     groups["split"] = (split, split)
     store.store(name="schema", node=settings_schema(RunConfig, "AppConfig", groups))
@@ -147,9 +150,11 @@ def register_schemas() -> None:
     store.store(group="preprocess", name="schema", node=settings_schema(PreprocessParams, "Preprocess", optional=True))
     store.store(group="train", name="schema", node=settings_schema(TrainConfig, "Train"))
     store.store(group="evaluate", name="schema", node=settings_schema(EvaluateConfig, "Evaluate"))
+    store.store(group="distributed", name="schema", node=settings_schema(DistributedConfig, "Distributed"))
+    store.store(group="augment", name="schema", node=settings_schema(AugmentConfig, "Augment"))
 
 
-MAX_RUN_NAME = 80  # characters of the override part of a run directory's name
+MAX_RUN_NAME = 120  # characters of the override part of a run directory name (file names allow 255)
 
 
 def run_dir_suffix(overrides) -> str:

@@ -171,9 +171,9 @@ def split_dl_dataset(
 
     'ok' images: train and validation get floor(percent · n_ok) but at least one when asked for; test
     gets the rest. Every split asked for must get an 'ok' image. 'nok' images go to validation and
-    test only, per defect type in the ratio validation_percent : (100 − training_percent −
-    validation_percent) (validation gets the floor), so thresholds can be estimated between good and
-    defective validation scores. Seeded by ``seed``.
+    test only, in the ratio validation_percent : (100 − training_percent − validation_percent),
+    stratified by defect type (validation gets the rounded share), so thresholds can be estimated
+    between good and defective validation scores. Seeded by ``seed``.
     """
     for key, value in (("training_percent", training_percent), ("validation_percent", validation_percent)):
         if not 0 <= value <= 100:
@@ -220,9 +220,9 @@ def split_dl_dataset(
 
 
 def move_test_to_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> DLDataset:
-    """A copy with a seeded, stratified ``fraction`` of the test images moved to 'validation':
-    floor(fraction · n) of each defect type ('good' included), for formats that bring their own
-    train/test split (MVTec AD, VisA, ELPV), so thresholds see good and defective images."""
+    """A copy with a seeded ``fraction`` (rounded) of the test images moved to 'validation', stratified
+    by defect type ('good' included), for formats that bring their own train/test split (MVTec AD,
+    VisA, ELPV), so thresholds see good and defective images."""
     if isinstance(fraction, bool) or not 0 <= fraction < 1:
         raise ConfigError(f"validation_from_test must be within [0, 1), got {fraction!r}")
     test = [i for i, s in enumerate(dataset.samples) if s.split == "test"]
@@ -232,12 +232,22 @@ def move_test_to_validation(dataset: DLDataset, fraction: float, seed: int = 0) 
 
 
 def _stratified_share(samples: list[Sample], indices: list[int], share: float, rng: np.random.Generator) -> list[int]:
-    """floor(share · n) seeded picks of ``indices`` per defect type, in a stable order."""
+    """round(share · n) seeded picks of ``indices``, spread over the defect types in proportion:
+    floor(share · n_type) each, the rest to the types with the largest remainders (so that small
+    types are not all rounded down to nothing)."""
+    groups: dict[str, list[int]] = {}
+    for index in indices:
+        groups.setdefault(samples[index].defect_type, []).append(index)
+    names = sorted(groups)
+    exact = {name: share * len(groups[name]) for name in names}
+    counts = {name: math.floor(exact[name] + 1e-9) for name in names}
+    remaining = math.floor(share * len(indices) + 0.5) - sum(counts.values())
+    for name in sorted(names, key=lambda name: counts[name] - exact[name])[:max(0, remaining)]:
+        counts[name] += 1
     picked = []
-    for defect_type in sorted({samples[i].defect_type for i in indices}):
-        members = [i for i in indices if samples[i].defect_type == defect_type]
-        count = math.floor(share * len(members) + 1e-9)
-        picked += [members[j] for j in rng.permutation(len(members))[:count]]
+    for name in names:
+        members = groups[name]
+        picked += [members[j] for j in rng.permutation(len(members))[:counts[name]]]
     return sorted(picked)
 
 
