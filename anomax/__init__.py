@@ -20,6 +20,7 @@ _PUBLIC = {
     "evaluate_dl_model": "anomax.evaluation",
     "load_model": "anomax.artifact", "save_model": "anomax.artifact", "read_dl_model": "anomax.artifact",
     "write_dl_model": "anomax.artifact", "export_inference": "anomax.artifact", "load_exported": "anomax.artifact",
+    "export_onnx": "anomax.deploy.onnx_export",
 }
 
 

@@ -11,6 +11,7 @@ Layout of an artifact directory (``save_model`` / HALCON's ``write_dl_model``)::
     adaptor.safetensors    feature-adaptor parameters (projection), may be empty
     head.safetensors       head state (Gaussians, memory bank, student weights)
     domain<.ext>           the preprocess domain mask, when the domain is a mask file
+    model.onnx             the whole inference as ONNX, when saved with onnx=True (anomax.deploy)
 
 Arrays are safetensors with '/'-joined pytree paths as keys, metadata is JSON: nothing is
 unpickled. A save writes a staging directory and swaps it into place; it replaces only an
@@ -42,6 +43,7 @@ log = logging.getLogger("anomax")
 FORMAT = "anomax-model"  # the manifest's marker: only a directory that carries it is ever replaced
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"  # optional: the exported inference (anomax.deploy)
 REQUIRED_FILES = ("model.json", "config.json", "backbone.safetensors", "adaptor.safetensors", "head.safetensors")
 
 
@@ -127,12 +129,14 @@ def _backbone_record(backbone) -> dict[str, Any]:
 
 
 def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mapping[str, Any] | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, onnx: bool = False) -> Path:
     """Write ``model`` (an AnomalyModel with a fitted head) as an artifact directory at ``path``.
 
     thresholds: the AnomalyThresholds the model's pair was chosen from (kept for reference);
     config: the full resolved run config (JSON-able). overwrite: replace an existing artifact
     (never anything else: a directory that is not an artifact, or holds other files, is refused).
+    onnx: also write the whole inference as model.onnx (anomax.export_onnx; needs anomax[deploy])
+    for load_model(..., runtime='onnxruntime' | 'openvino').
     Returns ``path``. OS failures (disk full, permissions) raise OutputError naming ``path``.
     """
     target = Path(path).absolute()
@@ -173,6 +177,10 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
                 _write_arrays(staging / "head.safetensors", model.head.state)
                 if domain_file is not None:
                     shutil.copyfile(model.preprocess.domain, staging / domain_file)
+                if onnx:
+                    from anomax.deploy.onnx_export import export_onnx
+
+                    export_onnx(model, staging / ONNX_FILE)
                 _write_manifest(staging)
                 _swap(staging, target)
             except BaseException:
@@ -298,10 +306,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             "anomax_version": manifest.get("anomax_version"), "files": sorted(files)}
 
 
-def load_model(path: str | os.PathLike):
-    """The AnomalyModel saved at ``path``: no training data, no Hydra, no network access."""
+def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
+    """The AnomalyModel saved at ``path``: no training data, no Hydra, no network access.
+
+    runtime 'onnxruntime' or 'openvino': the artifact's model.onnx (saved with onnx=True) in that
+    runtime, behind the same apply, preprocessing, thresholds and result dicts; ``options`` go to
+    it (see anomax.deploy.runtimes: threads; OpenVINO precision='f32' | 'default')."""
     root = Path(path).absolute()
-    return _build_model(root, read_metadata(root))
+    model = _build_model(root, read_metadata(root))
+    if runtime == "jax" and not options:
+        return model
+    from anomax.deploy.runtimes import load_runtime
+
+    return load_runtime(root / ONNX_FILE, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
 
 
 MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size")

@@ -76,7 +76,9 @@ def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, 
     num_queries = queries.shape[0]
     # A tile holds at least k rows (padding rows have infinite norm), so top_k always has k candidates.
     bank_rows = max(_tile_rows(bank.shape[0], chunk_size), k)
-    query_rows = _tile_rows(num_queries, chunk_size)
+    # A symbolic query count (ONNX export with a free batch size) cannot be cut into tiles:
+    # then all queries form one tile; the bank, whose size is known, is still tiled.
+    query_rows = _tile_rows(num_queries, chunk_size) if isinstance(num_queries, int) else num_queries
     bank_tiles = _tiles(bank, bank_rows)
     norm_tiles = _tiles(bank_norms, bank_rows, fill=jnp.inf)
     offsets = jnp.arange(bank_tiles.shape[0], dtype=jnp.int32) * bank_rows
@@ -99,5 +101,6 @@ def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, 
         d2 = partial_d2 + jnp.sum(jnp.square(query_tile), axis=1, keepdims=True)
         return jnp.sqrt(jnp.maximum(d2, 0.0)), index
 
-    distances, indices = jax.lax.map(search, _tiles(queries, query_rows))
+    query_tiles = _tiles(queries, query_rows) if isinstance(num_queries, int) else queries[None]
+    distances, indices = jax.lax.map(search, query_tiles)
     return distances.reshape(-1, k)[:num_queries], indices.reshape(-1, k)[:num_queries]

@@ -1,0 +1,161 @@
+"""An exported model.onnx run by onnxruntime or OpenVINO behind the AnomalyModel's ``apply``.
+
+``anomax.load_model(dir, runtime='onnxruntime' | 'openvino')`` returns a ``DeployedModel``: the
+same preprocessing (``preprocess_image`` on the host, from the artifact's preprocess params), the
+same result dictionaries and the same thresholds as the JAX path; only the network runs elsewhere.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from anomax.errors import ArtifactError, ConfigError
+from anomax.preprocess.params import PreprocessParams, preprocess_image
+
+RUNTIMES = ("jax", "onnxruntime", "openvino")
+OPENVINO_PRECISIONS = ("f32", "default")  # 'default': the device's own choice (bf16 where the CPU has it)
+INPUT_NAME = "images"
+
+
+class DeployedModel:
+    """preprocess params, thresholds and batch size as on AnomalyModel; ``apply`` and get/set_params alike."""
+
+    runtime = ""
+
+    def __init__(self, onnx_file: str | os.PathLike, preprocess: PreprocessParams,
+                 thresholds: Mapping[str, float] | None = None, batch_size: int = 16):
+        self.onnx_file = Path(onnx_file)
+        self.preprocess = preprocess
+        self.thresholds = dict(thresholds or {})
+        self.batch_size = int(batch_size)
+        self._fixed_batch: int | None = None  # the file's batch size when it was exported with one
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed float32 images (B, H, W, C) -> {'anomaly_image' (B, H, W), 'anomaly_score' (B,), ...}."""
+        raise NotImplementedError
+
+    def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image, as AnomalyModel.apply."""
+        from anomax.evaluation import threshold_dl_anomaly_results
+
+        step = self._fixed_batch or self.batch_size
+        results = []
+        for start in range(0, len(images), step):
+            chunk = np.stack([preprocess_image(self.preprocess, np.asarray(image))
+                              for image in images[start:start + step]])
+            padded = chunk if self._fixed_batch is None else np.concatenate(
+                [chunk, np.repeat(chunk[-1:], step - len(chunk), 0)])
+            out = self.run(padded)
+            for row in range(len(chunk)):
+                results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
+                                for key, value in out.items()})
+        if {"segmentation", "classification"} <= set(self.thresholds):
+            applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
+                                                   [r["anomaly_score"] for r in results],
+                                                   self.thresholds["segmentation"], self.thresholds["classification"])
+            for result, extra in zip(results, applied):
+                result.update(extra)
+        return results
+
+    def get_params(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "thresholds": dict(self.thresholds), "device": self.runtime}
+
+    def set_params(self, *, batch_size: int | None = None, thresholds: Mapping[str, float] | None = None) -> None:
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+                raise ConfigError(f"model parameter 'batch_size' must be an integer >= 1, got {batch_size!r}")
+            self.batch_size = int(batch_size)
+        if thresholds is not None:
+            if set(thresholds) not in (set(), {"segmentation", "classification"}):
+                raise ConfigError(f"model parameter 'thresholds' must be {{}} or 'segmentation' and "
+                                  f"'classification' values, got {thresholds!r}")
+            self.thresholds = {key: float(value) for key, value in thresholds.items()}
+
+    def _refused(self, error: Exception) -> ArtifactError:
+        return ArtifactError(f"{self.onnx_file} is not a loadable ONNX model ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                             f"export it again (anomax.save_model(..., onnx=True))")
+
+
+class OnnxRuntimeModel(DeployedModel):
+    """threads: onnxruntime's intra-op threads (None: its default, one per physical core)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, onnx_file, preprocess, thresholds=None, batch_size=16, *, threads: int | None = None):
+        super().__init__(onnx_file, preprocess, thresholds, batch_size)
+        ort = _import("onnxruntime")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the converter's unused initializers are not news
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_file), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
+            raise self._refused(error) from None
+        self.outputs = [output.name for output in self.session.get_outputs()]
+        batch = self.session.get_inputs()[0].shape[0]
+        self._fixed_batch = batch if isinstance(batch, int) else None
+
+    def run(self, images):
+        return dict(zip(self.outputs, self.session.run(self.outputs, {INPUT_NAME: np.asarray(images, np.float32)})))
+
+
+class OpenVinoModel(DeployedModel):
+    """precision: 'f32' (results match JAX to float rounding) or 'default', the device's default
+    inference precision (bf16 on CPUs with AMX / AVX512-BF16: faster, scores move, see the README)."""
+
+    runtime = "openvino"
+
+    def __init__(self, onnx_file, preprocess, thresholds=None, batch_size=16, *, precision: str = "f32",
+                 device: str = "CPU", threads: int | None = None):
+        super().__init__(onnx_file, preprocess, thresholds, batch_size)
+        if precision not in OPENVINO_PRECISIONS:
+            raise ConfigError(f"openvino precision must be one of {OPENVINO_PRECISIONS}, got {precision!r}")
+        ov = _import("openvino")
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = ov.Core()
+        try:
+            self.compiled = core.compile_model(core.read_model(str(self.onnx_file)), device, config)
+        except Exception as error:  # OpenVINO raises RuntimeError for unreadable files and failed conversions
+            raise self._refused(error) from None
+        self.precision = precision
+        self.outputs = [output.get_any_name() for output in self.compiled.outputs]
+        batch = self.compiled.inputs[0].get_partial_shape()[0]
+        self._fixed_batch = batch.get_length() if batch.is_static else None
+        self._request = self.compiled.create_infer_request()
+
+    def run(self, images):
+        out = self._request.infer({INPUT_NAME: np.ascontiguousarray(images, np.float32)})
+        return {name: np.array(out[output]) for name, output in zip(self.outputs, self.compiled.outputs)}
+
+
+def load_runtime(onnx_file: str | os.PathLike, preprocess: PreprocessParams, thresholds: Mapping[str, float],
+                 batch_size: int, runtime: str, **options) -> DeployedModel:
+    """The model.onnx of an artifact in ``runtime`` ('onnxruntime' or 'openvino'); options go to
+    its class (threads; precision and device for OpenVINO)."""
+    classes = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
+    if runtime not in classes:
+        raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if not Path(onnx_file).is_file():
+        raise ArtifactError(f"{onnx_file} is missing: runtime '{runtime}' needs the exported model; save the model "
+                            f"with anomax.save_model(..., onnx=True) (anomax-train ... export.onnx=true)")
+    cls = classes[runtime]
+    known = [name for name, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"runtime '{runtime}' has no option(s) {unknown}; it has {known}")
+    return cls(onnx_file, preprocess, thresholds, batch_size, **options)
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ConfigError(f"runtime '{name}' is not installed: pip install 'anomax[deploy]'") from None
