@@ -8,6 +8,7 @@ and call these.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import logging
@@ -18,20 +19,23 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
+from anomax.augment import AugmentConfig
 from anomax.backbones import build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
+from anomax.distributed import DistributedConfig, check_head, is_main, is_multi_process
 from anomax.errors import ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
 from anomax.evaluation.config import EvaluateConfig
 from anomax.evaluation.metrics import auroc
 from anomax.features import AdaptorConfig, FeatureAdaptor
-from anomax.files import write_json_atomic
+from anomax.files import claim_run_dir, write_json_atomic
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param
 from anomax.registry import HEADS
 from anomax.settings import Settings, setting
+from anomax.tiling import TilingConfig, native_mask
 from anomax.training import TrainConfig
 
 log = logging.getLogger("anomax")
@@ -95,20 +99,26 @@ def build_model(cfg: Mapping[str, Any]) -> AnomalyModel:
     preprocess = {key: value for key, value in backbone.requirements.items() if key != "input_multiple"}
     preprocess.update({key: value for key, value in dict(cfg["preprocess"]).items() if value is not None})
     adaptor = adaptor.replace(taps=adaptor.taps or tuple(backbone.taps))
+    tiling = TilingConfig.from_dict(cfg.get("tiling")).for_backbone(backbone)
     return AnomalyModel(create_dl_preprocess_param(**preprocess), backbone, FeatureAdaptor(adaptor), head,
-                        batch_size=cfg["batch_size"])
+                        batch_size=cfg["batch_size"], augment=AugmentConfig.from_dict(cfg.get("augment")),
+                        tiling=tiling)
 
 
 def results_of(model: AnomalyModel, dataset: DLDataset, split: str, cache_dir: str | None = None,
-               progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
+               progress: bool = True, native_resolution: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Scored batches of a split under HALCON's result keys (what thresholds and evaluation read),
-    plus any further maps the head gives ('anomaly_image_local', ...)."""
+    plus any further maps the head gives ('anomaly_image_local', ...). ``native_resolution``: the
+    ground truth is each image's mask at its original (ROI-cropped) size, one array per image."""
     samples = dataset.samples_of(split)
     for batch in model.score_split(dataset, split, cache_dir=cache_dir, progress=progress):
         extra = {key: value for key, value in batch.items() if key.startswith("anomaly_") and key not in
                  ("anomaly_image", "anomaly_score")}
+        ground_truth = batch["mask"]  # tiled models' masks are at the ROI-cropped size already
+        if native_resolution and not model.tiling.enabled:
+            ground_truth = [native_mask(model.preprocess, samples[i]) for i in batch["index"]]
         yield {"anomaly_image": batch["anomaly_image"], "anomaly_score": batch["anomaly_score"],
-               "anomaly_ground_truth": batch["mask"], "anomaly_label_id": batch["label"],
+               "anomaly_ground_truth": ground_truth, "anomaly_label_id": batch["label"],
                "defect_type": np.array([samples[i].defect_type for i in batch["index"]]),
                "index": batch["index"], "valid": batch["valid"], **extra}
 
@@ -196,10 +206,14 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
     batches stream through the metrics, so memory does not grow with the split."""
     worst = _WorstMaps(evaluate_cfg.num_worst)
     named = thresholds.classification() if thresholds is not None else None
-    metrics = evaluate_dl_model(worst.watch(results_of(model, dataset, split, cache_dir, progress)), thresholds=named,
+    native = evaluate_cfg.native_resolution
+    metrics = evaluate_dl_model(worst.watch(results_of(model, dataset, split, cache_dir, progress, native)),
+                                thresholds=named, native_resolution=native,
                                 exact=evaluate_cfg.exact, num_bins=evaluate_cfg.num_bins,
                                 pixel_range=evaluate_cfg.pixel_range, fpr_limit=evaluate_cfg.fpr_limit,
                                 histogram_bins=evaluate_cfg.histogram_bins, num_worst=evaluate_cfg.num_worst)
+    if not is_main():  # with several processes, process 0 writes the pictures and the report
+        return metrics
     notes = []
     if not dataset.has_pixel_ground_truth:
         notes.append("The defective images have no ground-truth masks: only image-level metrics exist.")
@@ -270,6 +284,9 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
     PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
+    AugmentConfig.from_dict(cfg.get("augment"))
+    DistributedConfig.from_dict(cfg.get("distributed"))
+    TilingConfig.from_dict(cfg.get("tiling"))
     return RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
@@ -283,39 +300,46 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
 
     settings = validate_config(cfg)  # every setting first: nothing is read before they all hold
     run, train_cfg, evaluate_cfg, split_cfg = settings.run, settings.train, settings.evaluate, settings.split
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    timings = {}
-    start = time.perf_counter()
-    model = build_model(cfg)
-    dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
-    check_thresholds_possible(dataset, evaluate_cfg)
-    dataset.to_json(run_dir / "dataset.json")
-    log.info("dataset %s: %s", cfg["dataset"].get("name"), _split_counts(dataset))
-    timings["setup_s"] = time.perf_counter() - start
+    # This run's alone: refused while another run holds it, or when it holds another run's outputs.
+    # Only process 0 writes outputs, so only it claims the directory.
+    with claim_run_dir(run_dir) if is_main() else contextlib.nullcontext(Path(run_dir)) as run_dir:
+        timings = {}
+        start = time.perf_counter()
+        model = build_model(cfg)
+        check_head(model.head.name)
+        if is_multi_process():  # one global mesh: each process feeds its devices' shard of every batch
+            model.set_params(device="all")
+        dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
+        check_thresholds_possible(dataset, evaluate_cfg)
+        if is_main():
+            dataset.to_json(run_dir / "dataset.json")
+        log.info("dataset %s: %s", cfg["dataset"].get("name"), _split_counts(dataset))
+        timings["setup_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    fit_info = model.fit(dataset, "train", train=train_cfg, cache_dir=run.cache_dir, progress=run.progress)
-    timings["fit_s"] = time.perf_counter() - start
-    log.info("fit %s in %.1f s: %s", model.head.name, timings["fit_s"], _short(fit_info))
+        start = time.perf_counter()
+        fit_info = model.fit(dataset, "train", train=train_cfg, cache_dir=run.cache_dir, progress=run.progress)
+        timings["fit_s"] = time.perf_counter() - start
+        log.info("fit %s in %.1f s: %s", model.head.name, timings["fit_s"], _short(fit_info))
 
-    start = time.perf_counter()
-    thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
-    metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
-                             title=f"anomax: {model.head.name} + {model.backbone.name} on {cfg['dataset'].get('name')}",
-                             progress=run.progress)
-    timings["evaluate_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
+        metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
+                                 title=f"anomax: {model.head.name} + {model.backbone.name} on {cfg['dataset'].get('name')}",
+                                 progress=run.progress)
+        timings["evaluate_s"] = time.perf_counter() - start
 
-    save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config, overwrite=True)
-    summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
-               "image_f1_max": metrics["image"]["f1_max"]}
-    if metrics["pixel"] is not None:
-        summary.update(pixel_auroc=metrics["pixel"]["auroc"], pixel_aupro=metrics["pixel"]["aupro"])
-    record = {"summary": summary, "validation": validation, "fit": fit_info, "timings": timings,
-              "splits": _split_counts(dataset), "thresholds": thresholds.to_dict() if thresholds else None,
-              "classification_threshold": evaluate_cfg.classification_threshold, "metrics": metrics}
-    write_json_atomic(run_dir / "metrics.json", record, default=_json_default)
-    return record
+        if is_main():
+            save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config)
+        summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
+                   "image_f1_max": metrics["image"]["f1_max"]}
+        if metrics["pixel"] is not None:
+            summary.update(pixel_auroc=metrics["pixel"]["auroc"], pixel_aupro=metrics["pixel"]["aupro"])
+        record = {"summary": summary, "validation": validation, "fit": fit_info, "timings": timings,
+                  "splits": _split_counts(dataset), "thresholds": thresholds.to_dict() if thresholds else None,
+                  "classification_threshold": evaluate_cfg.classification_threshold, "metrics": metrics}
+        if is_main():
+            write_json_atomic(run_dir / "metrics.json", record, default=_json_default)
+        return record
 
 
 def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:

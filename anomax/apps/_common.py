@@ -38,7 +38,7 @@ def reports_errors(app: str) -> Callable:
             try:
                 return task(cfg)
             except AnomaxError as error:
-                log.error("%s: %s", app, error)
+                logging.getLogger().error("%s: %s", app, error)  # the log file; the console gets the line below
                 print(f"{app}: error: {error}", file=sys.stderr)
                 raise SystemExit(2) from None
 
