@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anomax.augment import AugmentConfig, mean_over_transforms, transform
 from anomax.backbones import Backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, InputError
@@ -27,7 +28,7 @@ from anomax.training import TrainConfig
 class AnomalyModel:
     def __init__(self, preprocess: PreprocessParams, backbone: Backbone, adaptor: FeatureAdaptor, head: Head,
                  adaptor_params: Mapping[str, Any] | None = None, thresholds: Mapping[str, float] | None = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, augment: AugmentConfig | None = None):
         self.preprocess = preprocess
         self.backbone = backbone
         self.adaptor = adaptor
@@ -35,6 +36,8 @@ class AnomalyModel:
         self.adaptor_params = dict(adaptor.init(backbone.channels) if adaptor_params is None else adaptor_params)
         self.thresholds = dict(thresholds or {})
         self.batch_size = batch_size
+        self.augment = augment or AugmentConfig()  # fit-time and test-time transforms (anomax.augment)
+        self.augment.check_input(preprocess.height, preprocess.width)
         self.device = jax.devices()[0]  # where apply and score_split run
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
         self._features = jax.jit(self.features)
@@ -48,10 +51,14 @@ class AnomalyModel:
 
     def infer(self, params: Mapping[str, Any], images: jax.Array, mesh=None) -> dict[str, jax.Array]:
         """Pure: preprocessed images -> {'anomaly_image' (B, H, W), 'anomaly_score' (B,), and any
-        further maps the head gives}. ``mesh`` (static) spreads the head's search over devices."""
-        features = (self.features(params["backbone"], params["adaptor"], images)
-                    if self.head.uses_backbone else None)
-        return self.head.score(params["head"], images, features, mesh=mesh)
+        further maps the head gives}, averaged over the augment.tta transforms. ``mesh`` (static)
+        spreads the head's search over devices."""
+        def score(images):
+            features = (self.features(params["backbone"], params["adaptor"], images)
+                        if self.head.uses_backbone else None)
+            return self.head.score(params["head"], images, features, mesh=mesh)
+
+        return mean_over_transforms(score, images, self.augment.tta)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -103,20 +110,24 @@ class AnomalyModel:
             good_only = [s for s in dataset.samples if s.split != validation_split or s.anomaly_label == "ok"]
             validation = self.feature_batches(dataclasses.replace(dataset, samples=good_only), validation_split,
                                               cache_dir)
-        return self.head.fit(self.feature_batches(dataset, split, cache_dir), train=train, validation=validation,
-                             progress=progress)
+        return self.head.fit(self.feature_batches(dataset, split, cache_dir, self.augment.fit), train=train,
+                             validation=validation, progress=progress)
 
-    def feature_batches(self, dataset: DLDataset, split: str, cache_dir: str | None = None) -> FeatureBatches:
-        """Re-iterable batches {'image', 'features', 'valid'} of a split, with their counts known up front."""
+    def feature_batches(self, dataset: DLDataset, split: str, cache_dir: str | None = None,
+                        transforms: Sequence[str] = ()) -> FeatureBatches:
+        """Re-iterable batches {'image', 'features', 'valid'} of a split, with their counts known up front;
+        with ``transforms`` (augment.fit) each batch also comes once in each transform."""
         params = self._placed({"backbone": self.backbone.params, "adaptor": self.adaptor_params})
 
         def batches() -> Iterator[dict[str, Any]]:
             for batch in iterate_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir):
-                images = self._placed(batch["image"], split_batch=True)
-                yield {"image": batch["image"], "valid": batch["valid"],
-                       "features": self._features(params["backbone"], params["adaptor"], images)}
+                for name in ("identity", *transforms):
+                    image = np.ascontiguousarray(transform(batch["image"], name))
+                    images = self._placed(image, split_batch=True)
+                    yield {"image": image, "valid": batch["valid"],
+                           "features": self._features(params["backbone"], params["adaptor"], images)}
 
-        return FeatureBatches(batches, len(dataset.samples_of(split)), self.batch_size)
+        return FeatureBatches(batches, len(dataset.samples_of(split)) * (1 + len(transforms)), self.batch_size)
 
     def score_split(self, dataset: DLDataset, split: str, *, cache_dir: str | None = None,
                     progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
