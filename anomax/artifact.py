@@ -5,7 +5,7 @@ Layout of an artifact directory (``save_model`` / HALCON's ``write_dl_model``)::
     manifest.json          "format": "anomax-model", format version, anomax version, sha256 of every other file
     model.json             backbone (name, taps, width, published weights' name and sha256),
                            adaptor config, head name and hyperparameters, preprocess params,
-                           thresholds (the chosen pair and every estimate), batch size
+                           thresholds (the chosen pair and every estimate), batch size, tiling settings
     config.json            the full resolved config the caller passed (or null)
     backbone.safetensors   backbone parameters (stored even for published weights: loads offline)
     adaptor.safetensors    feature-adaptor parameters (projection), may be empty
@@ -158,6 +158,7 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
         "thresholds": {**{key: float(value) for key, value in model.thresholds.items()},
                        "estimates": None if thresholds is None else thresholds.to_dict()},
         "batch_size": model.batch_size,
+        "tiling": model.tiling.to_dict(),
     }
     with output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +302,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                                 f"was modified — restore it or save the model again")
     record = _read_json(root / "model.json")
     with _checked(root / "model.json"):
+        record = {"tiling": None, **record}  # artifacts from before tiling are untiled
         _exactly(record, MODEL_KEYS)
     return {**record, "config": _read_json(root / "config.json"), "format_version": version,
             "anomax_version": manifest.get("anomax_version"), "files": sorted(files)}
@@ -321,7 +323,7 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
     return load_runtime(root / ONNX_FILE, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
 
 
-MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size")
+MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size", "tiling")
 
 
 def _build_model(root: Path, meta: Mapping[str, Any]):
@@ -336,6 +338,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
     from anomax.model import AnomalyModel
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import HEADS
+    from anomax.tiling import TilingConfig, load_head
 
     source = root / "model.json"
     with _checked(source, "backbone"):
@@ -344,9 +347,11 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         adaptor = FeatureAdaptor(AdaptorConfig.from_dict(meta["adaptor"]))
         adaptor_params = unflatten_arrays(adaptor.init(backbone.channels), _read_arrays(root / "adaptor.safetensors"),
                                           root / "adaptor.safetensors")
+    with _checked(source, "tiling"):
+        tiling = TilingConfig.from_dict(meta["tiling"] or {})
     with _checked(source, "head"):
         head = _exactly(meta["head"], ("name", "hyperparams"))
-        head = HEADS.get(head["name"]).from_state(head["hyperparams"], _read_arrays(root / "head.safetensors"))
+        head = load_head(HEADS.get(head["name"]), head["hyperparams"], _read_arrays(root / "head.safetensors"), tiling)
     with _checked(source, "preprocess"):
         preprocess = dict(meta["preprocess"])
         if isinstance(preprocess.get("domain"), str):  # a mask file the artifact holds and its manifest lists
@@ -354,7 +359,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
                 raise ValueError(f"the domain mask {preprocess['domain']!r} is not a file of the artifact")
             preprocess["domain"] = str(_member(root, preprocess["domain"], source, "preprocess.domain"))
         preprocess = PreprocessParams.from_dict(preprocess)
-    model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params)
+    model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling)
     with _checked(source, "thresholds"):
         thresholds = dict(meta["thresholds"])
         estimates = thresholds.pop("estimates", None)

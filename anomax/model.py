@@ -22,13 +22,15 @@ from anomax.heads._base import FeatureBatches, Head
 from anomax.parallel import data_mesh, mesh_size, replicate, shard_batch
 from anomax.preprocess.cache import iterate_batches
 from anomax.preprocess.params import PreprocessParams, preprocess_image
+from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tiled
 from anomax.training import TrainConfig
 
 
 class AnomalyModel:
     def __init__(self, preprocess: PreprocessParams, backbone: Backbone, adaptor: FeatureAdaptor, head: Head,
                  adaptor_params: Mapping[str, Any] | None = None, thresholds: Mapping[str, float] | None = None,
-                 batch_size: int = 16, augment: AugmentConfig | None = None):
+                 batch_size: int = 16, augment: AugmentConfig | None = None,
+                 tiling: TilingConfig | None = None):
         self.preprocess = preprocess
         self.backbone = backbone
         self.adaptor = adaptor
@@ -38,6 +40,7 @@ class AnomalyModel:
         self.batch_size = batch_size
         self.augment = augment or AugmentConfig()  # fit-time and test-time transforms (anomax.augment)
         self.augment.check_input(preprocess.height, preprocess.width)
+        self.tiling = tiling or TilingConfig()  # large images scored tile by tile (anomax.tiling)
         self.device = jax.devices()[0]  # where apply and score_split run
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
         self._features = jax.jit(self.features)
@@ -104,6 +107,8 @@ class AnomalyModel:
         on held-out good images also get ``validation_split``'s good images."""
         if any(s.anomaly_label != "ok" for s in dataset.samples_of(split)):
             raise InputError(f"split '{split}' holds defective ('nok') images; heads train on good images only")
+        if self.tiling.enabled:
+            return fit_tiled(self, dataset, split, train=train, validation_split=validation_split, progress=progress)
         validation = None
         if self.head.wants_validation and any(s.split == validation_split and s.anomaly_label == "ok"
                                               for s in dataset.samples):
@@ -131,7 +136,11 @@ class AnomalyModel:
 
     def score_split(self, dataset: DLDataset, split: str, *, cache_dir: str | None = None,
                     progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of {'anomaly_image', 'anomaly_score', 'mask', 'label', 'index', 'valid', 'image'}."""
+        """Batches of {'anomaly_image', 'anomaly_score', 'mask', 'label', 'index', 'valid', 'image'}; tiled:
+        one image per batch, maps and mask at its ROI-cropped resolution, no 'image'."""
+        if self.tiling.enabled:
+            yield from score_split_tiled(self, dataset, split, progress)
+            return
         params = self._placed(self.params)
         for batch in iterate_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir,
                                      progress=f"score {split}" if progress else None):
@@ -143,8 +152,8 @@ class AnomalyModel:
         """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image: 'anomaly_image',
         'anomaly_score' (plus the head's further maps), and with thresholds 'anomaly_class',
         'anomaly_class_id', 'anomaly_region'. Images are preprocessed one batch at a time."""
-        from anomax.evaluation import threshold_dl_anomaly_results
-
+        if self.tiling.enabled:  # maps at each image's ROI-cropped size
+            return self._classified(apply_tiled(self, images))
         params = self._placed(self.params)
         results = []
         for start in range(0, len(images), self.batch_size):
@@ -155,6 +164,12 @@ class AnomalyModel:
             for row in range(len(chunk)):  # compiled once: every batch is padded to batch_size
                 results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
                                 for key, value in out.items()})
+        return self._classified(results)
+
+    def _classified(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With thresholds set: 'anomaly_class', 'anomaly_class_id' and 'anomaly_region' added to each result."""
+        from anomax.evaluation import threshold_dl_anomaly_results
+
         if {"segmentation", "classification"} <= set(self.thresholds):
             applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
                                                    [r["anomaly_score"] for r in results],

@@ -125,11 +125,12 @@ def register_schemas() -> None:
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import BACKBONES, DATASET_FORMATS, HEADS
     from anomax.distributed import DistributedConfig
+    from anomax.tiling import TilingConfig
     from anomax.training import TrainConfig
 
     store = ConfigStore.instance()
     groups = {key: (Any, None) for key in ("dataset", "preprocess", "model", "train", "evaluate", "augment",
-                                           "distributed")}
+                                           "distributed", "tiling")}
     split = settings_schema(SplitConfig, "Split")
     groups["split"] = (split, split)
     store.store(name="schema", node=settings_schema(RunConfig, "AppConfig", groups))
@@ -150,6 +151,7 @@ def register_schemas() -> None:
     store.store(group="preprocess", name="schema", node=settings_schema(PreprocessParams, "Preprocess", optional=True))
     store.store(group="train", name="schema", node=settings_schema(TrainConfig, "Train"))
     store.store(group="evaluate", name="schema", node=settings_schema(EvaluateConfig, "Evaluate"))
+    store.store(group="tiling", name="schema", node=settings_schema(TilingConfig, "Tiling"))
     store.store(group="distributed", name="schema", node=settings_schema(DistributedConfig, "Distributed"))
     store.store(group="augment", name="schema", node=settings_schema(AugmentConfig, "Augment"))
 

@@ -15,8 +15,9 @@ class EvaluateConfig(Settings):
     segmentation_clip: [low, high] clip of that threshold (null: none). classification_threshold:
     HALCON's rule (or the F1-optimal image threshold) applied by the saved model. exact: keep every
     pixel score instead of num_bins histogram bins over pixel_range ([low, high]; null: bins
-    that widen with the data). fpr_limit: AUPRO integration limit. native_resolution: pixel metrics at the original
-    mask size. histogram_bins, num_worst, colormap: the report's pictures."""
+    that widen with the data). fpr_limit: AUPRO integration limit. native_resolution: pixel metrics
+    against the original-size masks (after the ROI crop), each map upsampled bilinearly to its mask
+    (tiled maps are there already). histogram_bins, num_worst, colormap: the report's pictures."""
 
     section: ClassVar[str] = "evaluate"
     threshold_split: Literal["validation", "test"] = "validation"
@@ -41,9 +42,6 @@ class EvaluateConfig(Settings):
         if self.threshold_split == "test" and not self.allow_test_split:
             self.fail("threshold_split", "'validation' unless evaluate.allow_test_split=true (thresholds fitted "
                                          "on the test split make its metrics optimistic)")
-        if self.native_resolution:
-            self.fail("native_resolution", "false: native-resolution pixel metrics are not wired yet (they come "
-                                           "with tiling)")
         from matplotlib import colormaps  # only here: matplotlib is slow to import
 
         if self.colormap not in colormaps:

@@ -60,7 +60,7 @@ def evaluate_dl_model(
     metrics = {
         "num_images": len(scores), "num_good": int((labels == 0).sum()), "num_defective": int((labels == 1).sum()),
         "image": _image_metrics(image),
-        "pixel": _pixel_metrics(all_pixels, fpr_limit),
+        "pixel": _pixel_metrics(all_pixels, fpr_limit, native_resolution),
         "per_defect_type": {},
         "score_histogram": _score_histogram(scores, labels, histogram_bins),
         "at_thresholds": {name: _confusion(scores, labels, value) for name, value in _named(thresholds).items()},
@@ -79,7 +79,8 @@ def evaluate_dl_model(
         metrics["per_defect_type"][str(defect_type)] = {
             "num_images": int(chosen.sum()) - int((labels == 0).sum()),
             "image": _image_metrics(image_curve(scores[chosen], labels[chosen])),
-            "pixel": _pixel_metrics(functools.reduce(PixelAccumulator.merged, group) if group else None, fpr_limit),
+            "pixel": _pixel_metrics(functools.reduce(PixelAccumulator.merged, group) if group else None, fpr_limit,
+                                    native_resolution),
         }
     return metrics
 
@@ -90,8 +91,9 @@ def _pixel_pairs(batch: dict, chosen: np.ndarray, native_resolution: bool):
         yield batch["anomaly_image"][chosen], batch["anomaly_ground_truth"][chosen]
         return
     for position in np.flatnonzero(chosen):
-        mask = batch["anomaly_ground_truth"][position]
-        anomaly_image = np.asarray(jax.image.resize(batch["anomaly_image"][position], mask.shape, "bilinear"))
+        mask, anomaly_image = batch["anomaly_ground_truth"][position], batch["anomaly_image"][position]
+        if anomaly_image.shape != mask.shape:  # tiled maps come at the mask's size
+            anomaly_image = np.asarray(jax.image.resize(anomaly_image, mask.shape, "bilinear"))
         yield anomaly_image[None], mask[None]
 
 
@@ -100,7 +102,7 @@ def _image_metrics(curve: Curve) -> dict:
     return {"auroc": curve.auroc(), "aupr": curve.average_precision(), "f1_max": f1, "f1_threshold": threshold}
 
 
-def _pixel_metrics(accumulator: PixelAccumulator | None, fpr_limit: float) -> dict | None:
+def _pixel_metrics(accumulator: PixelAccumulator | None, fpr_limit: float, native_resolution: bool) -> dict | None:
     """None where the pixels lack either class (no masks, or no defect pixels)."""
     if accumulator is None:
         return None
@@ -109,7 +111,8 @@ def _pixel_metrics(accumulator: PixelAccumulator | None, fpr_limit: float) -> di
         return None
     f1, threshold = curve.f1_max()
     return {"auroc": curve.auroc(), "f1_max": f1, "f1_threshold": threshold, "aupro": curve.aupro(fpr_limit),
-            "fpr_limit": fpr_limit, "num_regions": curve.num_regions, "resolution": accumulator.resolution}
+            "fpr_limit": fpr_limit, "num_regions": curve.num_regions, "resolution": accumulator.resolution,
+            "native_resolution": native_resolution}
 
 
 def _named(thresholds) -> dict[str, float]:

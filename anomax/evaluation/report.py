@@ -30,8 +30,10 @@ def write_html_report(run_dir, metrics: Mapping, pictures: Mapping[str, str | Pa
     if metrics["pixel"] is not None:
         pixel = metrics["pixel"]
         resolution = ", ".join(f"{key} {value}" for key, value in pixel["resolution"].items())
-        sections += [f"<h2>Pixel metrics</h2><p>AUPRO integrated to FPR {pixel['fpr_limit']:g} and normalised; "
-                     f"{escape(resolution)}.</p>", _table(
+        where = ("at the original mask resolution (maps upsampled to it)" if pixel.get("native_resolution")
+                 else "at the model's map resolution")
+        sections += [f"<h2>Pixel metrics</h2><p>Pixels counted {where}; AUPRO integrated to FPR "
+                     f"{pixel['fpr_limit']:g} and normalised; {escape(resolution)}.</p>", _table(
                          ["defect type", "AUROC", "F1-max", "F1 threshold", "AUPRO", "regions"],
                          [[name, *(group["pixel"][key] for key in ("auroc", "f1_max", "f1_threshold", "aupro",
                                                                    "num_regions"))]
