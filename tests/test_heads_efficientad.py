@@ -7,12 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import anomax
 from anomax.backbones import backbone_requirements, build_backbone
 from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
-from anomax.heads.efficientad import EfficientAD, hard_feature_errors, hard_feature_loss, map_quantiles, normalise
+from anomax.heads.efficientad import (EfficientAD, distillation_batches, hard_feature_errors, hard_feature_loss,
+                                     map_quantiles, normalise, quantile)
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param
 from anomax.registry import HEADS
@@ -45,10 +47,10 @@ def batches(images):
         yield {"image": padded, "features": np.asarray(features), "valid": np.arange(4) < len(chunk)}
 
 
-def fit(validation=None, **train):
+def fit(validation=None, distill=None, **train):
     head = EfficientAD(**HEAD)
     info = head.fit(batches(IMAGES), train=dataclasses.replace(TRAIN, **train),
-                    validation=None if validation is None else batches(validation))
+                    validation=None if validation is None else batches(validation), distill=distill)
     return head, info
 
 
@@ -60,6 +62,7 @@ def trained():
 def test_hard_feature_loss_matches_numpy():
     errors = np.random.default_rng(1).exponential(size=(2, 3, 4, 50)).astype(np.float32)
     for q in (0.0, 0.5, 0.9, 0.999):
+        np.testing.assert_allclose(quantile(jnp.asarray(errors), q), np.quantile(errors, q), rtol=1e-6)
         reference = errors[errors >= np.quantile(errors, q)].mean()
         np.testing.assert_allclose(hard_feature_loss(jnp.asarray(errors), q), reference, rtol=1e-5)
         # The per-position shares the training loop averages give the same loss.
@@ -100,9 +103,18 @@ def test_stops_at_error_threshold_and_is_deterministic_per_seed(trained):
     assert other_info["log"][0]["error"] != info["log"][0]["error"]
 
 
-def test_validation_images_set_the_quantiles():
-    head, info = fit(validation=IMAGES[:4], max_num_epochs=1)
+def test_validation_images_set_the_quantiles_and_distillation_images_teach_the_teacher(tmp_path):
+    for index, image in enumerate(np.random.default_rng(3).integers(0, 256, (3, SIZE, SIZE + 4, 3), np.uint8)):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    extra = list(distillation_batches(MODEL, str(tmp_path)))
+    assert [b["image"].shape for b in extra] == [(4, SIZE, SIZE, 3)] and extra[0]["valid"].sum() == 3
+    head, info = fit(validation=IMAGES[:4], distill=extra, max_num_epochs=1)
     assert info["quantiles_from"] == "4 validation images" and info["num_train_images"] == 10
+    assert info["distillation"]["num_images"] == 13
+    with pytest.raises(ConfigError, match="distill_images"):
+        EfficientAD(**HEAD, distill_images=str(tmp_path)).fit(batches(IMAGES), train=TRAIN)
+    with pytest.raises(ConfigError, match="no images"):
+        list(distillation_batches(MODEL, str(tmp_path / "missing")))
 
 
 def test_score_gives_local_global_and_combined_maps(trained):

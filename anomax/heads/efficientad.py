@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, ClassVar, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +30,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from anomax import training
-from anomax.errors import ArtifactError, DatasetError, InputError
+from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.heads._pdn import PDN, AutoEncoder
 from anomax.registry import HEADS
-from anomax.settings import Literal, setting
+from anomax.settings import setting
 from anomax.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,29 @@ class EfficientADConfig(HeadConfig):
 
 # ---- losses and normalisation (pure, tested against numpy) --------------------------------
 
+def quantile(values: jax.Array, q: float) -> jax.Array:
+    """numpy's default (linear) q-quantile of all elements, from a top-k of the (1-q) share
+    above it: exact, and on CPU ~100x faster than jnp.quantile's full sort for q near 1."""
+    flat = values.reshape(-1)
+    position = q * (flat.size - 1)
+    low = math.floor(position)
+    high = min(low + 1, flat.size - 1)
+    top = jax.lax.top_k(flat, flat.size - low)[0]  # descending: top[j] is the (size-1-j)-th smallest
+    below, above = top[flat.size - 1 - low], top[flat.size - 1 - high]
+    return below + (position - low) * (above - below)
+
+
 def hard_feature_loss(squared_errors: jax.Array, q: float) -> jax.Array:
     """EfficientAD's L_hard: the mean of the elements of ``squared_errors`` at or above their
     q-quantile (q=0 is the plain mean)."""
-    hard = squared_errors >= jnp.quantile(squared_errors, q)
+    hard = squared_errors >= quantile(squared_errors, q)
     return jnp.sum(jnp.where(hard, squared_errors, 0.0)) / jnp.sum(hard)
 
 
 def hard_feature_errors(squared_errors: jax.Array, q: float) -> jax.Array:
     """(B, h, w, C) -> (B, h, w): each position's share of L_hard, scaled so that their mean
     over all positions is exactly ``hard_feature_loss`` (the training loop averages positions)."""
-    hard = squared_errors >= jnp.quantile(squared_errors, q)
+    hard = squared_errors >= quantile(squared_errors, q)
     positions = math.prod(squared_errors.shape[:-1])
     return jnp.sum(jnp.where(hard, squared_errors, 0.0), axis=-1) * (positions / jnp.sum(hard))
 
@@ -160,7 +173,8 @@ class EfficientAD(Head):
     # ---- maps ---------------------------------------------------------------------------
     def _raw_maps(self, state: Mapping[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unnormalised (B, h, w) local and global maps."""
-        teacher = (self._teacher.apply(self._teacher.params(state), images) - state["teacher_mean"]) / state["teacher_std"]
+        teacher = self._teacher.apply(self._teacher.params(state), images)
+        teacher = (teacher - state["teacher_mean"]) / state["teacher_std"]
         student = self._student.apply(self._student.params(state), images)
         autoencoder = self._ae.apply(self._ae.params(state), images)
         dim = teacher.shape[-1]
@@ -190,6 +204,9 @@ class EfficientAD(Head):
         held-out part of the training images. ``distill``: extra batches {'image', 'features'}
         of generic images (the model reads ``distill_images`` into them) for the teacher only."""
         config, train = self.config, train or TrainConfig()
+        if config.distill_images and distill is None:
+            raise ConfigError(f"model.head.distill_images = {config.distill_images!r} but fit() got no distillation "
+                              "batches: pass distill=distillation_batches(model, folder) (AnomalyModel.fit does)")
         images, features = _collect(batches, "the training split", progress, need_features=True)
         height, width = images.shape[1:3]
         stride = height // features.shape[1]
@@ -271,6 +288,26 @@ class EfficientAD(Head):
         _log_epochs("teacher distillation", info["log"])
         info["num_images"] = len(images)
         return params, info
+
+
+def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
+    """Batches {'image', 'features', 'valid'} of the images under ``folder`` (recursively), put
+    through ``model``'s preprocessing, backbone and adaptor: what ``fit(distill=...)`` takes for
+    the head config's ``distill_images``."""
+    from anomax.data.images import IMAGE_SUFFIXES, list_files, read_image
+    from anomax.preprocess.params import preprocess_image
+
+    files = list_files(folder, IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    if not files:
+        raise ConfigError(f"model.head.distill_images = {folder!r}: no images found there; point it to a folder "
+                          f"of images ({', '.join(sorted(IMAGE_SUFFIXES))}) or set it to null")
+    params = (model.backbone.params, model.adaptor_params)
+    for start in range(0, len(files), model.batch_size):
+        chunk = np.stack([preprocess_image(model.preprocess, read_image(f))
+                          for f in files[start:start + model.batch_size]])
+        valid = np.arange(model.batch_size) < len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], model.batch_size - len(chunk), 0)])
+        yield {"image": padded, "features": np.asarray(model._features(*params, padded)), "valid": valid}
 
 
 def _log_epochs(phase: str, epochs: list[dict[str, Any]]) -> None:
