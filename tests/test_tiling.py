@@ -222,3 +222,41 @@ def test_an_untiled_artifact_loads_untiled(dataset, tmp_path):
     model = build("padim", TilingConfig())
     model.fit(dataset, progress=False)
     assert not anomax.load_model(anomax.save_model(model, tmp_path / "model")).tiling.enabled
+
+
+# ---- the config group ------------------------------------------------------------------------------
+def composed(*overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from anomax.apps.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose("anomax_train", overrides=["dataset=synthetic", *overrides]),
+                                      resolve=True)
+
+
+def test_the_tiling_group_is_off_by_default_and_validated_at_composition():
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from anomax.pipeline import validate_config
+
+    assert not TilingConfig.from_dict(composed()["tiling"]).enabled
+    on = composed("tiling=default", "tiling.mode=per_position")
+    validate_config(on)
+    assert TilingConfig.from_dict(on["tiling"]) == TilingConfig(tile_size=256, stride=224, mode="per_position")
+    for override, key in (("tiling.stride=300", "tiling.stride"), ("tiling.mode=mosaic", "mode"),
+                          ("tiling.tile_sise=64", "tile_sise")):
+        with pytest.raises((ConfigError, HydraException, OmegaConfBaseException), match=key):
+            validate_config(composed("tiling=default", override))
+
+
+def test_the_tile_size_must_suit_the_backbone():
+    from anomax.pipeline import build_model
+
+    cfg = composed("tiling=default", "tiling.tile_size=100", "tiling.stride=90", "model/backbone=resnet18",
+                   "model.backbone.pretrained=null")
+    with pytest.raises(ConfigError, match="tiling.tile_size = 100 .* multiple of 32"):
+        build_model(cfg)

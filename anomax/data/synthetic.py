@@ -42,12 +42,16 @@ def make_synthetic_dataset(
     textures: tuple[str, ...] = ("brick",),
     defects: tuple[str, ...] | None = None,
     seed: int = 0,
+    defect_area: tuple[float, float] | None = None,
 ) -> Path:
     """Write the dataset under ``root`` and return ``root``.
 
     Each texture image is a random crop (a quarter to half of the 512 px texture) resized to
     ``size``; each ``parts`` image a fresh random layout. The ``n_test_defect`` defective images
     per category cycle through ``defects`` (None: all of the category's defects).
+    ``defect_area`` (low, high): each texture defect covers about a fraction of the image drawn
+    uniformly from that range (e.g. (0.0001, 0.001) for small-defect benchmarks on large images);
+    None keeps the defects' own sizes (a few percent of the image).
     """
     known = {**{texture: DEFECTS for texture in TEXTURES}, PARTS: PARTS_DEFECTS}
     unknown = sorted(set(textures) - set(known))
@@ -58,6 +62,13 @@ def make_synthetic_dataset(
                           f"defects from {list(DEFECTS)} (textures) or {list(PARTS_DEFECTS)} (parts)")
     if size < 16 or (PARTS in textures and size < 32):
         raise ConfigError(f"synthetic 'size' must be at least 16 pixels (32 for parts) to hold a defect, got {size}")
+    if defect_area is not None:
+        if len(defect_area) != 2 or not 0 < defect_area[0] <= defect_area[1] < 1:
+            raise ConfigError(f"synthetic 'defect_area' must be [low, high] fractions of the image with "
+                              f"0 < low <= high < 1, got {defect_area!r}")
+        if PARTS in textures:
+            raise ConfigError("synthetic 'defect_area' sizes the texture defects; the parts category's defects are "
+                              "whole parts: leave defect_area null for it")
     root = Path(root)
     for texture_index, texture in enumerate(textures):
         rng = np.random.default_rng([seed, texture_index])
@@ -74,7 +85,9 @@ def make_synthetic_dataset(
             _save(_crop(source, size, rng), folder / "test" / "good" / f"{i:03d}.png")
         for i in range(n_test_defect):
             defect = texture_defects[i % len(texture_defects)]
-            image, mask = DRAW[defect](_crop(source, size, rng), rng, _crop(donor, size, rng))
+            image, donor_image = _crop(source, size, rng), _crop(donor, size, rng)
+            area = None if defect_area is None else rng.uniform(*defect_area) * size * size  # in pixels
+            image, mask = DRAW[defect](image, rng, donor_image, area)
             name = f"{i // len(texture_defects):03d}"
             _save(image, folder / "test" / defect / f"{name}.png")
             _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / defect / f"{name}_mask.png")
@@ -112,26 +125,41 @@ def _contrasting(image: np.ndarray, mask: np.ndarray) -> int:
     return 15 if image[mask].mean() > 127 else 240
 
 
-def _scratch(image, rng, donor):
+def _aspect(rng: np.random.Generator) -> float:
+    return float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+
+
+def _scratch(image, rng, donor, area=None):
     size = image.shape[0]
-    start, end = _point(rng, size), _point(rng, size)
-    while np.hypot(end[0] - start[0], end[1] - start[1]) < size / 3:
-        end = _point(rng, size)
-    width = max(1, size // 32)
+    if area is None:
+        start, end = _point(rng, size), _point(rng, size)
+        while np.hypot(end[0] - start[0], end[1] - start[1]) < size / 3:
+            end = _point(rng, size)
+        width = max(1, size // 32)
+    else:  # a stroke of about `area` pixels, about 12 times as long as wide
+        width = max(1, round(np.sqrt(area / 12)))
+        (x, y), angle = _point(rng, size, 0.25), rng.uniform(0, np.pi)
+        half = 0.5 * area / width * np.array([np.cos(angle), np.sin(angle)])
+        start, end = (x - half[0], y - half[1]), (x + half[0], y + half[1])
     mask = _shape_mask(size, lambda d: d.line([start, end], fill=255, width=width))
     return np.where(mask, _contrasting(image, mask), image).astype(np.uint8), mask
 
 
-def _hole(image, rng, donor):
+def _hole(image, rng, donor, area=None):
     size = image.shape[0]
-    (x, y), (rx, ry) = _point(rng, size, 0.25), rng.integers(size // 16, size // 6, 2)
+    if area is None:
+        (x, y), (rx, ry) = _point(rng, size, 0.25), rng.integers(size // 16, size // 6, 2)
+    else:  # an ellipse of area pi rx ry = area
+        (x, y), aspect = _point(rng, size, 0.25), _aspect(rng)
+        rx = np.sqrt(area / (np.pi * aspect))
+        ry = aspect * rx
     mask = _shape_mask(size, lambda d: d.ellipse([x - rx, y - ry, x + rx, y + ry], fill=255))
     return np.where(mask, 10, image).astype(np.uint8), mask
 
 
-def _stain(image, rng, donor):
+def _stain(image, rng, donor, area=None):
     size = image.shape[0]
-    (x, y), radius = _point(rng, size, 0.25), size / 8
+    (x, y), radius = _point(rng, size, 0.25), size / 8 if area is None else np.sqrt(area / np.pi)
     angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
     radii = radius * rng.uniform(0.6, 1.4, 9)
     polygon = [(x + r * np.cos(a), y + r * np.sin(a)) for a, r in zip(angles, radii, strict=True)]
@@ -140,9 +168,14 @@ def _stain(image, rng, donor):
     return np.where(mask, tinted, image).astype(np.uint8), mask
 
 
-def _patch(image, rng, donor):
+def _patch(image, rng, donor, area=None):
     size = image.shape[0]
-    (x, y), (half_w, half_h) = _point(rng, size, 0.25), rng.integers(size // 10, size // 5, 2)
+    if area is None:
+        (x, y), (half_w, half_h) = _point(rng, size, 0.25), rng.integers(size // 10, size // 5, 2)
+    else:  # a rectangle of about `area` pixels
+        (x, y), aspect = _point(rng, size, 0.25), _aspect(rng)
+        half_w = 0.5 * np.sqrt(area * aspect)
+        half_h = 0.25 * area / half_w
     mask = _shape_mask(size, lambda d: d.rectangle([x - half_w, y - half_h, x + half_w, y + half_h], fill=255))
     return np.where(mask, donor, image).astype(np.uint8), mask
 

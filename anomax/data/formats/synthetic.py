@@ -19,9 +19,11 @@ from anomax.registry import DATASET_FORMATS
 def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_test_good: int = 8,
                    n_test_defect: int = 8, validation_from_train: float = 0.25,
                    validation_from_test: float = 0.0, seed: int = 0,
-                   root: str | None = None) -> DLDataset:
+                   root: str | None = None, defect_area: list[float] | None = None) -> DLDataset:
     """Generate (unless already there) and read a synthetic dataset: ``texture`` is one of the
     textures (structural defects) or 'parts' (logical anomalies; see anomax.data.synthetic).
+    ``defect_area`` [low, high]: each texture defect covers about that fraction of the image (drawn
+    uniformly), e.g. [0.0001, 0.001] with size 2048 for small defects on large images.
 
     Files go to ``root`` or ``~/.cache/anomax/synthetic/<hash of the arguments>``; the folder is
     written under a temporary name and renamed when complete, so a half-written one is never read.
@@ -30,6 +32,8 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
                 seed=seed)
     if texture == PARTS:  # bump PARTS_VERSION when the generator's output changes: a new cache folder
         spec["version"] = PARTS_VERSION
+    if defect_area is not None:  # absent otherwise: the folders generated before it existed stay valid
+        spec["defect_area"] = [float(v) for v in defect_area]
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(root or Path(os.path.expanduser("~/.cache/anomax/synthetic"))) / key
     if not folder.is_dir():
@@ -37,7 +41,8 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
         try:
             make_synthetic_dataset(staging, size=size, n_train=n_train, n_test_good=n_test_good,
-                                   n_test_defect=n_test_defect, textures=(texture,), seed=seed)
+                                   n_test_defect=n_test_defect, textures=(texture,), seed=seed,
+                                   defect_area=None if defect_area is None else tuple(defect_area))
             os.replace(staging, folder)
         except OSError:
             if not folder.is_dir():  # a concurrent writer may have won the rename: its folder is as good
