@@ -6,14 +6,14 @@ the finest chosen resolution, concatenate channels in tap order, optional projec
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from anomax.errors import ConfigError, InputError
-from anomax.settings import Literal, Settings, setting
+from anomax.settings import Settings, setting
 
 
 def random_projection(seed: int, in_dim: int, out_dim: int) -> np.ndarray:

@@ -19,8 +19,8 @@ from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
 from anomax.heads._base import FeatureBatches, Head
-from anomax.parallel import data_mesh, mesh_size, replicate, shard_batch
-from anomax.preprocess.cache import iterate_batches
+from anomax.distributed import local_batches, local_count
+from anomax.parallel import data_mesh, gather, mesh_size, replicate, shard_batch
 from anomax.preprocess.params import PreprocessParams, preprocess_image
 from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tiled
 from anomax.training import TrainConfig
@@ -125,14 +125,15 @@ class AnomalyModel:
         params = self._placed({"backbone": self.backbone.params, "adaptor": self.adaptor_params})
 
         def batches() -> Iterator[dict[str, Any]]:
-            for batch in iterate_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir):
+            for batch in local_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir):
                 for name in ("identity", *transforms):
                     image = np.ascontiguousarray(transform(batch["image"], name))
                     images = self._placed(image, split_batch=True)
-                    yield {"image": image, "valid": batch["valid"],
+                    yield {"image": image, "valid": self._placed(batch["valid"], split_batch=True),
                            "features": self._features(params["backbone"], params["adaptor"], images)}
 
-        return FeatureBatches(batches, len(dataset.samples_of(split)) * (1 + len(transforms)), self.batch_size)
+        return FeatureBatches(batches, local_count(len(dataset.samples_of(split))) * (1 + len(transforms)),
+                              self.batch_size // jax.process_count())
 
     def score_split(self, dataset: DLDataset, split: str, *, cache_dir: str | None = None,
                     progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
@@ -142,10 +143,10 @@ class AnomalyModel:
             yield from score_split_tiled(self, dataset, split, progress)
             return
         params = self._placed(self.params)
-        for batch in iterate_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir,
-                                     progress=f"score {split}" if progress else None):
-            out = jax.device_get(self._infer(params, self._placed(batch["image"], split_batch=True), mesh=self.mesh))
-            yield {**batch, **{key: np.asarray(value) for key, value in out.items()}}
+        for batch in local_batches(dataset, split, self.preprocess, self.batch_size, cache_dir=cache_dir,
+                                   progress=f"score {split}" if progress else None):
+            out = self._infer(params, self._placed(batch["image"], split_batch=True), mesh=self.mesh)
+            yield gather({**batch, **out})  # several processes: every one gets the whole batch
 
     # ---- new images ---------------------------------------------------------------------------
     def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
@@ -196,4 +197,5 @@ def _device(name: str) -> jax.Device:
 
 
 def _is_finite(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return number and bool(np.isfinite(value))

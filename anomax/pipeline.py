@@ -240,7 +240,8 @@ def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir
         region = anomaly_image >= model.thresholds["segmentation"] if "segmentation" in model.thresholds else None
         return {"image": read_image(sample.image_file_name), "anomaly_image": anomaly_image,
                 "anomaly_score": listed["anomaly_score"], "anomaly_ground_truth": entry["anomaly_ground_truth"],
-                "anomaly_region": region, "branches": {k: v for k, v in entry.items() if k.startswith("anomaly_image_")},
+                "anomaly_region": region,
+                "branches": {k: v for k, v in entry.items() if k.startswith("anomaly_image_")},
                 "title": f"{Path(sample.image_file_name).name} ({sample.defect_type})\n"
                          f"score {listed['anomaly_score']:.4g}"}
 
@@ -324,7 +325,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         start = time.perf_counter()
         thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
         metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
-                                 title=f"anomax: {model.head.name} + {model.backbone.name} on {cfg['dataset'].get('name')}",
+                                 title=f"anomax: {model.head.name} + {model.backbone.name} on "
+                                       f"{cfg['dataset'].get('name')}",
                                  progress=run.progress)
         timings["evaluate_s"] = time.perf_counter() - start
 

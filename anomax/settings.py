@@ -19,7 +19,7 @@ import numpy as np
 
 from anomax.errors import ConfigError
 
-__all__ = ["Settings", "setting", "Literal"]
+__all__ = ["Settings", "setting"]
 
 
 def setting(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import optax
 from tqdm.auto import tqdm
 
 from anomax.errors import AnomaxError, ConfigError
-from anomax.settings import Literal, Settings, setting
+from anomax.settings import Settings, setting
 
 
 @dataclasses.dataclass(frozen=True)

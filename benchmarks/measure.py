@@ -107,16 +107,19 @@ def neighbors(queries: int = 16384, bank: int = 4208, dim: int = 128, chunk_size
             **result}
 
 
-def coreset(rows: int = 420_864, dim: int = 128, ratio: float = 0.01, repeats: int = 1) -> dict:
-    """Greedy k-center selection on a random bank of ELPV mono's size (420,864 x 128)."""
+def coreset(rows: int = 420_864, dim: int = 128, ratio: float = 0.01, repeats: int = 1, chunks: int = 50,
+            progress: bool = True) -> dict:
+    """Greedy k-center selection on a random bank of ELPV mono's size (420,864 x 128), in ``chunks``
+    compiled calls with a progress bar (1 and no bar: the selection as one compiled loop)."""
     from anomax.kernels.coreset import greedy_coreset
 
     size = max(1, int(rows * ratio))
     features = jnp.asarray(np.random.default_rng(0).normal(size=(rows, dim)), jnp.float32)
     # Compiled apart and long-running: no warm-up call (a 10 % coreset runs for many minutes).
-    result = run_compiled(lambda f: greedy_coreset(f, size, 0), features, repeats=repeats, warmups=0)
-    return {"rows": rows, "dim": dim, "ratio": ratio, "size": size, "ms_per_step": 1e3 * result["median_s"] / size,
-            **result}
+    result = run_compiled(lambda f: greedy_coreset(f, size, 0, chunks=chunks, progress=progress), features,
+                          repeats=repeats, warmups=0)
+    return {"rows": rows, "dim": dim, "ratio": ratio, "size": size, "chunks": chunks, "progress": progress,
+            "ms_per_step": 1e3 * result["median_s"] / size, **result}
 
 
 def padim_memory(images: int, grid: int = 32, dim: int = 100, batch: int = 16) -> dict:
@@ -137,8 +140,9 @@ def patchcore_scale(images: int = 5000, grid: int = 32, dim: int = 128, batch: i
     from anomax.heads.patchcore import PatchCore
 
     began = time.perf_counter()
-    head = PatchCore(coreset_ratio=coreset_ratio, coreset_size=coreset_size, max_patches_per_image=max_patches_per_image)
-    info = head.fit(_feature_batches(images, grid, dim, batch))
+    head = PatchCore(coreset_ratio=coreset_ratio, coreset_size=coreset_size,
+                     max_patches_per_image=max_patches_per_image)
+    info = head.fit(_feature_batches(images, grid, dim, batch))  # the image count known up front, as in a run
     return {"images": images, "grid": grid, "dim": dim, "max_patches_per_image": max_patches_per_image,
             "bank_mib": info["num_patches"] * dim * 4 / 2**20, "fit_s": time.perf_counter() - began, **info}
 
@@ -156,6 +160,34 @@ def apply(head: str = "patchcore", size: int = 256, images: int = 32, repeats: i
     with tempfile.TemporaryDirectory() as folder:
         path = save_model(model, Path(folder) / "model")
         return {"head": head, "size": size, **measure_apply(path, (1, 16), repeats=repeats)}
+
+
+def deploy(head: str = "patchcore", size: int = 256, images: int = 32, test_images: int = 16, repeats: int = 10,
+           hyperparams: dict | None = None, width_multiplier: float = 1.0) -> dict:
+    """Apply images/s in jax / onnxruntime / OpenVINO (f32 and the CPU's default precision), side by side,
+    at batch 1 and 16, plus each runtime's score and class differences from JAX on the test images
+    (thresholds: the median JAX test score, the 99th percentile of JAX map pixels: the tightest place)."""
+    from anomax.artifact import save_model
+    from anomax.data.images import read_image
+    from anomax.pipeline import build_model, read_configured_dataset
+    from benchmarks.apply import compare_runtimes, measure_runtimes
+
+    dataset = read_configured_dataset({"format": "synthetic", "size": size, "n_train": images,
+                                       "n_test_good": test_images // 2, "n_test_defect": test_images - test_images // 2,
+                                       "validation_from_train": 0.0}, {}, seed=0)
+    model = build_model(_config(head, size, 16, width_multiplier, hyperparams or {}))
+    model.fit(dataset, progress=False)
+    tests = [read_image(sample.image_file_name) for sample in dataset.samples_of("test")]
+    results = model.apply(tests)
+    model.set_params(thresholds={"segmentation": float(np.quantile([r["anomaly_image"] for r in results], 0.99)),
+                                 "classification": float(np.median([r["anomaly_score"] for r in results]))})
+    with tempfile.TemporaryDirectory() as folder:
+        began = time.perf_counter()
+        path = save_model(model, Path(folder) / "model", onnx=True)
+        save_s = time.perf_counter() - began
+        return {"head": head, "size": size, "save_with_onnx_s": save_s,
+                "onnx_mib": (path / "model.onnx").stat().st_size / 2**20,
+                **measure_runtimes(path, repeats=repeats), "parity": compare_runtimes(path, tests)}
 
 
 def train(overrides: tuple[str, ...] = ()) -> dict:
@@ -191,12 +223,18 @@ def _config(head: str, size: int, batch: int, width_multiplier: float, hyperpara
         return OmegaConf.to_container(compose("anomax_train", overrides=overrides), resolve=True)
 
 
-def _feature_batches(images: int, grid: int, dim: int, batch: int) -> Iterator[dict]:
-    """Random (batch, grid, grid, dim) feature batches, the last one padded; one batch in memory at a time."""
-    rng = np.random.default_rng(0)
-    for start in range(0, images, batch):
-        valid = np.arange(start, start + batch) < images
-        yield {"features": rng.standard_normal((batch, grid, grid, dim), np.float32), "valid": valid}
+def _feature_batches(images: int, grid: int, dim: int, batch: int):
+    """Random (batch, grid, grid, dim) feature batches, the last one padded; one batch in memory at a
+    time; with the image count known up front, as AnomalyModel.fit hands them to a head."""
+    from anomax.heads._base import FeatureBatches
+
+    def make() -> Iterator[dict]:
+        rng = np.random.default_rng(0)
+        for start in range(0, images, batch):
+            valid = np.arange(start, start + batch) < images
+            yield {"features": rng.standard_normal((batch, grid, grid, dim), np.float32), "valid": valid}
+
+    return FeatureBatches(make, images, batch)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_BANK = {"rows": 420_864, "dim": 128}  # ELPV mono's PatchCore bank: 1,644 images x 16 x 16 patches x 128
+_BANK = {"rows": 420_864, "dim": 128}  # ELPV mono's PatchCore bank: 411 images x 32 x 32 patches x 128
 _BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
               "resnet50", "wide_resnet50_2")
 
@@ -31,6 +31,8 @@ SUITES = {
         ("coreset", {"rows": 2000, "dim": 32, "ratio": 0.01}),
         ("padim_memory", {"images": 8, "grid": 8, "dim": 16, "batch": 4}),
         ("padim_memory", {"images": 32, "grid": 8, "dim": 16, "batch": 4}),
+        ("deploy", {"head": "padim", "size": 64, "images": 8, "test_images": 4, "repeats": 1, "width_multiplier": 0.25,
+                    "hyperparams": {"adaptor.projection_dim": 8}}),
     ],
     # The real one, 256 x 256 inputs and ELPV-sized kernels.
     "cpu": [
@@ -44,6 +46,9 @@ SUITES = {
         ("patchcore_scale", {"images": 5000, "max_patches_per_image": 64}),
         ("apply", {"head": "padim"}),
         ("apply", {"head": "patchcore"}),
+        # PatchCore's bank as in the issue's comparison with anomalib: 3,788 x 128 (ELPV mono, 1 %)
+        ("deploy", {"head": "patchcore", "hyperparams": {"coreset_size": 3788}, "repeats": 5}),
+        ("deploy", {"head": "padim", "repeats": 5}),
         ("coreset", {**_BANK, "ratio": 0.01}),
         ("coreset", {**_BANK, "ratio": 0.1}),
     ],
@@ -134,6 +139,11 @@ TABLES = {  # measurement -> (title, header, row of a result)
     "apply": ("Apply a saved artifact (`load_model(path).apply`, MobileNetV2 256 × 256, preprocessing included)",
               ["head", "batch", "images/s", "first call s", "load s"],
               None),  # one row per batch size, below
+    "deploy": ("Apply in each runtime, side by side (artifact saved with onnx=True, MobileNetV2 256 × 256, "
+               "preprocessing included; rounds interleaved)",
+               ["head", "runtime", "batch", "images/s", "× jax", "first call s", "load s", "max score diff (rel)",
+                "class changes"],
+               None),  # one row per runtime and batch size, below
     "train": ("End to end: `anomax-train` default run", ["command", "wall s", "fit s", "evaluate s", "image AUROC"],
               lambda r, peak: [r["command"], _f(r["wall_s"]), _f(r["fit_s"]), _f(r["evaluate_s"]),
                                _f(r["summary"]["image_auroc"], 4)]),
@@ -155,12 +165,25 @@ def markdown(report: dict) -> str:
         lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in mine:
             rows = ([[r["head"], b, _f(t["images_per_s"]), _f(t["first_call_s"]), _f(r["load_s"])]
-                     for b, t in r["batches"].items()] if name == "apply" else [row(r, peak)])
+                     for b, t in r["batches"].items()] if name == "apply" else
+                    _deploy_rows(r) if name == "deploy" else [row(r, peak)])
             lines += ["| " + " | ".join(map(str, cells)) + " |" for cells in rows]
         lines.append("")
     failed = [r for r in results if "error" in r]
     lines += [f"- FAILED {r['measurement']} {r['kwargs']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _deploy_rows(r: dict) -> list[list]:
+    rows = []
+    for runtime, m in r["runtimes"].items():
+        parity = r["parity"][runtime]
+        for batch, t in m["batches"].items():
+            speedup = t["images_per_s"] / r["runtimes"]["jax"]["batches"][batch]["images_per_s"]
+            rows.append([r["head"], runtime, batch, _f(t["images_per_s"]), _f(speedup, 2), _f(t["first_call_s"]),
+                         _f(m["load_s"]), f"{parity['max_score_diff']:.2g} ({parity['max_score_diff_rel']:.1g})",
+                         f"{parity['class_changes']} of {parity['images']}"])
+    return rows
 
 
 def _load(load) -> str:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from anomax.settings import Literal, Settings, setting
+from anomax.settings import Settings, setting
 
 
 

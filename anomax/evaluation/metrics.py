@@ -169,7 +169,8 @@ class PixelAccumulator:
             self._start = int(np.floor(low / 2.0**self._exponent))
         while True:
             width = 2.0**self._exponent
-            first = min(self._start, int(np.floor(low / width))) if self._counts.shape[1] else int(np.floor(low / width))
+            first = int(np.floor(low / width))
+            first = min(self._start, first) if self._counts.shape[1] else first
             last = max(self._start + self._counts.shape[1] - 1, int(np.floor(high / width)))
             if last - first < self.num_bins:
                 break

@@ -9,7 +9,7 @@ jits backbone -> adaptor -> head -> map in one program and a reloaded head score
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping
 
 import jax
 import numpy as np
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from anomax.errors import ArtifactError, ConfigError, InputError
 from anomax.kernels.maps import anomaly_map
-from anomax.settings import Literal, Settings, setting
+from anomax.settings import Settings, setting
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ channel dominates the error.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from anomax import training
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.registry import HEADS
-from anomax.settings import Literal, setting
+from anomax.settings import setting
 from anomax.training import TrainConfig
 
 STRIDES = (8, 16)
@@ -162,6 +162,6 @@ class StudentHead(Head):
                              f"{height}x{width} and features {rows}x{cols}; choose adaptor taps of stride 8 or 16 "
                              "and an image size that is a multiple of it")
         if self.config.stride is not None and stride != self.config.stride:
-            raise ConfigError(f"model.head.stride={self.config.stride} but the features are {stride} times smaller than the "
-                              "image; set head.stride to null or to the taps' stride")
+            raise ConfigError(f"model.head.stride={self.config.stride} but the features are {stride} times smaller "
+                              "than the image; set model.head.stride to null or to the taps' stride")
         return stride

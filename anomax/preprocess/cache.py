@@ -45,9 +45,11 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, records: grain.MapDataset, params: PreprocessParams, data_dir: str | Path):
+    def __init__(self, *, records: grain.MapDataset, params: PreprocessParams, data_dir: str | Path,
+                 progress: str | None = None):
         self._records = records
         self._params = params
+        self.progress = progress
         super().__init__(data_dir=os.fspath(data_dir), file_format="array_record")
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -70,7 +72,12 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
         return {"data": self._generate_examples()}
 
     def _generate_examples(self):
-        for record in self._records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)):
+        from tqdm.auto import tqdm
+
+        records = self._records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
+        # TFDS's own bars are off (they print "Downloading and preparing"); this one says what happens.
+        for record in tqdm(records, desc=self.progress, unit="image", total=len(self._records),
+                           disable=self.progress is None):
             yield int(record["index"]), record
 
     # TFDS prints these two notes to stdout; they are no business of the user's console
@@ -184,6 +191,7 @@ def _builder(
         records=_preprocessed_records(samples, params),
         params=params,
         data_dir=folder or cache_path(dataset, split, params, cache_dir),
+        progress=f"cache {split or 'all'}",
     )
 
 

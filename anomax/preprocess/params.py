@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from PIL import Image
 
 from anomax.errors import ConfigError, InputError
-from anomax.settings import Literal, Settings, setting
+from anomax.settings import Settings, setting
 
 RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "area": Image.Resampling.BOX}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
