@@ -1,11 +1,11 @@
-"""Data parallelism over the local devices with jax.sharding: one 1-D mesh named 'data'.
+"""Data parallelism with jax.sharding: one 1-D mesh named 'data' over every device of every process.
 
 Batches are split along their first axis (NamedSharding(mesh, P('data'))) and parameters
 are replicated; jit then compiles one SPMD program in which XLA inserts the cross-device
-reductions itself (PaDiM's sums over the batch become all-reduces). Multi-host: call
-``jax.distributed.initialize()`` first in every process; ``jax.devices()`` then lists the
-devices of all hosts, and each process feeds only its own shard of a batch (see
-benchmarks/README.md).
+reductions itself (PaDiM's sums over the batch become all-reduces). With several processes
+(``anomax.distributed``) the mesh spans all of them: each process feeds only its own shard of
+a global batch (``shard_batch`` assembles it from process-local rows), the same reductions then
+run across processes, and ``gather`` brings a sharded result back to every process.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from anomax.errors import InputError
@@ -21,7 +22,7 @@ AXIS = "data"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all devices of the default backend)."""
+    """A 1-D mesh over ``devices`` (default: all devices of the default backend, of all processes)."""
     return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (AXIS,))
 
 
@@ -29,15 +30,55 @@ def mesh_size(mesh: Mesh) -> int:
     return mesh.shape[AXIS]
 
 
+def spans_processes(mesh: Mesh) -> bool:
+    return any(device.process_index != jax.process_index() for device in mesh.devices.flat)
+
+
 def shard_batch(mesh: Mesh, array) -> jax.Array:
-    """Place a batch (B, ...) with B split over the mesh; B must be a multiple of the device count."""
-    devices = mesh_size(mesh)
+    """Place a batch (B, ...) with B split over the mesh; B must be a multiple of the device count.
+    On a mesh over several processes ``array`` is this process's rows of the global batch."""
+    devices = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
     if np.shape(array)[0] % devices:
         raise InputError(f"a batch of {np.shape(array)[0]} cannot be split evenly over {devices} devices; "
-                         f"set batch_size to a multiple of {devices}")
-    return jax.device_put(array, NamedSharding(mesh, PartitionSpec(AXIS)))
+                         f"set batch_size to a multiple of {devices * jax.process_count()}")
+    sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+    if spans_processes(mesh):
+        return jax.make_array_from_process_local_data(sharding, np.asarray(array))
+    return jax.device_put(array, sharding)
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
-    """The same pytree on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """The same pytree on every device of the mesh (every process must pass the same values)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if spans_processes(mesh):  # host values: each process places its own copy
+        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+    return jax.device_put(tree, sharding)
+
+
+def local_rows(array) -> np.ndarray:
+    """This process's rows of a batch-sharded array (all of it with one process), as numpy."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(array)
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
+def gather(tree: Any) -> Any:
+    """Every process gets the whole of each leaf: batch-sharded arrays are gathered whole, and
+    host arrays are taken as this process's rows and concatenated in process order."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def gather_rows(local: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Rows at ``indices`` of an array whose rows are split over the processes in order (this
+    process holds ``local``); every process gets them all, but no process ever holds all rows."""
+    indices = np.asarray(indices)
+    offset = 0
+    if jax.process_count() > 1:
+        offset = int(gather(np.array([len(local)], np.int64))[: jax.process_index()].sum())
+    mine = (indices >= offset) & (indices < offset + len(local))
+    rows = np.zeros((len(indices), *local.shape[1:]), local.dtype)
+    rows[mine] = local[indices[mine] - offset]
+    return rows if jax.process_count() == 1 else gather(rows[None]).sum(axis=0)  # one owner per row: exact

@@ -13,13 +13,16 @@ from anomax.apps.config import CONF_DIR, register_schemas
 @reports_errors("anomax-train")
 def _train(cfg: DictConfig) -> float | None:
     """Returns the validation image AUROC, the objective of a search (never the test split's)."""
+    from anomax import distributed
     from anomax.pipeline import summary_text, train_and_evaluate
 
     run_dir = HydraConfig.get().runtime.output_dir
     config = plain(cfg)
+    distributed.initialize(config.get("distributed"))  # before any other JAX use
     record = train_and_evaluate(config, run_dir, resolved_config=config)
-    print(f"anomax-train: {config['model']['head']['name']} + {config['model']['backbone']['name']} on "
-          f"{config['dataset'].get('name')}\n{summary_text(record, run_dir)}")
+    if distributed.is_main():
+        print(f"anomax-train: {config['model']['head']['name']} + {config['model']['backbone']['name']} on "
+              f"{config['dataset'].get('name')}\n{summary_text(record, run_dir)}")
     return record["validation"].get("image_auroc")
 
 

@@ -17,12 +17,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from anomax.errors import ConfigError, DatasetError, InputError
 from anomax.features import random_projection
 from anomax.heads._base import Head, HeadConfig
-from anomax.kernels.coreset import greedy_coreset
+from anomax.kernels.coreset import greedy_coreset, sharded_greedy_coreset
 from anomax.kernels.neighbors import nearest_neighbors, sharded_nearest_neighbors
+from anomax.parallel import data_mesh, gather, gather_rows, local_rows
 from anomax.registry import HEADS
 from anomax.settings import setting
 
@@ -76,8 +78,10 @@ class PatchCore(Head):
         num_images = 0
         for features, valid in self.feature_batches(batches, progress):
             batch, height, width, dim = features.shape
-            patches = np.asarray(features, np.float32).reshape(batch, height * width, dim)
-            patches = patches[np.asarray(valid, bool)]
+            # this process's rows only: with several processes the bank stays split between them
+            patches = local_rows(features).astype(np.float32, copy=False).reshape(-1, height * width, dim)
+            batch = len(patches)
+            patches = patches[local_rows(valid).astype(bool)]
             keep = config.max_patches_per_image
             if keep is not None and keep < height * width:
                 # Vectorised "choose `keep` of h*w without replacement" per image.
@@ -93,19 +97,28 @@ class PatchCore(Head):
         if not np.isfinite(rows).all():
             raise InputError("patchcore.fit: the training features contain NaN or inf; check the images and backbone")
 
-        size = self._coreset_size(len(rows))
+        processes = jax.process_count()
+        num_patches = len(rows) if processes == 1 else int(gather(np.array([len(rows)])).sum())
+        num_images = num_images if processes == 1 else int(gather(np.array([num_images])).sum())
+        size = self._coreset_size(num_patches)
         dim = rows.shape[1]
         projected = rows if config.projection_dim is None or config.projection_dim >= dim else (
             rows @ random_projection(config.seed, dim, config.projection_dim))
-        start = int(rng.integers(len(rows)))
+        start = int(rng.integers(num_patches))
         log.info("patchcore: selecting a coreset of %d from %d patches (%d greedy steps over %d dims)",
-                 size, len(rows), size, projected.shape[1])
+                 size, num_patches, size, projected.shape[1])
         began = time.perf_counter()
-        chosen = np.asarray(greedy_coreset(jnp.asarray(projected), size, start, progress=progress))
+        if processes == 1:
+            chosen = np.asarray(greedy_coreset(jnp.asarray(projected), size, start, progress=progress))
+            memory_bank = rows[chosen]
+        else:  # the bank is the rows of processes 0, 1, ... in order; it is never gathered whole
+            start = int(multihost_utils.broadcast_one_to_all(start))
+            chosen = sharded_greedy_coreset(projected, size, start, data_mesh(), progress=progress)
+            memory_bank = gather_rows(rows, chosen)
         seconds = time.perf_counter() - began
-        self._state = {"memory_bank": rows[chosen]}
-        return {"num_images": num_images, "num_patches": len(rows), "coreset_size": size,
-                "coreset_seconds": round(seconds, 3)}
+        self._state = {"memory_bank": memory_bank}
+        return {"num_images": num_images, "num_patches": num_patches, "coreset_size": size,
+                "coreset_seconds": round(seconds, 3), "coreset_indices": chosen.tolist()}
 
     def _coreset_size(self, bank_size: int) -> int:
         size = self.config.coreset_size or max(1, int(bank_size * self.config.coreset_ratio))
@@ -120,7 +133,8 @@ class PatchCore(Head):
         num_images = getattr(batches, "num_images", None)
         if num_images is None:
             return _Bank(batch_size * patches_per_image * (len(batches) if hasattr(batches, "__len__") else 16), dim)
-        self._coreset_size(num_images * patches_per_image)
+        # num_images is this process's share; the exact check follows once the bank is complete
+        self._coreset_size(num_images * patches_per_image * jax.process_count())
         return _Bank(num_images * patches_per_image, dim)
 
     def score(self, state, images, features, mesh=None):
