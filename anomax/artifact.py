@@ -145,6 +145,9 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     except (TypeError, ValueError) as error:
         raise ConfigError(f"save_model: config must be plain JSON data ({error}); pass "
                           f"OmegaConf.to_container(cfg, resolve=True)") from None
+    if onnx and model.tiling.enabled:  # the ONNX runtimes score whole images, not tiles
+        raise ConfigError("save_model: onnx=True is not available for tiled models (tiling.tile_size is set); "
+                          "save without onnx and apply with the jax runtime")
     preprocess = model.preprocess.to_dict()
     domain_file = None
     if isinstance(model.preprocess.domain, str):  # a mask file: copied in, so the artifact loads anywhere

@@ -20,6 +20,8 @@ _BANK = {"rows": 420_864, "dim": 128}  # ELPV mono's PatchCore bank: 411 images 
 _BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
               "resnet50", "wide_resnet50_2")
 
+_FIVE_MPX = {"images": 50, "test_images": 20, "width": 2592, "height": 1944, "tile_size": 256, "stride": 224}
+
 SUITES = {
     # CI-sized: proves every kind of measurement runs; the numbers mean nothing.
     "quick": [
@@ -33,6 +35,8 @@ SUITES = {
         ("padim_memory", {"images": 32, "grid": 8, "dim": 16, "batch": 4}),
         ("deploy", {"head": "padim", "size": 64, "images": 8, "test_images": 4, "repeats": 1, "width_multiplier": 0.25,
                     "hyperparams": {"adaptor.projection_dim": 8}}),
+        ("tiling", {"head": "padim", "images": 2, "test_images": 1, "width": 300, "height": 260, "tile_size": 128,
+                    "stride": 96}),
     ],
     # The real one, 256 x 256 inputs and ELPV-sized kernels.
     "cpu": [
@@ -51,6 +55,11 @@ SUITES = {
         ("deploy", {"head": "padim", "repeats": 5}),
         ("coreset", {**_BANK, "ratio": 0.01}),
         ("coreset", {**_BANK, "ratio": 0.1}),
+    ],
+    # Issue 17: tiled fit and scoring of 5-megapixel images; peak RSS must stay under 8 GiB.
+    "tiling": [
+        ("tiling", {"head": "patchcore", **_FIVE_MPX, "max_patches_per_image": 64}),
+        ("tiling", {"head": "padim", **_FIVE_MPX}),
     ],
 }
 
@@ -144,6 +153,14 @@ TABLES = {  # measurement -> (title, header, row of a result)
                ["head", "runtime", "batch", "images/s", "× jax", "first call s", "load s", "max score diff (rel)",
                 "class changes"],
                None),  # one row per runtime and batch size, below
+    "tiling": ("Tiled fit and scoring of large images (PNG files -> tiles -> MobileNetV2 random init -> head -> "
+               "stitched maps; anomax.tiling)",
+               ["head", "mode", "image", "tile / stride", "train images (tiles)", "fit s", "peak RSS after fit MiB",
+                "test images", "score s", "images/s", "peak RSS MiB", "head settings"],
+               lambda r, peak: [r["head"], r["mode"], f"{r['width']} × {r['height']}", f"{r['tile_size']} / {r['stride']}",
+                                f"{r['train_images']} ({r['train_tiles']})", _f(r["fit_s"]), _f(r["fit_peak_rss_mib"], 4),
+                                r["test_images"], _f(r["score_s"]), _f(r["score_images_per_s"]),
+                                _f(r["peak_rss_mib"], 4), json.dumps(r["hyperparams"])]),
     "train": ("End to end: `anomax-train` default run", ["command", "wall s", "fit s", "evaluate s", "image AUROC"],
               lambda r, peak: [r["command"], _f(r["wall_s"]), _f(r["fit_s"]), _f(r["evaluate_s"]),
                                _f(r["summary"]["image_auroc"], 4)]),

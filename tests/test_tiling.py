@@ -260,3 +260,11 @@ def test_the_tile_size_must_suit_the_backbone():
                    "model.backbone.pretrained=null")
     with pytest.raises(ConfigError, match="tiling.tile_size = 100 .* multiple of 32"):
         build_model(cfg)
+
+
+def test_a_tiled_model_is_not_exported_to_onnx(dataset, tmp_path):
+    model = build("padim")
+    model.fit(dataset, progress=False)
+    with pytest.raises(ConfigError, match="onnx=True is not available for tiled models"):
+        anomax.save_model(model, tmp_path / "model", onnx=True)
+    assert not (tmp_path / "model").exists()
