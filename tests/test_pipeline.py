@@ -1,0 +1,64 @@
+"""The workflow functions on a small synthetic set: what a review found, fixed."""
+import numpy as np
+import pytest
+
+from anomax.errors import ConfigError
+from anomax.evaluation.config import EvaluateConfig
+from anomax.pipeline import _WorstMaps, check_thresholds_possible, read_configured_dataset
+
+
+def synthetic(**overrides):
+    cfg = {"format": "synthetic", "size": 32, "n_train": 4, "n_test_good": 4, "n_test_defect": 4,
+           "validation_from_train": 0.25, "validation_from_test": 0.0, **overrides}
+    return read_configured_dataset(cfg, {}, seed=0)
+
+
+def test_f1_threshold_without_defective_validation_images_fails_before_the_fit():
+    """It used to crash at the very end, in save_model, on float(None)."""
+    good_only = synthetic()
+    with pytest.raises(ConfigError, match="'f1_image' needs defective images in the 'validation' split"):
+        check_thresholds_possible(good_only, EvaluateConfig(classification_threshold="f1_image"))
+    check_thresholds_possible(synthetic(validation_from_test=0.5), EvaluateConfig(classification_threshold="f1_image"))
+
+
+@pytest.mark.parametrize("name", ["split", "num_good", "segmentation", "f1_pixel"])
+def test_only_classification_thresholds_can_be_chosen(name):
+    with pytest.raises(ConfigError, match="evaluate.classification_threshold"):
+        EvaluateConfig(classification_threshold=name)
+
+
+def test_streamed_evaluation_keeps_only_the_maps_the_pictures_need():
+    worst = _WorstMaps(count=2)  # keeps 4 per class: a margin over the 2 shown
+    rng = np.random.default_rng(0)
+
+    def batches():
+        for start in range(0, 40, 8):
+            labels = (np.arange(start, start + 8) % 2).astype(np.int32)
+            yield {"anomaly_image": rng.random((8, 6, 6)), "anomaly_score": rng.random(8), "anomaly_label_id": labels,
+                   "anomaly_ground_truth": np.zeros((8, 6, 6), bool), "index": np.arange(start, start + 8),
+                   "valid": np.ones(8, bool)}
+
+    seen = list(worst.watch(batches()))
+    scores = np.concatenate([b["anomaly_score"] for b in seen])
+    labels = np.concatenate([b["anomaly_label_id"] for b in seen])
+    assert [len(heap) for heap in worst.kept.values()] == [4, 4]
+    highest_good = np.argsort(-np.where(labels == 0, scores, -np.inf))[:4]
+    lowest_defective = np.argsort(np.where(labels == 1, scores, np.inf))[:4]
+    assert {i for _, i, _ in worst.kept[0]} == set(highest_good.tolist())
+    assert {i for _, i, _ in worst.kept[1]} == set(lowest_defective.tolist())
+    assert worst.entry(int(highest_good[0]))["anomaly_image"].shape == (6, 6)
+
+
+def test_the_anomaly_map_is_computed_once_per_inference(monkeypatch):
+    """PaDiM and the student used to upsample and smooth twice (in the head and again in the model)."""
+    import anomax.heads._base as base
+    from anomax.heads.padim import Padim
+
+    calls = []
+    original = base.anomaly_map
+    monkeypatch.setattr(base, "anomaly_map", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    features = np.random.default_rng(0).standard_normal((3, 4, 4, 2)).astype(np.float32)
+    head = Padim()
+    head.fit([{"features": features, "valid": np.ones(3, bool)}])
+    out = head.score(head.state, np.zeros((3, 40, 40, 3), np.float32), features)
+    assert len(calls) == 1 and out["anomaly_image"].shape == (3, 40, 40)
