@@ -1,0 +1,120 @@
+"""Ensembles (anomax.ensemble): backbone feature concatenation, score ensembles normalised on validation good images."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomax.backbones import backbone_requirements, build_backbone
+from anomax.data.dataset import DLDataset, Sample
+from anomax.ensemble import ConcatBackbone, ScoreEnsemble
+from anomax.errors import ConfigError, DatasetError
+from anomax.features import FeatureAdaptor
+from anomax.registry import HEADS
+from anomax.heads.patchcore import PatchCore
+from anomax.model import AnomalyModel
+from anomax.preprocess.params import create_dl_preprocess_param
+
+SIZE = 32
+
+
+def tiny_backbone(name: str):
+    return build_backbone(name, pretrained=None, width_multiplier=0.25)
+
+
+def test_concat_backbone_names_and_stacks_every_members_taps():
+    resnet, mobilenet = tiny_backbone("resnet18"), tiny_backbone("mobilenet_v2")
+    both = ConcatBackbone([resnet, mobilenet])
+    assert both.taps == tuple(f"resnet18/{t}" for t in resnet.taps) + tuple(f"mobilenet_v2/{t}" for t in mobilenet.taps)
+    images = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    features = both(images)
+    for member in (resnet, mobilenet):
+        for tap, value in member(images).items():
+            np.testing.assert_allclose(np.asarray(features[f"{member.name}/{tap}"]), np.asarray(value), rtol=1e-4, atol=1e-4)
+            assert both.channels[f"{member.name}/{tap}"] == value.shape[-1]
+    adapted = FeatureAdaptor(both.taps).apply({}, features)
+    assert adapted.shape == (2, SIZE // 8, SIZE // 8, sum(both.channels.values()))
+
+
+def test_concat_backbone_refuses_different_normalisations():
+    with pytest.raises(ConfigError, match="normalisation"):
+        ConcatBackbone([tiny_backbone("mobilenet_v2"), tiny_backbone("efficientnet_lite0")])
+
+
+def member(backbone_name: str, head) -> AnomalyModel:
+    backbone = tiny_backbone(backbone_name)
+    requirements = {k: v for k, v in backbone_requirements(backbone_name).items() if k != "input_multiple"}
+    preprocess = create_dl_preprocess_param(width=SIZE, height=SIZE, **requirements)
+    return AnomalyModel(preprocess, backbone, FeatureAdaptor(backbone.taps, pool_size=1), head, batch_size=4)
+
+
+def write_dataset(folder, seed: int, counts: dict) -> DLDataset:
+    """Random images per (split, label); ``seed`` changes the pixels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for (split, label), count in counts.items():
+        for _ in range(count):
+            path = folder / f"{len(samples)}.png"
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+            samples.append(Sample(len(samples), str(path), label, "good" if label == "ok" else "crack", split=split))
+    return DLDataset(samples, "test")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    dataset = write_dataset(folder, 0, {("train", "ok"): 4, ("validation", "ok"): 4, ("validation", "nok"): 3,
+                                        ("test", "ok"): 2, ("test", "nok"): 2})
+    members = [member("resnet18", PatchCore(coreset_ratio=0.5, projection_dim=None, num_neighbors=1)),
+               member("mobilenet_v2", HEADS.get("padim")(eps=0.01))]
+    for model in members:
+        model.fit(dataset, progress=False)
+    return dataset, ScoreEnsemble(members)
+
+
+def test_normalisation_uses_validation_good_images_only(fitted, tmp_path):
+    dataset, ensemble = fitted
+    stats = [dict(s) for s in ensemble.normalise(dataset)]
+    # the same statistics when every other image (train, test, validation defects) is replaced
+    other = write_dataset(tmp_path / "other", 1, {("train", "ok"): 4, ("validation", "nok"): 5, ("test", "ok"): 3,
+                                                  ("test", "nok"): 3})
+    validation_good = [s for s in dataset.samples if s.split == "validation" and s.anomaly_label == "ok"]
+    mixed = DLDataset(other.samples + validation_good, "test")
+    for again, first in zip(ensemble.normalise(mixed), stats):
+        assert again == pytest.approx(first, rel=1e-6)
+    # and they are the mean and std of each member's maps and scores on exactly those images
+    for model, member_stats in zip(ensemble.members, stats):
+        batches = list(model.score_split(DLDataset(validation_good, "test"), "validation", progress=False))
+        maps = np.concatenate([b["anomaly_image"][b["valid"]] for b in batches]).astype(np.float64)
+        scores = np.concatenate([b["anomaly_score"][b["valid"]] for b in batches]).astype(np.float64)
+        assert member_stats["map_mean"] == pytest.approx(maps.mean(), rel=1e-5)
+        assert member_stats["map_std"] == pytest.approx(maps.std(), rel=1e-5)
+        assert member_stats["score_mean"] == pytest.approx(scores.mean(), rel=1e-5)
+        assert member_stats["score_std"] == pytest.approx(scores.std(), rel=1e-5)
+
+
+def test_ensemble_scores_are_the_mean_of_z_normalised_members(fitted):
+    dataset, ensemble = fitted
+    stats = ensemble.normalise(dataset)
+    out = list(ensemble.score_split(dataset, "test"))
+    members = [list(m.score_split(dataset, "test", progress=False)) for m in ensemble.members]
+    for index, batch in enumerate(out):
+        expected = np.mean([(m[index]["anomaly_score"] - s["score_mean"]) / s["score_std"]
+                            for m, s in zip(members, stats)], axis=0)
+        np.testing.assert_allclose(batch["anomaly_score"], expected, rtol=1e-5, atol=1e-6)
+        expected_map = np.mean([(m[index]["anomaly_image"] - s["map_mean"]) / s["map_std"]
+                                for m, s in zip(members, stats)], axis=0)
+        np.testing.assert_allclose(batch["anomaly_image"], expected_map, rtol=1e-4, atol=1e-5)
+    # on the normalising images themselves each normalised member map has mean 0 and std 1
+    validation_good = DLDataset([s for s in dataset.samples if s.split == "validation" and s.anomaly_label == "ok"],
+                                "test")
+    single = ScoreEnsemble(ensemble.members[:1])
+    single.normalise(dataset)
+    maps = np.concatenate([b["anomaly_image"][b["valid"]] for b in single.score_split(validation_good, "validation")])
+    assert maps.mean() == pytest.approx(0, abs=1e-4) and maps.std() == pytest.approx(1, rel=1e-4)
+
+
+def test_normalise_needs_validation_good_images(fitted):
+    dataset, ensemble = fitted
+    without = DLDataset([s for s in dataset.samples if s.split != "validation"], "test")
+    with pytest.raises(DatasetError, match="validation"):
+        ensemble.normalise(without)
