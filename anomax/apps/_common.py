@@ -18,10 +18,11 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def load_configured_model(config: dict[str, Any]):
-    """The saved model a config names, with its runtime batch size overridden when one is given."""
+    """The saved model a config names, with its runtime batch size overridden when one is given;
+    'runtime' (jax | onnxruntime | openvino, default jax) runs the artifact's model.onnx elsewhere."""
     from anomax.artifact import load_model
 
-    model = load_model(config["model_dir"])
+    model = load_model(config["model_dir"], runtime=config.get("runtime") or "jax")
     if config["batch_size"] is not None:  # 0 is refused by set_params, not taken for "unset"
         model.set_params(batch_size=config["batch_size"])
     return model

@@ -58,6 +58,9 @@ def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None
     for key, value in (("batch_size", batch_size), ("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ConfigError(f"export_onnx: {key} must be null or an integer >= 1, got {value!r}")
+    if getattr(getattr(model, "tiling", None), "enabled", False):
+        raise ConfigError("export_onnx: tiled models are not exportable yet (the graph would score one tile, "
+                          "not the whole image); export an untiled model")
     preprocess = model.preprocess
     height, width = int(height or preprocess.height), int(width or preprocess.width)
     params = jax.tree.map(jnp.asarray, model.params)

@@ -1,0 +1,180 @@
+"""ONNX export of the whole inference; onnxruntime and OpenVINO behind the same apply as JAX.
+
+One tiny MobileNetV2 model per head (its depthwise convolutions and every head's scoring go
+through the converter), exported once into an artifact and run in both runtimes.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax2onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+import anomax  # noqa: E402
+from anomax.backbones import backbone_requirements, build_backbone  # noqa: E402
+from anomax.errors import ArtifactError, ConfigError  # noqa: E402
+from anomax.features import FeatureAdaptor  # noqa: E402
+from anomax.files import sha256_file  # noqa: E402
+from anomax.model import AnomalyModel  # noqa: E402
+from anomax.preprocess.params import create_dl_preprocess_param, preprocess_image  # noqa: E402
+from anomax.registry import HEADS  # noqa: E402
+
+SIZE = 64
+HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: PatchCore with k > 1 exercises the top_k re-weighting
+    "padim": ({"eps": 0.01}, {"pool_size": 1, "projection_dim": 16, "projection": "subset"}),
+    "patchcore": ({"coreset_size": 32, "projection_dim": None, "num_neighbors": 3},
+                  {"projection_dim": 16, "projection": "random"}),
+    "student": ({"complexity": 4}, {"projection_dim": 8}),
+}
+TRAIN = {"max_num_epochs": 1, "batch_size": 4}
+RUNTIMES = ("onnxruntime", "openvino")
+TOLERANCE = 1e-4  # relative to the largest value of the compared map or scores
+
+
+def fitted_model(head_name: str) -> AnomalyModel:
+    """A tiny random-init MobileNetV2 (width 0.25) model whose head is fitted on random images."""
+    backbone = build_backbone("mobilenet_v2", pretrained=None, width_multiplier=0.25)
+    requirements = {k: v for k, v in backbone_requirements("mobilenet_v2").items() if k != "input_multiple"}
+    preprocess = create_dl_preprocess_param(width=SIZE, height=SIZE, **requirements)
+    hyperparams, adaptor_kwargs = HEAD_SETUPS[head_name]
+    adaptor = FeatureAdaptor(backbone.taps, **adaptor_kwargs)
+    model = AnomalyModel(preprocess, backbone, adaptor, HEADS.get(head_name)(**hyperparams), batch_size=4)
+    images = np.random.default_rng(0).normal(size=(8, SIZE, SIZE, 3)).astype(np.float32)
+    features = model._features(backbone.params, model.adaptor_params, images)
+    model.head.fit([{"image": images, "features": features, "valid": np.ones(8, bool)}], train=TRAIN)
+    return model
+
+
+def raw_images(count: int, seed: int = 1) -> list[np.ndarray]:
+    return list(np.random.default_rng(seed).integers(0, 256, (count, SIZE + 8, SIZE, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=list(HEAD_SETUPS))
+def exported(request, tmp_path_factory):
+    """(model with thresholds between its scores, artifact saved with model.onnx, JAX results on 5 images)."""
+    model = fitted_model(request.param)
+    images = raw_images(5)
+    results = model.apply(images)
+    scores = np.sort([r["anomaly_score"] for r in results])
+    maps = np.stack([r["anomaly_image"] for r in results])
+    # classification halfway between two scores (an image exactly at it could flip on rounding)
+    model.thresholds = {"segmentation": float(np.quantile(maps, 0.9)), "classification": float(scores[2:4].mean())}
+    expected = model.apply(images)
+    path = anomax.save_model(model, tmp_path_factory.mktemp(request.param) / "model", onnx=True)
+    return model, path, expected
+
+
+def assert_close(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE * float(np.abs(want).max()))
+
+
+def infer(model, images):
+    import jax
+
+    return jax.device_get(model._infer(model.params, images))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtime_matches_jax_at_batch_1_and_5(exported, runtime):
+    model, path, expected = exported
+    deployed = anomax.load_model(path, runtime=runtime)
+    for count in (1, 5):
+        inputs = np.stack([preprocess_image(model.preprocess, image) for image in raw_images(count, seed=count)])
+        want, got = infer(model, inputs), deployed.run(inputs)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert_close(got[key], want[key])
+    results = deployed.apply(raw_images(5))  # batch_size 4: a full batch and a partial one
+    for have, want in zip(results, expected):
+        assert sorted(have) == sorted(want)
+        assert_close(have["anomaly_image"], want["anomaly_image"])
+        assert have["anomaly_score"] == pytest.approx(want["anomaly_score"], rel=TOLERANCE)
+        assert have["anomaly_class"] == want["anomaly_class"]
+        # a pixel within float rounding of the threshold may flip; nothing more
+        assert np.mean(have["anomaly_region"]["mask"] != want["anomaly_region"]["mask"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_jax_path_is_unchanged_by_the_export(exported):
+    model, _, expected = exported  # expected was computed before the export
+    for have, want in zip(model.apply(raw_images(5)), expected):
+        assert have["anomaly_score"] == want["anomaly_score"]
+        np.testing.assert_array_equal(have["anomaly_image"], want["anomaly_image"])
+
+
+@pytest.mark.slow
+def test_symbolic_batch_runs_any_batch_size(exported):
+    import onnxruntime
+
+    model, path, _ = exported
+    session = onnxruntime.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", SIZE, SIZE, 3]
+    for count in (1, 5, 16):
+        inputs = np.random.default_rng(count).normal(size=(count, SIZE, SIZE, 3)).astype(np.float32)
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": inputs})))
+        want = infer(model, inputs)
+        assert got["anomaly_image"].shape == (count, SIZE, SIZE) and got["anomaly_score"].shape == (count,)
+        assert_close(got["anomaly_score"], want["anomaly_score"])
+
+
+@pytest.mark.slow
+def test_file_is_self_describing_for_programs_without_anomax(exported):
+    import onnx
+
+    model, path, _ = exported
+    proto = onnx.load(str(path / "model.onnx"))
+    assert {entry.domain: entry.version for entry in proto.opset_import}[""] == 18
+    meta = {prop.key: prop.value for prop in proto.metadata_props}
+    assert json.loads(meta["anomax.preprocess"]) == model.preprocess.to_dict()
+    assert json.loads(meta["anomax.thresholds"]) == model.thresholds
+    assert json.loads(meta["anomax.outputs"]) == ["anomaly_image", "anomaly_score"]
+
+
+@pytest.fixture
+def copy(exported, tmp_path):
+    return Path(shutil.copytree(exported[1], tmp_path / "copy"))
+
+
+@pytest.mark.slow
+def test_truncated_onnx_is_refused_naming_the_file(copy):
+    onnx_file = copy / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="model.onnx does not match its sha256"):
+        anomax.load_model(copy, runtime="onnxruntime")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_malformed_onnx_with_matching_hash_is_refused_naming_the_file(copy, runtime):
+    onnx_file = copy / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:5000])  # truncated, then the manifest rehashed
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(onnx_file)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"{onnx_file} is not a loadable ONNX model"):
+        anomax.load_model(copy, runtime=runtime)
+
+
+def test_export_refuses_an_opset_it_cannot_honour(tmp_path):
+    with pytest.raises(ConfigError, match="opset must be an integer from 17 to 23"):
+        anomax.export_onnx(object(), tmp_path / "model.onnx", opset=11)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
+    model = exported[0]
+    path = anomax.save_model(model, tmp_path / "plain")  # no onnx=True
+    with pytest.raises(ArtifactError, match="model.onnx is missing"):
+        anomax.load_model(path, runtime="openvino")
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        anomax.load_model(exported[1], runtime="tensorrt")
+    with pytest.raises(ConfigError, match="has no option"):
+        anomax.load_model(exported[1], runtime="onnxruntime", precision="bf16")
