@@ -129,6 +129,19 @@ def test_score_gives_local_global_and_combined_maps(trained):
                                atol=1e-5)
 
 
+def test_map_borders_are_zero_before_normalisation(trained):
+    head, _ = trained
+    sharp = EfficientAD.from_state({**head.hyperparams, "sigma": 0.0, "upsample": "nearest"}, head.state)
+    state = {key: jnp.asarray(value) for key, value in head.state.items()}
+    out = sharp.score(state, IMAGES[:2], None)
+    for branch in ("local", "global"):
+        edge = float(normalise(jnp.zeros(()), state[f"quantiles_{branch}"]))
+        ring = np.asarray(out[f"anomaly_image_{branch}"]).copy()
+        ring[:, 8:-8, 8:-8] = edge  # one 8-pixel grid cell at each edge is the border
+        np.testing.assert_allclose(ring, edge, atol=1e-6)
+        assert np.abs(np.asarray(out[f"anomaly_image_{branch}"])[:, 8:-8, 8:-8] - edge).max() > 0
+
+
 def test_apply_and_artifact_round_trip_are_bit_identical(trained, tmp_path):
     model = build_model()
     model.head = trained[0]

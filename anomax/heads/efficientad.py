@@ -53,7 +53,9 @@ class EfficientADConfig(HeadConfig):
     distill_epochs, distill_learning_rate: the teacher's own budget (Adam, cosine decay).
     distill_images: a folder of generic images the teacher also learns from (null: the
     training images only). holdout: fraction of the training images kept back for the map
-    quantiles when the model has no validation split."""
+    quantiles when the model has no validation split. border: patch-grid cells at each edge of
+    the local and global maps set to 0: the PDN's zero padding makes its edge outputs unreliable
+    (the paper's unpadded PDN gives none there and zero-pads its maps)."""
 
     size: Literal["small", "medium"] = "small"
     width: int = setting(16, ge=1)
@@ -64,6 +66,7 @@ class EfficientADConfig(HeadConfig):
     distill_learning_rate: float = setting(0.002, gt=0)
     distill_images: str | None = None
     holdout: float = setting(0.1, gt=0, lt=1)
+    border: int = setting(1, ge=0)
 
 
 # ---- losses and normalisation (pure, tested against numpy) --------------------------------
@@ -180,6 +183,12 @@ class EfficientAD(Head):
         dim = teacher.shape[-1]
         local = jnp.mean(jnp.square(teacher - student[..., :dim]), axis=-1)
         global_ = jnp.mean(jnp.square(autoencoder - student[..., dim:]), axis=-1)
+        border = self.config.border
+        if border:
+            rows, cols = local.shape[1:]
+            inside = np.zeros((rows, cols), bool)
+            inside[border:rows - border, border:cols - border] = True
+            local, global_ = jnp.where(inside, local, 0.0), jnp.where(inside, global_, 0.0)
         return local, global_
 
     def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None = None,
