@@ -19,6 +19,7 @@ from anomax.files import write_text_atomic
 log = logging.getLogger("anomax")
 
 METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupro")
+OBJECTIVE = "validation_image_auroc"  # what anomax-train returns to a search (hydra/sweeper=optuna)
 
 
 def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
@@ -32,6 +33,8 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(metrics_file.read_text())
             metrics = {**record["summary"], "fit_s": record["timings"]["fit_s"]}
+            if (record.get("validation") or {}).get("image_auroc") is not None:
+                metrics[OBJECTIVE] = record["validation"]["image_auroc"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             log.warning("skipping %s: not readable JSON (%s)", metrics_file, error)
             continue
@@ -51,17 +54,21 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], seed_key: str = "seed") -> tuple[list[str], list[list[str]]]:
+def summarise(rows: list[dict[str, Any]], seed_key: str = "seed",
+              best_first: bool = False) -> tuple[list[str], list[list[str]]]:
     """Table header and rows: the swept parameters, then each metric; runs that differ only in the seed
     are one row with mean ± std (sample std) and the number of seeds."""
     keys = sorted({key for row in rows for key in row["params"]})
     swept = [k for k in keys if len({row["params"].get(k) for row in rows}) > 1 or len(rows) == 1]
     grouped = seed_key in swept
     columns = [k for k in swept if k != seed_key]
-    metrics = [m for m in (*METRICS, "fit_s") if any(m in row["metrics"] for row in rows)]
+    metrics = [m for m in (*METRICS, OBJECTIVE, "fit_s") if any(m in row["metrics"] for row in rows)]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row["params"].get(k, "") for k in columns), []).append(row)
+    if best_first:  # a search's trials: the best mean validation AUROC first (run order for ties)
+        groups = dict(sorted(groups.items(), key=lambda item: -statistics.mean(
+            m["metrics"].get(OBJECTIVE, -1.0) for m in item[1])))
     table = []
     for values, members in groups.items():
         cells = [_cell([m["metrics"].get(name) for m in members], grouped, ".1f" if name.endswith("_s") else ".4f")
@@ -94,10 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anomax-report", description=__doc__)
     parser.add_argument("sweep_dirs", nargs="+", help="multirun directories, e.g. multirun/2026-11-28_12-00-00")
     parser.add_argument("--out", help="where report.md and report.csv go (default: the first sweep directory)")
+    parser.add_argument("--best-first", action="store_true",
+                        help=f"rows by {OBJECTIVE}, best first (automatic for an Optuna search's directory)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="anomax-report: warning: %(message)s", level=logging.WARNING)
     try:
-        header, table = summarise(read_runs(*args.sweep_dirs))
+        search = any((Path(d) / "optimization_results.yaml").is_file() for d in args.sweep_dirs)
+        header, table = summarise(read_runs(*args.sweep_dirs), best_first=args.best_first or search)
         print(write_tables(args.out or args.sweep_dirs[0], header, table), end="")
     except AnomaxError as error:
         print(f"anomax-report: error: {error}", file=sys.stderr)
