@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +33,40 @@ log = logging.getLogger("anomax")
 
 
 class _Bank:
-    """Preallocated (capacity, D) float32 rows; doubled only when the image count was unknown."""
+    """Preallocated (capacity, D) float32 rows written batch by batch; doubled only when the image
+    count was unknown. With one process the rows live on the device, where the coreset is chosen, so
+    the whole bank is never copied from host to device (a transfer holds it twice over); with
+    several processes each keeps its own rows in host memory."""
 
-    def __init__(self, capacity: int, dim: int):
-        self.rows = np.empty((capacity, dim), np.float32)
+    def __init__(self, capacity: int, dim: int, on_device: bool):
+        self.on_device = on_device
+        self.rows = jnp.zeros((capacity, dim), jnp.float32) if on_device else np.empty((capacity, dim), np.float32)
         self.size = 0
 
     def add(self, rows: np.ndarray) -> None:
         end = self.size + len(rows)
         if end > len(self.rows):
-            grown = np.empty((max(end, 2 * len(self.rows)), self.rows.shape[1]), np.float32)
-            grown[: self.size] = self.rows[: self.size]
-            self.rows = grown
-        self.rows[self.size:end] = rows
+            capacity, dim = max(end, 2 * len(self.rows)), self.rows.shape[1]
+            if self.on_device:
+                self.rows = jnp.concatenate([self.rows[: self.size], jnp.zeros((capacity - self.size, dim))])
+            else:
+                grown = np.empty((capacity, dim), np.float32)
+                grown[: self.size] = self.rows[: self.size]
+                self.rows = grown
+        if self.on_device:
+            self.rows = _write_rows(self.rows, jnp.asarray(rows), self.size)
+        else:
+            self.rows[self.size:end] = rows
         self.size = end
+
+    def filled(self):
+        """The rows written so far (no copy when the bank is full, as it is when the count was known)."""
+        return self.rows if self.size == len(self.rows) else self.rows[: self.size]
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_rows(bank: jax.Array, rows: jax.Array, start: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice(bank, rows, (start, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +114,8 @@ class PatchCore(Head):
             num_images += len(patches)
         if bank is None or bank.size == 0:
             raise DatasetError("patchcore.fit got no valid training images; check the training split")
-        rows = bank.rows[: bank.size]
-        if not np.isfinite(rows).all():
+        rows = bank.filled()
+        if not (jnp if bank.on_device else np).isfinite(rows).all():
             raise InputError("patchcore.fit: the training features contain NaN or inf; check the images and backbone")
 
         processes = jax.process_count()
@@ -110,9 +131,11 @@ class PatchCore(Head):
         began = time.perf_counter()
         if processes == 1:
             chosen = np.asarray(greedy_coreset(jnp.asarray(projected), size, start, progress=progress))
-            memory_bank = rows[chosen]
+            memory_bank = np.asarray(rows[chosen])
         else:  # the bank is the rows of processes 0, 1, ... in order; it is never gathered whole
             start = int(multihost_utils.broadcast_one_to_all(start))
+            log.info("patchcore: this process holds %d of the %d bank rows (%.1f MiB)", len(rows), num_patches,
+                     rows.nbytes / 2**20)
             chosen = sharded_greedy_coreset(projected, size, start, data_mesh(), progress=progress)
             memory_bank = gather_rows(rows, chosen)
         seconds = time.perf_counter() - began
@@ -131,11 +154,13 @@ class PatchCore(Head):
         """Sized from the known image count when the batches say it (the model's do), so the bank
         is allocated once; a wrong coreset_size fails here, before the features are extracted."""
         num_images = getattr(batches, "num_images", None)
+        on_device = jax.process_count() == 1
         if num_images is None:
-            return _Bank(batch_size * patches_per_image * (len(batches) if hasattr(batches, "__len__") else 16), dim)
+            batches_known = len(batches) if hasattr(batches, "__len__") else 16
+            return _Bank(batch_size * patches_per_image * batches_known, dim, on_device)
         # num_images is this process's share; the exact check follows once the bank is complete
         self._coreset_size(num_images * patches_per_image * jax.process_count())
-        return _Bank(num_images * patches_per_image, dim)
+        return _Bank(num_images * patches_per_image, dim, on_device)
 
     def score(self, state, images, features, mesh=None):
         batch, height, width, dim = features.shape
