@@ -1,4 +1,6 @@
-"""Apply speed of a saved model artifact: images/s of ``load_model(path).apply`` at batch 1 and 16.
+"""Apply speed of a saved model artifact: images/s of ``load_model(path).apply`` at batch 1 and 16
+(``measure_apply``), and side by side in every runtime for an artifact saved with onnx=True
+(``measure_runtimes``, ``compare_runtimes``).
 
 Times the whole public path (numpy preprocessing, the jitted network, thresholding). The first
 call per batch size compiles and is reported apart (``first_call_s``); then one warm-up call,
@@ -45,6 +47,74 @@ def measure_apply(path: str | Path, batch_sizes: tuple[int, ...] = (1, 16), repe
         batches[batch_size] = {"first_call_s": first_call_s, "median_s": median_s,
                                "images_per_s": batch_size / median_s}
     return {"load_s": load_s, "batches": batches}
+
+
+# name -> load_model(path, runtime=..., **options)
+RUNTIMES = {"jax": ("jax", {}), "onnxruntime": ("onnxruntime", {}),
+            "openvino f32": ("openvino", {"precision": "f32"}),
+            "openvino default": ("openvino", {"precision": "default"})}
+
+
+def measure_runtimes(path: str | Path, runtimes: tuple[str, ...] = tuple(RUNTIMES), batch_sizes: tuple[int, ...] = (1, 16),
+                     repeats: int = 10, seed: int = 0) -> dict:
+    """Apply images/s of the artifact at ``path`` (saved with onnx=True) in each runtime, side by side.
+
+    Rounds are interleaved (each round times every runtime once), so a change of load on a shared
+    machine hits all runtimes alike. {'runtimes': {name: {'load_s', 'batches': {batch_size:
+    {'first_call_s', 'median_s', 'images_per_s'}}}}, 'load_average': [before, after]}."""
+    import os
+
+    import anomax
+
+    load_before = os.getloadavg()
+    models, results = {}, {}
+    for name in runtimes:
+        runtime, options = RUNTIMES[name]
+        began = time.perf_counter()
+        models[name] = anomax.load_model(path, runtime=runtime, **options)
+        results[name] = {"load_s": time.perf_counter() - began, "batches": {}}
+    preprocess = next(iter(models.values())).preprocess
+    shape = (preprocess.height, preprocess.width, preprocess.num_channels)
+    rng = np.random.default_rng(seed)
+    for batch_size in batch_sizes:
+        images = list(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8))
+        times = {name: [] for name in models}
+        for name, model in models.items():
+            model.set_params(batch_size=batch_size)
+            began = time.perf_counter()
+            model.apply(images)  # JAX compiles this batch shape; the runtimes plan their memory
+            results[name]["batches"][batch_size] = {"first_call_s": time.perf_counter() - began}
+            model.apply(images)  # warm-up
+        for _ in range(repeats):
+            for name, model in models.items():
+                began = time.perf_counter()
+                model.apply(images)
+                times[name].append(time.perf_counter() - began)
+        for name in models:
+            median_s = statistics.median(times[name])
+            results[name]["batches"][batch_size].update(median_s=median_s, images_per_s=batch_size / median_s)
+    return {"runtimes": results, "load_average": [load_before, os.getloadavg()]}
+
+
+def compare_runtimes(path: str | Path, images: list[np.ndarray], runtimes: tuple[str, ...] = tuple(RUNTIMES)) -> dict:
+    """Per runtime against JAX on ``images``: the largest score and map differences (absolute, and
+    relative to JAX's largest score / map value) and how many images change class at the model's thresholds."""
+    import anomax
+
+    reference = anomax.load_model(path).apply(images)
+    scores = np.array([r["anomaly_score"] for r in reference])
+    maps = np.stack([r["anomaly_image"] for r in reference])
+    out = {}
+    for name in runtimes:
+        runtime, options = RUNTIMES[name]
+        results = anomax.load_model(path, runtime=runtime, **options).apply(images)
+        score_diff = float(np.abs(np.array([r["anomaly_score"] for r in results]) - scores).max())
+        map_diff = float(np.abs(np.stack([r["anomaly_image"] for r in results]) - maps).max())
+        flips = sum(r.get("anomaly_class_id") != want.get("anomaly_class_id") for r, want in zip(results, reference))
+        out[name] = {"max_score_diff": score_diff, "max_score_diff_rel": score_diff / float(np.abs(scores).max()),
+                     "max_map_diff": map_diff, "max_map_diff_rel": map_diff / float(np.abs(maps).max()),
+                     "class_changes": int(flips), "images": len(images)}
+    return out
 
 
 if __name__ == "__main__":
