@@ -55,8 +55,8 @@ RUNTIMES = {"jax": ("jax", {}), "onnxruntime": ("onnxruntime", {}),
             "openvino default": ("openvino", {"precision": "default"})}
 
 
-def measure_runtimes(path: str | Path, runtimes: tuple[str, ...] = tuple(RUNTIMES), batch_sizes: tuple[int, ...] = (1, 16),
-                     repeats: int = 10, seed: int = 0) -> dict:
+def measure_runtimes(path: str | Path, runtimes: tuple[str, ...] = tuple(RUNTIMES),
+                     batch_sizes: tuple[int, ...] = (1, 16), repeats: int = 10, seed: int = 0) -> dict:
     """Apply images/s of the artifact at ``path`` (saved with onnx=True) in each runtime, side by side.
 
     Rounds are interleaved (each round times every runtime once), so a change of load on a shared
