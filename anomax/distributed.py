@@ -26,8 +26,8 @@ from anomax.settings import Settings, setting
 
 log = logging.getLogger("anomax")
 
-# Heads whose fit runs across processes; the trained heads still train on one process.
-MULTI_PROCESS_HEADS = ("padim", "patchcore")
+# Heads whose fit runs across processes (efficientad does not yet).
+MULTI_PROCESS_HEADS = ("padim", "patchcore", "student")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class DistributedConfig(Settings):
     """mode: 'off' (one process), 'manual' (coordinator_address 'host:port' of process 0,
     num_processes and this process's process_id given), or 'auto' (JAX's cluster detection:
     SLURM, Open MPI, TPU pods; any value given here overrides what it detects).
+    local_device_ids: the accelerators this process drives (null: JAX's default, which under
+    SLURM or Open MPI with GPUs is one GPU per process; give all of a host's GPUs, e.g. [0,1,2,3],
+    when srun starts one task per host).
     The timeouts (seconds) bound the start-up wait for all processes, how long a silent process
     counts as alive, and how long a finished process waits for the others at exit."""
 
@@ -43,6 +46,7 @@ class DistributedConfig(Settings):
     coordinator_address: str | None = None
     num_processes: int | None = setting(None, ge=1)
     process_id: int | None = setting(None, ge=0)
+    local_device_ids: tuple[int, ...] | None = None
     initialization_timeout_s: int = setting(300, ge=1)
     heartbeat_timeout_s: int = setting(100, ge=1)
     shutdown_timeout_s: int = setting(300, ge=1)
@@ -66,6 +70,7 @@ def initialize(config: DistributedConfig | dict | None) -> None:
     try:
         jax.distributed.initialize(
             config.coordinator_address, config.num_processes, config.process_id,
+            local_device_ids=None if config.local_device_ids is None else list(config.local_device_ids),
             initialization_timeout=config.initialization_timeout_s,
             heartbeat_timeout_seconds=config.heartbeat_timeout_s,
             shutdown_timeout_seconds=config.shutdown_timeout_s)
@@ -86,11 +91,16 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def check_head(head_name: str) -> None:
-    """Refuse, before any work, a head that does not run across processes yet."""
-    if is_multi_process() and head_name not in MULTI_PROCESS_HEADS:
-        raise ConfigError(f"model.head.name = {head_name!r} does not run on several processes yet "
+def check_model(model) -> None:
+    """Refuse, before any work, what does not run across processes yet: a head outside
+    MULTI_PROCESS_HEADS, and tiling."""
+    if not is_multi_process():
+        return
+    if model.head.name not in MULTI_PROCESS_HEADS:
+        raise ConfigError(f"model.head.name = {model.head.name!r} does not run on several processes yet "
                           f"(multi-process heads: {', '.join(MULTI_PROCESS_HEADS)}); use distributed=off")
+    if getattr(getattr(model, "tiling", None), "enabled", False):
+        raise ConfigError("tiling does not run on several processes yet; use tiling=off or distributed=off")
 
 
 def part(count: int, process: int | None = None, processes: int | None = None) -> slice:

@@ -82,3 +82,13 @@ def gather_rows(local: np.ndarray, indices: np.ndarray) -> np.ndarray:
     rows = np.zeros((len(indices), *local.shape[1:]), local.dtype)
     rows[mine] = local[indices[mine] - offset]
     return rows if jax.process_count() == 1 else gather(rows[None]).sum(axis=0)  # one owner per row: exact
+
+
+def data_parallel(tree: Any) -> Any:
+    """Inside jit: with several processes, split each leaf's first axis over the global mesh, so
+    the work on a batch is spread over every device and XLA sums gradients across processes; with
+    one process, unchanged."""
+    if jax.process_count() == 1:
+        return tree
+    sharding = NamedSharding(data_mesh(), PartitionSpec(AXIS))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)

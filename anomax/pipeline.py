@@ -23,7 +23,7 @@ from anomax.augment import AugmentConfig
 from anomax.backbones import build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
-from anomax.distributed import DistributedConfig, check_head, is_main, is_multi_process
+from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
 from anomax.errors import ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -307,7 +307,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         timings = {}
         start = time.perf_counter()
         model = build_model(cfg)
-        check_head(model.head.name)
+        check_model(model)
         if is_multi_process():  # one global mesh: each process feeds its devices' shard of every batch
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)

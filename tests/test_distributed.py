@@ -2,8 +2,8 @@
 devices (coordinator on 127.0.0.1) against 1 process on 1 device, on the synthetic set.
 
 The workers are fresh python processes (XLA_FLAGS and jax.distributed.initialize must come before
-any JAX use). Each runs the whole workflow (train_and_evaluate) for PaDiM and PatchCore and
-records the test scores it computed; process 0 writes the outputs.
+any JAX use). Each runs the whole workflow (train_and_evaluate) for PaDiM, PatchCore and the
+student and records the test scores it computed; process 0 writes the outputs.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from anomax.errors import ConfigError
 
 DATASET = {"size": 64, "n_train": 16, "n_test_good": 8, "n_test_defect": 8, "validation_from_train": 0.0,
            "validation_from_test": 0.5}
-HEADS = {"padim": [], "patchcore": ["model.head.coreset_ratio=0.1", "model.head.num_neighbors=3"]}
+HEADS = {"padim": [], "patchcore": ["model.head.coreset_ratio=0.1", "model.head.num_neighbors=3"],
+         "student": ["train.max_num_epochs=2"]}
 
 WORKER = r"""
 import json, sys
@@ -141,7 +142,8 @@ def test_two_processes_match_one_device(runs):
     for head in HEADS:
         one = json.loads((single / "run_p0" / head / "metrics.json").read_text())
         two = json.loads((multi / "run_p0" / head / "metrics.json").read_text())
-        assert two["splits"] == one["splits"] and two["fit"]["num_images"] == one["fit"]["num_images"] == 16
+        assert two["splits"] == one["splits"]
+        assert two["fit"].get("num_images") == one["fit"].get("num_images") == (None if head == "student" else 16)
         for key in ("auroc", "aupr", "f1_max"):  # image metrics: the same scores rank the same
             assert two["metrics"]["image"][key] == one["metrics"]["image"][key], (head, key)
         for key in ("auroc", "aupro"):  # pixel metrics: maps within float32 rounding
@@ -168,9 +170,14 @@ def test_two_processes_match_one_device(runs):
             assert two["fit"]["coreset_indices"] == one["fit"]["coreset_indices"]
             assert len(one["fit"]["coreset_indices"]) == one["fit"]["coreset_size"] == 102
             np.testing.assert_allclose(state[1]["memory_bank"], state[0]["memory_bank"], rtol=1e-5, atol=1e-5)
+        elif head == "student":  # data-parallel training: the same epochs, gradients summed over processes
+            errors = [[epoch["error"] for epoch in run["fit"]["log"]] for run in (one, two)]
+            np.testing.assert_allclose(errors[1], errors[0], rtol=1e-5)
         else:
             np.testing.assert_allclose(state[1]["mean"], state[0]["mean"], rtol=1e-5, atol=1e-5)
-            covariance = [np.linalg.inv(np.einsum("hwji,hwjk->hwik", s["whitening"], s["whitening"])) for s in state]
+            # cov + eps I = (W^T W)^-1, rebuilt in float64 (measured: 9.1e-6 apart at most, entries up to 15.7)
+            covariance = [np.linalg.inv(np.einsum("hwji,hwjk->hwik", *[s["whitening"].astype(np.float64)] * 2))
+                          for s in state]
             np.testing.assert_allclose(covariance[1], covariance[0], rtol=1e-5, atol=1e-5)
         images = [np.full((64, 64, 3), 90, np.uint8), np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)]
         applied = [[r["anomaly_score"] for r in m.apply(images)] for m in models]

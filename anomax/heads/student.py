@@ -20,6 +20,7 @@ from tqdm import tqdm
 from anomax import training
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
+from anomax.parallel import data_mesh, data_parallel, gather, local_rows, replicate
 from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
@@ -89,6 +90,8 @@ class StudentHead(Head):
             progress: bool = False) -> dict[str, Any]:
         train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)
         images, features = self._collect(batches, progress)
+        if jax.process_count() > 1:  # each process extracted its part; all train on the whole split
+            images, features = gather((images, features))
         self.config = self.config.replace(stride=self._stride_of(images.shape, features.shape))
         mean = features.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
         # The floor keeps constant channels finite.
@@ -99,8 +102,11 @@ class StudentHead(Head):
                                          self.config.stride, rngs=nnx.Rngs(train.seed)))
 
         def error_fn(params, images, targets):
+            images, targets = data_parallel((images, targets))  # several processes: split each batch
             return regression_error(nnx.merge(self._graphdef, params)(images), targets)
 
+        if jax.process_count() > 1:  # one copy per process of everything the loop reads
+            params, images, targets = replicate(data_mesh(), (params, images, targets))
         params, info = training.train(error_fn, params, images, targets, train, desc="train student",
                                       progress=progress)
         weights = {f"student/{key}": np.asarray(value) for key, value in zip(self._keys, jax.tree.leaves(params))}
@@ -144,9 +150,9 @@ class StudentHead(Head):
             if "image" not in batch or "features" not in batch:
                 raise InputError(f"student.fit: a batch needs 'image' and 'features', got {sorted(batch)}; "
                                  "run the backbone and FeatureAdaptor first")
-            valid = np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool)), bool)
+            valid = local_rows(batch.get("valid", np.ones(len(batch["image"]), bool))).astype(bool)
             images.append(np.asarray(batch["image"], np.float32)[valid])
-            features.append(np.asarray(batch["features"], np.float32)[valid])
+            features.append(local_rows(batch["features"]).astype(np.float32, copy=False)[valid])
         if not images or sum(len(x) for x in images) == 0:
             raise DatasetError("student.fit got no valid training images; check the training split")
         return np.concatenate(images), np.concatenate(features)
