@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping, Sequence
 
 import grain
@@ -239,12 +240,11 @@ def _dataset_records(dataset: DLDataset, split: str, preprocess: PreprocessParam
     return iter(records.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
 
 
-def _tile_batches(records: Iterable[dict[str, Any]], batch_size: int,
-                  cells: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+def _tile_batches(records: Iterable[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
     """Fixed-size batches of tiles across images, in order: {'image' (B, t, t, C), 'cell' (B,),
     'owner' (B,) position of the tile's image in ``records``, 'valid' (B,), 'records' {owner: record}
-    of the images the batch holds tiles of}. ``cells``: only these grid cells of every image
-    (default all). The last batch is padded by repeating its last tile, marked invalid."""
+    of the images the batch holds tiles of}. The last batch is padded by repeating its last tile,
+    marked invalid."""
     pieces: list[tuple[np.ndarray, np.ndarray, int]] = []
     held: dict[int, dict[str, Any]] = {}
     count = 0
@@ -260,7 +260,7 @@ def _tile_batches(records: Iterable[dict[str, Any]], batch_size: int,
                 "valid": np.arange(batch_size) < len(tiles), "records": dict(held)}
 
     for owner, record in enumerate(records):
-        chosen = np.arange(len(record["grid"])) if cells is None else np.asarray(cells, np.int64)
+        chosen = np.arange(len(record["grid"]))
         held[owner] = record
         start = 0
         while start < len(chosen):
@@ -363,21 +363,54 @@ def _grids(model, dataset: DLDataset, split: str) -> list[TileGrid]:
     return grids
 
 
-def tile_feature_batches(model, dataset: DLDataset, split: str, cells: Sequence[int] | None = None) -> FeatureBatches:
-    """Re-iterable batches {'image', 'features', 'valid'} of the split's tiles (``cells`` of each
-    image: default all), ``model.batch_size`` tiles at a time; a tile counts as an image."""
-    grids = _grids(model, dataset, split)
-    count = sum(len(g) for g in grids) if cells is None else len(cells) * len(grids)
+def _with_features(model, make_batches: Callable[[], Iterable[dict[str, Any]]], count: int) -> FeatureBatches:
+    """Re-iterable {'image', 'features', 'valid'} of tile batches {'image', 'valid'}: what a head's fit
+    reads, ``count`` tiles in all (a tile counts as an image)."""
     params = model._placed({"backbone": model.backbone.params, "adaptor": model.adaptor_params})
 
     def batches() -> Iterator[dict[str, Any]]:
-        records = _dataset_records(dataset, split, model.preprocess, model.tiling)
-        for batch in _tile_batches(records, model.batch_size, cells):
+        for batch in make_batches():
             tiles = model._placed(batch["image"], split_batch=True)
             yield {"image": batch["image"], "valid": batch["valid"],
                    "features": model._features(params["backbone"], params["adaptor"], tiles)}
 
     return FeatureBatches(batches, count, model.batch_size)
+
+
+def tile_feature_batches(model, dataset: DLDataset, split: str) -> FeatureBatches:
+    """The split's tiles with their features, ``model.batch_size`` tiles at a time, images read one by one."""
+    count = sum(len(grid) for grid in _grids(model, dataset, split))
+    return _with_features(model, lambda: _tile_batches(_dataset_records(dataset, split, model.preprocess,
+                                                                        model.tiling), model.batch_size), count)
+
+
+def _cell_major_tiles(model, dataset: DLDataset, split: str, grid: TileGrid, folder: str) -> np.ndarray:
+    """Every image of the split read once and its tiles written, cell by cell, to a file in ``folder``:
+    (cells, images, t, t, C) float32, memory-mapped, so each cell's head then reads its own tiles
+    (contiguous) instead of every image being decoded again per cell."""
+    samples = dataset.samples_of(split)
+    channels = model.preprocess.num_channels
+    tiles = np.lib.format.open_memmap(f"{folder}/{split}.npy", mode="w+", dtype=np.float32,
+                                      shape=(len(grid), len(samples), grid.tile, grid.tile, channels))
+    trained = PerPositionHeads(_fresh(model.head), {}, grid)
+    for record in _dataset_records(dataset, split, model.preprocess, model.tiling):
+        trained.check_grid(record["grid"], samples[record["index"]].image_file_name)
+        tiles[:, record["index"]] = grid.cut(record["image"], range(len(grid)))
+    tiles.flush()
+    return tiles
+
+
+def _cell_feature_batches(model, tiles: np.ndarray, cell: int) -> FeatureBatches:
+    """One grid cell's tiles of every image (``tiles`` from _cell_major_tiles) with their features."""
+    block, size = tiles[cell], model.batch_size
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for start in range(0, len(block), size):
+            chunk = np.asarray(block[start:start + size])
+            yield {"image": np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]),
+                   "valid": np.arange(size) < len(chunk)}
+
+    return _with_features(model, batches, len(block))
 
 
 def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
@@ -399,15 +432,18 @@ def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
         model.head = head
         return {**info, "tiling": {"mode": "shared", "num_tiles": sum(len(g) for g in grids)}}
     grid = grids[0]
-    heads = PerPositionHeads(proto, {}, grid)
     for sample, other in zip(dataset.samples_of(split), grids):
-        heads.check_grid(other, sample.image_file_name)
+        PerPositionHeads(proto, {}, grid).check_grid(other, sample.image_file_name)
     infos, fitted = [], []
-    for cell in tqdm(range(len(grid)), desc="fit per-position heads", unit="cell", disable=not progress):
-        head = _fresh(proto)
-        infos.append(head.fit(tile_feature_batches(model, dataset, split, [cell]), train=train, progress=False,
-                              validation=validation and tile_feature_batches(model, *validation, [cell])))
-        fitted.append(head)
+    with tempfile.TemporaryDirectory(prefix="anomax-tiles-") as folder:  # the tiles, on disk, not in memory
+        tiles = _cell_major_tiles(model, dataset, split, grid, folder)
+        held_out = validation and _cell_major_tiles(model, *validation, grid, folder)
+        for cell in tqdm(range(len(grid)), desc="fit per-position heads", unit="cell", disable=not progress):
+            head = _fresh(proto)
+            infos.append(head.fit(_cell_feature_batches(model, tiles, cell), train=train, progress=False,
+                                  validation=None if held_out is None else _cell_feature_batches(model, held_out, cell)))
+            fitted.append(head)
+        del tiles, held_out  # the memory maps close before their folder goes
     model.head = PerPositionHeads.of(fitted, grid)
     return {"tiling": {"mode": "per_position", "grid": list(grid.shape), "image_size": [grid.height, grid.width]},
             "num_images": len(grids), "cells": infos}

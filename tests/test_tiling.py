@@ -196,6 +196,20 @@ def test_per_position_keeps_one_head_per_grid_cell(per_position, dataset):
     assert all(r["anomaly_image"].shape == (HEIGHT, WIDTH) for r in results)
 
 
+@pytest.mark.parametrize("head_name", ["student", pytest.param("efficientad", marks=pytest.mark.slow)])
+def test_trained_heads_work_per_position(head_name, dataset):
+    """Each cell's head scores its tiles with its own slice of the stacked state (vmapped)."""
+    import dataclasses
+
+    model = build(head_name, TilingConfig(tile_size=TILE, stride=32, mode="per_position"))
+    held_out = [dataclasses.replace(s, split="validation") if s.split == "test" and s.anomaly_label == "ok" else s
+                for s in dataset.samples]  # the good test images: efficientad's validation
+    info = model.fit(dataclasses.replace(dataset, samples=held_out), train=TRAIN, progress=False)
+    assert len(info["cells"]) == 9 and isinstance(model.head, PerPositionHeads)  # rows 0, 32, 48; cols 0, 32, 64
+    (result,) = model.apply(images_of(dataset)[-1:])
+    assert result["anomaly_image"].shape == (HEIGHT, WIDTH) and np.isfinite(result["anomaly_image"]).all()
+
+
 def test_per_position_refuses_another_grid(per_position, dataset):
     model, _ = per_position
     wider = np.zeros((HEIGHT, WIDTH + 24, 3), np.uint8)
