@@ -55,7 +55,7 @@ class DistributedConfig(Settings):
         if self.mode == "manual":
             for key in ("coordinator_address", "num_processes", "process_id"):
                 if getattr(self, key) is None:
-                    self.fail(key, "set when distributed.mode = 'manual' (or use distributed.mode=auto)")
+                    self.fail(key, "set when distributed.mode = 'manual' (or choose distributed=auto)")
         if self.coordinator_address is not None and ":" not in self.coordinator_address:
             self.fail("coordinator_address", "'host:port' of process 0 (e.g. 10.0.0.1:12345)")
         if None not in (self.num_processes, self.process_id) and self.process_id >= self.num_processes:
@@ -67,6 +67,11 @@ def initialize(config: DistributedConfig | dict | None) -> None:
     config = config if isinstance(config, DistributedConfig) else DistributedConfig.from_dict(config)
     if config.mode == "off":
         return
+    # If the coordinator cannot be reached, JAX ends the process after initialization_timeout_s
+    # with "Deadline Exceeded ... RegisterTask": this line says what it was waiting for.
+    log.info("distributed: joining (mode %s, coordinator %s, process %s of %s), waiting up to %d s", config.mode,
+             config.coordinator_address or "auto-detected", config.process_id if config.process_id is not None
+             else "auto", config.num_processes or "auto", config.initialization_timeout_s)
     try:
         jax.distributed.initialize(
             config.coordinator_address, config.num_processes, config.process_id,
