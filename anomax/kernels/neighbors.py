@@ -76,9 +76,10 @@ def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, 
     num_queries = queries.shape[0]
     # A tile holds at least k rows (padding rows have infinite norm), so top_k always has k candidates.
     bank_rows = max(_tile_rows(bank.shape[0], chunk_size), k)
-    # A symbolic query count (ONNX export with a free batch size) cannot be cut into tiles:
-    # then all queries form one tile; the bank, whose size is known, is still tiled.
-    query_rows = _tile_rows(num_queries, chunk_size) if isinstance(num_queries, int) else num_queries
+    # A symbolic query count (ONNX export with a free batch size) cannot be cut into tiles: then all
+    # queries form one tile and the few bank tiles are unrolled, as ONNX runtimes run loops slowly.
+    unrolled = not isinstance(num_queries, int)
+    query_rows = num_queries if unrolled else _tile_rows(num_queries, chunk_size)
     bank_tiles = _tiles(bank, bank_rows)
     norm_tiles = _tiles(bank_norms, bank_rows, fill=jnp.inf)
     offsets = jnp.arange(bank_tiles.shape[0], dtype=jnp.int32) * bank_rows
@@ -97,10 +98,17 @@ def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, 
             return _smallest(*(jnp.concatenate(pair, axis=1) for pair in zip(best, found)), k), None
 
         start = (jnp.full((query_rows, k), jnp.inf), jnp.zeros((query_rows, k), jnp.int32))
-        (partial_d2, index), _ = jax.lax.scan(merge, start, (bank_tiles, norm_tiles, offsets))
+        if unrolled:
+            best = start
+            for tile in zip(bank_tiles, norm_tiles, offsets):
+                best, _ = merge(best, tile)
+            partial_d2, index = best
+        else:
+            (partial_d2, index), _ = jax.lax.scan(merge, start, (bank_tiles, norm_tiles, offsets))
         d2 = partial_d2 + jnp.sum(jnp.square(query_tile), axis=1, keepdims=True)
         return jnp.sqrt(jnp.maximum(d2, 0.0)), index
 
-    query_tiles = _tiles(queries, query_rows) if isinstance(num_queries, int) else queries[None]
-    distances, indices = jax.lax.map(search, query_tiles)
+    if unrolled:
+        return search(queries)
+    distances, indices = jax.lax.map(search, _tiles(queries, query_rows))
     return distances.reshape(-1, k)[:num_queries], indices.reshape(-1, k)[:num_queries]
