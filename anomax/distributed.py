@@ -72,6 +72,8 @@ def initialize(config: DistributedConfig | dict | None) -> None:
     log.info("distributed: joining (mode %s, coordinator %s, process %s of %s), waiting up to %d s", config.mode,
              config.coordinator_address or "auto-detected", config.process_id if config.process_id is not None
              else "auto", config.num_processes or "auto", config.initialization_timeout_s)
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     try:
         jax.distributed.initialize(
             config.coordinator_address, config.num_processes, config.process_id,
