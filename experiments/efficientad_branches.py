@@ -1,10 +1,13 @@
 """Image AUROC per defect type of each map a head returns (combined, local, global), for anomax-train runs.
 
-    python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test]
+    python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test] [--recalibrate]
 
 Reads each run's saved model and dataset manifest, scores the split once and prints one markdown
 row per run and defect type: AUROC of 'anomaly_score' and, where the head gives them,
 'anomaly_score_local' and 'anomaly_score_global' (good images of the split against that type).
+--recalibrate: an efficientad model's map quantiles are first taken again, as its fit does, on the
+good validation images or, without a validation split, on the training images fit held out
+(for models saved before a change to how maps are computed).
 """
 from __future__ import annotations
 
@@ -21,9 +24,33 @@ from anomax.evaluation.metrics import auroc
 SCORES = ("anomaly_score", "anomaly_score_local", "anomaly_score_global")
 
 
-def branch_aurocs(run_dir: Path, split: str) -> tuple[str, dict[str, dict[str, float]]]:
+def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
+    """Quantile images as in EfficientAD.fit: good validation images, else the held-out training ones."""
+    from anomax.preprocess.cache import iterate_batches
+
+    split = "validation" if any(s.split == "validation" and s.anomaly_label == "ok" for s in dataset.samples) \
+        else "train"
+    images, labels = [], []
+    for batch in iterate_batches(dataset, split, model.preprocess, model.batch_size):
+        valid = np.asarray(batch["valid"], bool)
+        images.append(np.asarray(batch["image"])[valid])
+        labels.append(np.asarray(batch["label"])[valid])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if split == "validation":
+        images = images[labels == 0]
+    else:
+        seed = json.loads((run_dir / "model" / "config.json").read_text())["train"]["seed"]
+        order = np.random.default_rng(seed).permutation(len(images))
+        images = images[np.sort(order[:max(1, round(model.head.config.holdout * len(images)))])]
+    model.head.calibrate(images)
+    return f"{len(images)} {split} images"
+
+
+def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False) -> tuple[str, dict[str, dict[str, float]]]:
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
+    if calibrate and hasattr(model.head, "calibrate"):
+        print(f"<!-- {run_dir.name}: quantiles again from {recalibrate(model, dataset, run_dir)} -->")
     samples = dataset.samples_of(split)
     scores: dict[str, list[float]] = {}
     types: list[str] = []
@@ -49,12 +76,13 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--recalibrate", action="store_true")
     args = parser.parse_args()
     print("| run | head | defect type | combined | local | global |")
     print("|---|---|---|---|---|---|")
     everything = {}
     for run in args.runs:
-        head, table = branch_aurocs(run, args.split)
+        head, table = branch_aurocs(run, args.split, args.recalibrate)
         everything[str(run)] = {"head": head, "image_auroc": table}
         for defect, values in table.items():
             cells = [f"{values[key]:.4f}" if key in values else "–" for key in SCORES]

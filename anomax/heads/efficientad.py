@@ -265,13 +265,20 @@ class EfficientAD(Head):
         state.update(self._ae.flatten(params["autoencoder"]))
         state["geometry"] = self._geometry
 
+        self._state = state
+        self.calibrate(val_images, train.batch_size)
+        return {**info, "distillation": distill_info, "quantiles_from": quantile_source,
+                "num_train_images": len(images)}
+
+    def calibrate(self, images: np.ndarray, batch_size: int = 8) -> None:
+        """Set the map quantiles from good images (B, H, W, C), preprocessed: EfficientAD's
+        normalisation (fit does this on the validation or held-out images)."""
+        state = {**self.state, **{f"quantiles_{branch}": np.zeros(2, np.float32) for branch in BRANCHES}}
         raw = jax.jit(self._raw_maps)
-        maps = [raw(state, val_images[i:i + train.batch_size]) for i in range(0, len(val_images), train.batch_size)]
+        maps = [raw(state, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
         for index, branch in enumerate(BRANCHES):
             state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index]) for m in maps]))
         self._state = state
-        return {**info, "distillation": distill_info, "quantiles_from": quantile_source,
-                "num_train_images": len(images)}
 
     def _distil(self, images: np.ndarray, features: np.ndarray, extra, train: TrainConfig, progress: bool):
         """The teacher regresses the standardised backbone features (training images + extra)."""
