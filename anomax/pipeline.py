@@ -59,6 +59,14 @@ class SplitConfig(Settings):
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig(Settings):
+    """What the artifact holds besides the JAX model: onnx also writes model.onnx (needs anomax[deploy])."""
+
+    section: ClassVar[str] = "export"
+    onnx: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig(Settings):
     """The top level of anomax-train: seed (split, projections, coreset start, training), images per
     compiled batch, the preprocessed-cache folder (null: preprocess on the fly), progress bars."""
@@ -275,6 +283,7 @@ class RunSettings:
     head: Settings
     train: TrainConfig
     evaluate: EvaluateConfig
+    export: ExportConfig
 
 
 def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
@@ -292,7 +301,7 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
         head=head_cls.Config.from_dict(head_cfg), train=TrainConfig.from_dict(cfg.get("train")),
-        evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")))
+        evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")), export=ExportConfig.from_dict(cfg.get("export")))
 
 
 def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None) -> dict:
@@ -331,7 +340,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         timings["evaluate_s"] = time.perf_counter() - start
 
         if is_main():
-            save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config)
+            save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config,
+                       onnx=settings.export.onnx)
         summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
                    "image_f1_max": metrics["image"]["f1_max"]}
         if metrics["pixel"] is not None:

@@ -15,7 +15,10 @@ from anomax.apps.config import CONF_DIR, MAX_RUN_NAME, register_schemas, run_dir
 from anomax.errors import ConfigError
 from anomax.evaluation.config import EvaluateConfig
 from anomax.features import AdaptorConfig
-from anomax.pipeline import RunConfig, SplitConfig, validate_config
+from anomax.augment import AugmentConfig
+from anomax.distributed import DistributedConfig
+from anomax.pipeline import ExportConfig, RunConfig, SplitConfig, validate_config
+from anomax.tiling import TilingConfig
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import HEADS
 from anomax.training import TrainConfig
@@ -44,11 +47,15 @@ def wrong_values(cls):
             yield name, 2
 
 
-GROUPS = [("", RunConfig, []), ("split.", SplitConfig, []), ("train.", TrainConfig, []),
-          ("evaluate.", EvaluateConfig, []), ("preprocess.", PreprocessParams, []),
-          ("model.head.adaptor.", AdaptorConfig, [])]
+GROUPS = [("", RunConfig, []), ("split.", SplitConfig, []), ("export.", ExportConfig, []),
+          ("train.", TrainConfig, []), ("evaluate.", EvaluateConfig, []), ("preprocess.", PreprocessParams, []),
+          ("model.head.adaptor.", AdaptorConfig, []), ("augment.", AugmentConfig, []),
+          ("tiling.", TilingConfig, ["tiling=default"]), ("distributed.", DistributedConfig, ["distributed=manual"])]
+MANUAL = {"coordinator_address": "127.0.0.1:12355", "num_processes": 2, "process_id": 0}  # a complete manual setup
 GROUPS += [("model.head.", HEADS.get(name).Config, [f"model/head={name}"]) for name in HEADS.names()]
-CASES = [pytest.param(prefix, name, value, extra, id=f"{prefix}{name}={value}{'@' + extra[0] if extra else ''}")
+CASES = [pytest.param(prefix, name, value, extra + ([f"distributed.{k}={v}" for k, v in MANUAL.items() if k != name]
+                                                    if cls is DistributedConfig else []),
+                      id=f"{prefix}{name}={value}{'@' + extra[0] if extra else ''}")
          for prefix, cls, extra in GROUPS for name, value in wrong_values(cls)]
 
 

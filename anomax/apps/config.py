@@ -98,6 +98,7 @@ class PredictAppConfig:
     batch_size: Optional[int] = None
     colormap: str = "jet"
     overlays: bool = True
+    runtime: str = "jax"  # jax | onnxruntime | openvino (the artifact's model.onnx)
 
 
 def settings_schema(cls: type, name: str, extra: dict[str, tuple[Any, Any]] | None = None,
@@ -121,7 +122,7 @@ def register_schemas() -> None:
     from anomax.backbones import build_backbone
     from anomax.evaluation.config import EvaluateConfig
     from anomax.features import AdaptorConfig
-    from anomax.pipeline import RunConfig, SplitConfig
+    from anomax.pipeline import ExportConfig, RunConfig, SplitConfig
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import BACKBONES, DATASET_FORMATS, HEADS
     from anomax.distributed import DistributedConfig
@@ -133,6 +134,8 @@ def register_schemas() -> None:
                                            "distributed", "tiling")}
     split = settings_schema(SplitConfig, "Split")
     groups["split"] = (split, split)
+    export = settings_schema(ExportConfig, "Export")
+    groups["export"] = (export, export)
     store.store(name="schema", node=settings_schema(RunConfig, "AppConfig", groups))
     store.store(name="schema_evaluate_app", node=EvaluateAppConfig)
     store.store(name="schema_predict_app", node=PredictAppConfig)
