@@ -296,7 +296,9 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
     PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     AugmentConfig.from_dict(cfg.get("augment"))
     DistributedConfig.from_dict(cfg.get("distributed"))
-    TilingConfig.from_dict(cfg.get("tiling"))
+    if TilingConfig.from_dict(cfg.get("tiling")).enabled and (cfg.get("export") or {}).get("onnx"):
+        raise ConfigError("export.onnx = true is not available with tiling (tiling.tile_size is set): the ONNX "
+                          "runtimes score whole images, not tiles; set export.onnx=false")
     return RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,

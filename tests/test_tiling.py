@@ -265,6 +265,8 @@ def test_the_tiling_group_is_off_by_default_and_validated_at_composition():
                           ("tiling.tile_sise=64", "tile_sise")):
         with pytest.raises((ConfigError, HydraException, OmegaConfBaseException), match=key):
             validate_config(composed("tiling=default", override))
+    with pytest.raises(ConfigError, match="export.onnx = true is not available with tiling"):
+        validate_config(composed("tiling=default", "export.onnx=true"))
 
 
 def test_the_tile_size_must_suit_the_backbone():
