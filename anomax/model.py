@@ -116,7 +116,7 @@ class AnomalyModel:
             validation = self.feature_batches(dataclasses.replace(dataset, samples=good_only), validation_split,
                                               cache_dir)
         return self.head.fit(self.feature_batches(dataset, split, cache_dir, self.augment.fit), train=train,
-                             validation=validation, progress=progress)
+                             validation=validation, progress=progress, **self.head.fit_inputs(self))
 
     def feature_batches(self, dataset: DLDataset, split: str, cache_dir: str | None = None,
                         transforms: Sequence[str] = ()) -> FeatureBatches:

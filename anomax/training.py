@@ -8,6 +8,7 @@ masked out, so nothing recompiles between epochs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, Callable, ClassVar, Literal
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from anomax.errors import AnomaxError, ConfigError
 from anomax.settings import Settings, setting
 
+
+logger = logging.getLogger("anomax")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Settings):
@@ -115,6 +118,8 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
             error = float(error)
             log.append({"epoch": epoch, "error": error, "seconds": time.perf_counter() - started})
             bar.set_postfix(error=f"{error:.4g}")
+            logger.info("%s epoch %d/%d: error %.5g (%.1f s)", desc, epoch, config.max_num_epochs, error,
+                        log[-1]["seconds"])
             if not math.isfinite(error):
                 raise ConfigError(f"{desc}: the training error became {error} in epoch {epoch}; "
                                   "lower train.learning_rate")

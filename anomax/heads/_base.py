@@ -93,6 +93,11 @@ class Head:
         ``validation`` (batches of good validation images) for heads with wants_validation."""
         raise NotImplementedError
 
+    def fit_inputs(self, model) -> dict[str, Any]:
+        """Further keyword arguments of ``fit`` that only the model can make (e.g. feature batches
+        of images outside the dataset); none by default."""
+        return {}
+
     def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None,
               mesh=None) -> dict[str, jax.Array]:
         """Pure: -> {'anomaly_image' (B, H, W), 'anomaly_score' (B,), and any extra maps}.

@@ -205,6 +205,11 @@ class EfficientAD(Head):
         return out
 
     # ---- fit ----------------------------------------------------------------------------
+    def fit_inputs(self, model) -> dict[str, Any]:
+        """The generic images of ``distill_images`` through the model's preprocessing and backbone."""
+        folder = self.config.distill_images
+        return {"distill": distillation_batches(model, folder)} if folder else {}
+
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None,
             validation: Iterable[Mapping[str, Any]] | None = None,
             distill: Iterable[Mapping[str, Any]] | None = None, progress: bool = False) -> dict[str, Any]:
