@@ -162,6 +162,7 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
                        "estimates": None if thresholds is None else thresholds.to_dict()},
         "batch_size": model.batch_size,
         "tiling": model.tiling.to_dict(),
+        "augment": model.augment.to_dict(),
     }
     with output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +306,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                                 f"was modified — restore it or save the model again")
     record = _read_json(root / "model.json")
     with _checked(root / "model.json"):
-        record = {"tiling": None, **record}  # artifacts from before tiling are untiled
+        record = {"tiling": None, "augment": None, **record}  # older artifacts: untiled, no test-time augmentation
         _exactly(record, MODEL_KEYS)
     return {**record, "config": _read_json(root / "config.json"), "format_version": version,
             "anomax_version": manifest.get("anomax_version"), "files": sorted(files)}
@@ -326,7 +327,7 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
     return load_runtime(root / ONNX_FILE, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
 
 
-MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size", "tiling")
+MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size", "tiling", "augment")
 
 
 def _build_model(root: Path, meta: Mapping[str, Any]):
@@ -342,6 +343,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import HEADS
     from anomax.tiling import TilingConfig, load_head
+    from anomax.augment import AugmentConfig
 
     source = root / "model.json"
     with _checked(source, "backbone"):
@@ -352,6 +354,8 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
                                           root / "adaptor.safetensors")
     with _checked(source, "tiling"):
         tiling = TilingConfig.from_dict(meta["tiling"] or {})
+    with _checked(source, "augment"):
+        augment = AugmentConfig.from_dict(meta["augment"] or {})
     with _checked(source, "head"):
         head = _exactly(meta["head"], ("name", "hyperparams"))
         head = load_head(HEADS.get(head["name"]), head["hyperparams"], _read_arrays(root / "head.safetensors"), tiling)
@@ -362,7 +366,8 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
                 raise ValueError(f"the domain mask {preprocess['domain']!r} is not a file of the artifact")
             preprocess["domain"] = str(_member(root, preprocess["domain"], source, "preprocess.domain"))
         preprocess = PreprocessParams.from_dict(preprocess)
-    model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling)
+    model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,
+                         augment=augment)
     with _checked(source, "thresholds"):
         thresholds = dict(meta["thresholds"])
         estimates = thresholds.pop("estimates", None)

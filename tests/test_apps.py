@@ -32,7 +32,8 @@ def run(app: str, *args: str, cwd: Path, check: bool = True) -> subprocess.Compl
 def groups() -> list[tuple[str, str]]:
     conf = Path(CONF_DIR)
     found = []
-    for group in ("dataset", "preprocess", "model/backbone", "model/head", "train", "evaluate", "experiment"):
+    for group in ("dataset", "preprocess", "model/backbone", "model/head", "train", "evaluate", "augment", "tiling",
+                  "experiment"):
         found += [(group, f.stem) for f in sorted((conf / group).glob("*.yaml"))]
     return found
 

@@ -124,6 +124,15 @@ def test_model_tta_is_the_mean_of_the_undone_maps(tmp_path):
     np.testing.assert_allclose(np.asarray(out["anomaly_score"]), np.mean(scores, axis=0), rtol=1e-5, atol=1e-6)
     assert not np.allclose(maps[0], np.mean(maps, axis=0))  # the transforms did change the maps
 
+    from anomax.artifact import load_model, save_model
+
+    tta.thresholds = {}
+    save_model(tta, tmp_path / "model")
+    reloaded = load_model(tmp_path / "model")  # the artifact keeps the test-time augmentation
+    assert reloaded.augment == tta.augment
+    np.testing.assert_array_equal(np.asarray(reloaded.infer(reloaded.params, images)["anomaly_image"]),
+                                  np.asarray(out["anomaly_image"]))
+
 
 @pytest.mark.parametrize("option", ["none", "flips", "fit_flips", "dihedral"])
 def test_augment_group_composes_and_validates(option):
