@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import read_mask, read_pair
-from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
+from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import FeatureBatches, Head
 from anomax.preprocess.params import PreprocessParams, _domain_box, preprocess_image, preprocess_mask
 from anomax.settings import Settings, setting

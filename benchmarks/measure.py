@@ -8,7 +8,6 @@ warms up, then ``repeats`` timed calls give ``median_s`` and ``spread_s`` (max -
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import sys

@@ -1,7 +1,6 @@
 """A run's pictures and HTML report; the report opens in headless chromium with every image loaded."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ from PIL import Image
 
 import anomax.apps.predict as predict
 import anomax.data.images as images
-from anomax.errors import ConfigError, DatasetError
+from anomax.errors import DatasetError
 from test_data_images import bomb_png
 
 

@@ -2,7 +2,6 @@
 per grid cell; native-resolution pixel metrics; tiled artifacts round-trip bit-identically."""
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image

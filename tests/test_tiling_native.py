@@ -3,7 +3,6 @@ brute-force computation; wired through the config, the pipeline and the report; 
 a composed config."""
 import numpy as np
 import pytest
-from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 

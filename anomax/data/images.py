@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
