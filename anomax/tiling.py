@@ -35,7 +35,7 @@ from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import read_mask, read_pair
 from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import FeatureBatches, Head
-from anomax.preprocess.params import PreprocessParams, _domain_box, preprocess_image, preprocess_mask
+from anomax.preprocess.params import PreprocessParams, domain_box, preprocess_image, preprocess_mask
 from anomax.settings import Settings, setting
 
 log = logging.getLogger("anomax")
@@ -180,7 +180,7 @@ def roi_shape(preprocess: PreprocessParams, shape: tuple[int, int]) -> tuple[int
     """(rows, cols) of an image of ``shape`` after the preprocess domain step (crop_domain crops)."""
     if preprocess.domain_handling != "crop_domain":
         return int(shape[0]), int(shape[1])
-    row1, col1, row2, col2 = _domain_box(preprocess, tuple(shape))
+    row1, col1, row2, col2 = domain_box(preprocess, tuple(shape))
     return int(row2 - row1 + 1), int(col2 - col1 + 1)
 
 

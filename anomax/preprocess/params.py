@@ -91,11 +91,11 @@ def preprocess_mask(params: PreprocessParams, mask: np.ndarray) -> np.ndarray:
 def _apply_domain(params: PreprocessParams, array: np.ndarray) -> np.ndarray:
     if params.domain_handling != "crop_domain":
         return array
-    row1, col1, row2, col2 = _domain_box(params, array.shape[:2])
+    row1, col1, row2, col2 = domain_box(params, array.shape[:2])
     return array[row1 : row2 + 1, col1 : col2 + 1]
 
 
-def _domain_box(params: PreprocessParams, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def domain_box(params: PreprocessParams, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     if isinstance(params.domain, str):
         rows, cols = np.nonzero(_read_domain_mask(params.domain, shape))
         return rows.min(), cols.min(), rows.max(), cols.max()
@@ -112,7 +112,7 @@ def _domain_mask(params: PreprocessParams, shape: tuple[int, int]) -> np.ndarray
     if isinstance(params.domain, str):
         inside = _read_domain_mask(params.domain, shape)
     else:
-        row1, col1, row2, col2 = _domain_box(params, shape)
+        row1, col1, row2, col2 = domain_box(params, shape)
         inside = np.zeros(shape, bool)
         inside[row1 : row2 + 1, col1 : col2 + 1] = True
     return _resize(inside.astype(np.float32), params, Image.Resampling.NEAREST)
