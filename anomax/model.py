@@ -7,7 +7,7 @@ training split through the backbone and adaptor into the head in one pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -156,34 +156,50 @@ class AnomalyModel:
         if self.tiling.enabled:  # maps at each image's ROI-cropped size
             return self._classified(apply_tiled(self, images))
         params = self._placed(self.params)
-        results = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = np.stack([preprocess_image(self.preprocess, np.asarray(image))
-                              for image in images[start:start + self.batch_size]])
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), 0)])
-            out = jax.device_get(self._infer(params, self._placed(padded, split_batch=True), mesh=self.mesh))
-            for row in range(len(chunk)):  # compiled once: every batch is padded to batch_size
-                results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
-                                for key, value in out.items()})
-        return self._classified(results)
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:  # compiled once: every batch is padded to batch_size
+            return jax.device_get(self._infer(params, self._placed(batch, split_batch=True), mesh=self.mesh))
+
+        return apply_in_batches(images, self.preprocess, self.batch_size, run, self.thresholds)
 
     def _classified(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """With thresholds set: 'anomaly_class', 'anomaly_class_id' and 'anomaly_region' added to each result."""
-        from anomax.evaluation import threshold_dl_anomaly_results
-
-        if {"segmentation", "classification"} <= set(self.thresholds):
-            applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
-                                                   [r["anomaly_score"] for r in results],
-                                                   self.thresholds["segmentation"], self.thresholds["classification"])
-            for result, extra in zip(results, applied):
-                result.update(extra)
-        return results
+        return classified(results, self.thresholds)
 
     def _placed(self, tree, split_batch: bool = False):
         """On self.device; or with a mesh: batches split over its devices, anything else replicated."""
         if self.mesh is None:
             return jax.device_put(tree, self.device)
         return shard_batch(self.mesh, tree) if split_batch else replicate(self.mesh, tree)
+
+
+def apply_in_batches(images: Sequence[np.ndarray], preprocess: PreprocessParams, batch_size: int,
+                     run: Callable[[np.ndarray], Mapping[str, np.ndarray]], thresholds: Mapping[str, float],
+                     pad: bool = True) -> list[dict[str, Any]]:
+    """What every runtime's ``apply`` does around its inference ``run``: raw images preprocessed
+    ``batch_size`` at a time (the last batch padded to that size when ``pad``, so a compiled or
+    fixed-batch ``run`` sees one shape), one result dict per image, classified with ``thresholds``."""
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = np.stack([preprocess_image(preprocess, np.asarray(image)) for image in images[start:start + batch_size]])
+        batch = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)]) if pad else chunk
+        out = run(batch)
+        for row in range(len(chunk)):
+            results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
+                            for key, value in out.items()})
+    return classified(results, thresholds)
+
+
+def classified(results: list[dict[str, Any]], thresholds: Mapping[str, float]) -> list[dict[str, Any]]:
+    """With both thresholds: 'anomaly_class', 'anomaly_class_id' and 'anomaly_region' added to each result."""
+    from anomax.evaluation import threshold_dl_anomaly_results
+
+    if {"segmentation", "classification"} <= set(thresholds):
+        applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
+                                               [r["anomaly_score"] for r in results],
+                                               thresholds["segmentation"], thresholds["classification"])
+        for result, extra in zip(results, applied):
+            result.update(extra)
+    return results
 
 
 def _device(name: str) -> jax.Device:

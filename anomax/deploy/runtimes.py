@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from anomax.errors import ArtifactError, ConfigError
-from anomax.preprocess.params import PreprocessParams, preprocess_image
+from anomax.preprocess.params import PreprocessParams
 
 RUNTIMES = ("jax", "onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("f32", "default")  # 'default': the device's own choice (bf16 where the CPU has it)
@@ -40,26 +40,10 @@ class DeployedModel:
 
     def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image, as AnomalyModel.apply."""
-        from anomax.evaluation import threshold_dl_anomaly_results
+        from anomax.model import apply_in_batches
 
-        step = self._fixed_batch or self.batch_size
-        results = []
-        for start in range(0, len(images), step):
-            chunk = np.stack([preprocess_image(self.preprocess, np.asarray(image))
-                              for image in images[start:start + step]])
-            padded = chunk if self._fixed_batch is None else np.concatenate(
-                [chunk, np.repeat(chunk[-1:], step - len(chunk), 0)])
-            out = self.run(padded)
-            for row in range(len(chunk)):
-                results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
-                                for key, value in out.items()})
-        if {"segmentation", "classification"} <= set(self.thresholds):
-            applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
-                                                   [r["anomaly_score"] for r in results],
-                                                   self.thresholds["segmentation"], self.thresholds["classification"])
-            for result, extra in zip(results, applied):
-                result.update(extra)
-        return results
+        return apply_in_batches(images, self.preprocess, self._fixed_batch or self.batch_size, self.run,
+                                self.thresholds, pad=self._fixed_batch is not None)
 
     def get_params(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "thresholds": dict(self.thresholds), "device": self.runtime}
