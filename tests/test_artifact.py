@@ -13,18 +13,17 @@ import jax
 import numpy as np
 import pytest
 
+import tiny_models
+
 import anomax
 from anomax import artifact
-from anomax.backbones import backbone_requirements, build_backbone
 from anomax.errors import ArtifactError, ConfigError, OutputError
 from anomax.files import sha256_file
 from anomax.evaluation.thresholds import AnomalyThresholds
-from anomax.features import FeatureAdaptor
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param
 from PIL import Image
 from safetensors import SafetensorError
-from anomax.registry import HEADS
 
 SIZE = 64
 HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: both projection kinds get stored
@@ -33,23 +32,12 @@ HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: both projection kinds get s
                   {"projection_dim": 16, "projection": "random"}),
     "student": ({"complexity": 4}, {"projection_dim": 8}),
 }
-TRAIN = {"max_num_epochs": 1, "batch_size": 4}  # for trained heads
 ESTIMATES = AnomalyThresholds(1.5, 2.0, 3.0, 2.5, 2.6, None, "validation", 4.0, 5, 3)
 
 
 def fitted_model(head_name: str) -> AnomalyModel:
-    """A tiny random-init ResNet-18 model whose head is fitted on random images."""
-    backbone = build_backbone("resnet18", pretrained=None, width_multiplier=0.25)
-    if not hasattr(backbone, "width_multiplier"):  # until Backbone records it itself
-        backbone.width_multiplier = 0.25
-    requirements = {k: v for k, v in backbone_requirements("resnet18").items() if k != "input_multiple"}
-    preprocess = create_dl_preprocess_param(width=SIZE, height=SIZE, **requirements)
-    hyperparams, adaptor_kwargs = HEAD_SETUPS[head_name]
-    adaptor = FeatureAdaptor(backbone.taps, **adaptor_kwargs)
-    model = AnomalyModel(preprocess, backbone, adaptor, HEADS.get(head_name)(**hyperparams), batch_size=4)
-    images = np.random.default_rng(0).normal(size=(8, SIZE, SIZE, 3)).astype(np.float32)
-    features = model._features(backbone.params, model.adaptor_params, images)
-    model.head.fit([{"image": images, "features": features, "valid": np.ones(8, bool)}], train=TRAIN)
+    """A tiny random-init ResNet-18 model whose head is fitted on random images, with thresholds."""
+    model = tiny_models.fitted_model("resnet18", head_name, *HEAD_SETUPS[head_name], size=SIZE)
     model.thresholds = {"segmentation": 2.0, "classification": 2.5}
     return model
 

@@ -14,14 +14,12 @@ pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
+import tiny_models  # noqa: E402
 import anomax  # noqa: E402
-from anomax.backbones import backbone_requirements, build_backbone  # noqa: E402
 from anomax.errors import ArtifactError, ConfigError  # noqa: E402
-from anomax.features import FeatureAdaptor  # noqa: E402
 from anomax.files import sha256_file  # noqa: E402
 from anomax.model import AnomalyModel  # noqa: E402
-from anomax.preprocess.params import create_dl_preprocess_param, preprocess_image  # noqa: E402
-from anomax.registry import HEADS  # noqa: E402
+from anomax.preprocess.params import preprocess_image  # noqa: E402
 
 SIZE = 64
 HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: PatchCore with k > 1 exercises the top_k re-weighting
@@ -30,23 +28,13 @@ HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: PatchCore with k > 1 exerci
                   {"projection_dim": 16, "projection": "random"}),
     "student": ({"complexity": 4}, {"projection_dim": 8}),
 }
-TRAIN = {"max_num_epochs": 1, "batch_size": 4}
 RUNTIMES = ("onnxruntime", "openvino")
 TOLERANCE = 1e-4  # relative to the largest value of the compared map or scores
 
 
 def fitted_model(head_name: str) -> AnomalyModel:
     """A tiny random-init MobileNetV2 (width 0.25) model whose head is fitted on random images."""
-    backbone = build_backbone("mobilenet_v2", pretrained=None, width_multiplier=0.25)
-    requirements = {k: v for k, v in backbone_requirements("mobilenet_v2").items() if k != "input_multiple"}
-    preprocess = create_dl_preprocess_param(width=SIZE, height=SIZE, **requirements)
-    hyperparams, adaptor_kwargs = HEAD_SETUPS[head_name]
-    adaptor = FeatureAdaptor(backbone.taps, **adaptor_kwargs)
-    model = AnomalyModel(preprocess, backbone, adaptor, HEADS.get(head_name)(**hyperparams), batch_size=4)
-    images = np.random.default_rng(0).normal(size=(8, SIZE, SIZE, 3)).astype(np.float32)
-    features = model._features(backbone.params, model.adaptor_params, images)
-    model.head.fit([{"image": images, "features": features, "valid": np.ones(8, bool)}], train=TRAIN)
-    return model
+    return tiny_models.fitted_model("mobilenet_v2", head_name, *HEAD_SETUPS[head_name], size=SIZE)
 
 
 def raw_images(count: int, seed: int = 1) -> list[np.ndarray]:
