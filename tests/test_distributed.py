@@ -181,7 +181,8 @@ def test_two_processes_match_one_device(runs):
             np.testing.assert_allclose(covariance[1], covariance[0], rtol=1e-5, atol=1e-5)
         images = [np.full((64, 64, 3), 90, np.uint8), np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)]
         applied = [[r["anomaly_score"] for r in m.apply(images)] for m in models]
-        np.testing.assert_allclose(applied[1], applied[0], rtol=1e-5, atol=1e-5)
+        # PaDiM's whitening amplifies float32 rounding of the reduced moments (as in the score check above)
+        np.testing.assert_allclose(applied[1], applied[0], rtol=2e-5 if head == "padim" else 1e-5, atol=1e-5)
 
 
 def test_only_process_zero_writes_outputs(runs):
