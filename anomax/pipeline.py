@@ -284,6 +284,9 @@ class RunSettings:
     train: TrainConfig
     evaluate: EvaluateConfig
     export: ExportConfig
+    augment: AugmentConfig
+    tiling: TilingConfig
+    distributed: DistributedConfig
 
 
 def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
@@ -294,16 +297,17 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
     PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
-    AugmentConfig.from_dict(cfg.get("augment"))
-    DistributedConfig.from_dict(cfg.get("distributed"))
-    if TilingConfig.from_dict(cfg.get("tiling")).enabled and (cfg.get("export") or {}).get("onnx"):
-        raise ConfigError("export.onnx = true is not available with tiling (tiling.tile_size is set): the ONNX "
-                          "runtimes score whole images, not tiles; set export.onnx=false")
-    return RunSettings(
+    settings = RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
         head=head_cls.Config.from_dict(head_cfg), train=TrainConfig.from_dict(cfg.get("train")),
-        evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")), export=ExportConfig.from_dict(cfg.get("export")))
+        evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")), export=ExportConfig.from_dict(cfg.get("export")),
+        augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=TilingConfig.from_dict(cfg.get("tiling")),
+        distributed=DistributedConfig.from_dict(cfg.get("distributed")))
+    if settings.tiling.enabled and settings.export.onnx:
+        raise ConfigError("export.onnx = true is not available with tiling (tiling.tile_size is set): the ONNX "
+                          "runtimes score whole images, not tiles; set export.onnx=false")
+    return settings
 
 
 def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None) -> dict:
