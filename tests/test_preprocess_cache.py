@@ -190,3 +190,10 @@ def test_building_the_cache_is_quiet(dataset, tmp_path, capfd, caplog):
     assert not [r for r in caplog.records if r.name == "absl" or r.levelno >= logging.WARNING]
     debug = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("anomax"))
     assert "dataset_info.json" in debug and "Downloading and preparing" in debug  # kept for the log file
+
+
+def test_the_cache_bar_shows_only_when_progress_is_asked(dataset, tmp_path, capfd):
+    iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / "quiet")
+    assert "cache test" not in "".join(capfd.readouterr())
+    iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / "shown", progress="score test")
+    assert "cache test" in capfd.readouterr().err

@@ -129,7 +129,7 @@ def iterate_batches(
     if cache_dir is None:
         records = _preprocessed_records(dataset.samples_of(split), params)
     else:
-        builder = _prepared_builder(dataset, split, params, cache_dir, source)
+        builder = _prepared_builder(dataset, split, params, cache_dir, source, show_progress=progress is not None)
         records = grain.MapDataset.source(builder.as_data_source(split="data"))
     return Batches(records, batch_size, shuffle, seed, progress, source)
 
@@ -184,18 +184,19 @@ def _preprocessed_records(samples: list[Sample], params: PreprocessParams) -> gr
 
 
 def _builder(
-    dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path, folder: Path | None = None
+    dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path, folder: Path | None = None,
+    show_progress: bool = False,
 ) -> PreprocessedSplit:
     samples = dataset.samples_of(split)
     return PreprocessedSplit(
         records=_preprocessed_records(samples, params),
         params=params,
         data_dir=folder or cache_path(dataset, split, params, cache_dir),
-        progress=f"cache {split or 'all'}",
+        progress=f"cache {split or 'all'}" if show_progress else None,
     )
 
 
-def _prepared_builder(dataset, split, params, cache_dir, source: str) -> PreprocessedSplit:
+def _prepared_builder(dataset, split, params, cache_dir, source: str, show_progress: bool = False) -> PreprocessedSplit:
     folder = cache_path(dataset, split, params, cache_dir)
     with _tfds_notes_to_debug():  # e.g. TFDS warns that the folder it is about to write has no dataset_info.json
         builder = _builder(dataset, split, params, cache_dir, folder)
@@ -203,7 +204,7 @@ def _prepared_builder(dataset, split, params, cache_dir, source: str) -> Preproc
             return builder
         _remove_stale_incomplete(Path(cache_dir))
         with _locked(folder):
-            builder = _builder(dataset, split, params, cache_dir, folder)  # another process may have built it
+            builder = _builder(dataset, split, params, cache_dir, folder, show_progress)  # another process may have built it
             if not builder.is_prepared():
                 _remove_incomplete(folder)  # this process holds the lock: whatever is incomplete here is stale
                 tfds.display_progress_bar(False)  # iterate_batches shows its own progress
