@@ -28,6 +28,8 @@ PARTS = "parts"
 PARTS_DEFECTS = ("too_few", "too_many", "mismatched", "scratch")
 PARTS_COUNT = 3
 PARTS_VERSION = 1  # of the parts generator's output
+TEXTURE_SIDE = 512  # of scikit-image's textures; larger images tile them at 1:1 instead of upscaling a crop
+LARGE_VERSION = 2  # of texture images larger than TEXTURE_SIDE (1 was an upscaled crop)
 # Saturated colours far apart and from the gray background; every one appears in good images.
 PALETTE = ((220, 40, 40), (40, 170, 60), (50, 80, 220), (230, 200, 30), (200, 60, 200))
 
@@ -46,8 +48,10 @@ def make_synthetic_dataset(
 ) -> Path:
     """Write the dataset under ``root`` and return ``root``.
 
-    Each texture image is a random crop (a quarter to half of the 512 px texture) resized to
-    ``size``; each ``parts`` image a fresh random layout. The ``n_test_defect`` defective images
+    Each texture image up to the texture's own size (512 px) is a random crop (a quarter to half of
+    the texture) resized to ``size``; a larger one shows the texture at its own scale, mirror-tiled
+    from a random offset, so it carries full-resolution detail instead of an 8-16x upscale. Each
+    ``parts`` image is a fresh random layout. The ``n_test_defect`` defective images
     per category cycle through ``defects`` (None: all of the category's defects).
     ``defect_area`` (low, high): each texture defect covers about a fraction of the image drawn
     uniformly from that range (e.g. (0.0001, 0.001) for small-defect benchmarks on large images);
@@ -103,10 +107,24 @@ def _load_texture(name: str) -> np.ndarray:
 
 
 def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    if size > TEXTURE_SIDE:  # no crop reaches this size without upscaling: use the texture at 1:1
+        return _mirror_tiled(texture, size, rng)
     side = int(rng.integers(texture.shape[0] // 4, texture.shape[0] // 2 + 1))
     row, col = rng.integers(0, texture.shape[0] - side + 1), rng.integers(0, texture.shape[1] - side + 1)
     crop = Image.fromarray(texture[row : row + side, col : col + side])
     return np.asarray(crop.resize((size, size), Image.Resampling.BOX))
+
+
+def _mirror_tiled(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size x size window, at a random offset, of the plane tiled with the texture and its mirror
+    images: neighbouring copies meet edge to their own reflection, so no seam appears (period: 2 sides)."""
+    def indices(length: int) -> np.ndarray:
+        period = 2 * length
+        steps = (int(rng.integers(period)) + np.arange(size)) % period
+        return np.where(steps < length, steps, period - 1 - steps)
+
+    rows, cols = indices(texture.shape[0]), indices(texture.shape[1])
+    return texture[rows[:, None], cols[None, :]]
 
 
 def _shape_mask(size: int, draw) -> np.ndarray:

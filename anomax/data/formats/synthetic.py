@@ -11,7 +11,7 @@ from pathlib import Path
 
 from anomax.data.dataset import DLDataset
 from anomax.data.formats.mvtec_ad import read_mvtec_ad
-from anomax.data.synthetic import PARTS, PARTS_VERSION, make_synthetic_dataset
+from anomax.data.synthetic import LARGE_VERSION, PARTS, PARTS_VERSION, TEXTURE_SIDE, make_synthetic_dataset
 from anomax.registry import DATASET_FORMATS
 
 
@@ -32,6 +32,8 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
                 seed=seed)
     if texture == PARTS:  # bump PARTS_VERSION when the generator's output changes: a new cache folder
         spec["version"] = PARTS_VERSION
+    elif size > TEXTURE_SIDE:  # likewise LARGE_VERSION; images up to TEXTURE_SIDE keep their folders
+        spec["version"] = LARGE_VERSION
     if defect_area is not None:  # absent otherwise: the folders generated before it existed stay valid
         spec["defect_area"] = [float(v) for v in defect_area]
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
