@@ -135,14 +135,39 @@ def claim_run_dir(path: str | os.PathLike) -> Iterator[Path]:
         try:
             held.enter_context(locked(lock, wait=False))
         except BlockingIOError:
-            owner = lock.read_text().strip() or "unknown"
-            raise OutputError(f"{run_dir} is in use by another anomax run (pid {owner}); give this run its own "
-                              f"directory (hydra.run.dir=...) or wait for that one to finish") from None
-        found = sorted(entry.name for entry in run_dir.iterdir() if not _before_the_run(entry))
-        if found:
-            raise OutputError(f"{run_dir} already holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}: "
-                              f"a run writes only into a new or empty directory; choose another hydra.run.dir "
-                              f"or move those files away")
+            raise _in_use(run_dir) from None
+        _refuse_outputs(run_dir)
         with output_errors(lock):
             lock.write_text(f"{os.getpid()}\n")  # who holds it, for a second run's message
         yield run_dir
+
+
+def check_run_dir_unused(path: str | os.PathLike) -> None:
+    """Refuse ``path`` early (claim_run_dir checks again under its lock) when another run holds it or
+    it holds a finished run's outputs: Hydra writes .hydra/ into the run directory before the task
+    starts, which would overwrite the earlier run's record of its config."""
+    run_dir = Path(path).absolute()
+    if not run_dir.is_dir():
+        return
+    lock = run_dir / RUN_LOCK
+    if lock.is_file():
+        try:
+            with locked(lock, wait=False):
+                pass
+        except BlockingIOError:
+            raise _in_use(run_dir) from None
+    _refuse_outputs(run_dir)
+
+
+def _in_use(run_dir: Path) -> OutputError:
+    owner = (run_dir / RUN_LOCK).read_text().strip() or "unknown"
+    return OutputError(f"{run_dir} is in use by another anomax run (pid {owner}); give this run its own "
+                       f"directory (hydra.run.dir=...) or wait for that one to finish")
+
+
+def _refuse_outputs(run_dir: Path) -> None:
+    found = sorted(entry.name for entry in run_dir.iterdir() if not _before_the_run(entry))
+    if found:
+        raise OutputError(f"{run_dir} already holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}: "
+                          f"a run writes only into a new or empty directory; choose another hydra.run.dir "
+                          f"or move those files away")

@@ -115,6 +115,14 @@ def test_train_writes_a_complete_run(trained_run):
         assert (trained_run / name).is_file(), name
 
 
+def test_a_rerun_into_a_used_directory_is_refused_and_changes_nothing(trained_run, tmp_path):
+    before = {p: p.read_bytes() for p in (trained_run / ".hydra").iterdir()}
+    done = run("train", *SMOKE, "model/head=patchcore", f"hydra.run.dir={trained_run}", cwd=tmp_path, check=False)
+    assert done.returncode == 2
+    assert f"anomax-train: error: {trained_run} already holds" in done.stderr and "Traceback" not in done.stderr
+    assert {p: p.read_bytes() for p in (trained_run / ".hydra").iterdir()} == before  # the first run's record
+
+
 @needs_chromium
 def test_report_of_a_real_run_opens_in_chromium_with_every_picture(trained_run):
     assert page_images_in_chromium(trained_run / "index.html") == "ALL-IMAGES-LOADED"

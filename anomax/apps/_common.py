@@ -4,11 +4,14 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from anomax.errors import AnomaxError
+from anomax.files import check_run_dir_unused
 
 log = logging.getLogger("anomax")
 
@@ -46,3 +49,29 @@ def reports_errors(app: str) -> Callable:
         return run
 
     return wrap
+
+
+class RefuseUsedRunDir(Callback):
+    """Hydra writes .hydra/ into a job's directory before the task runs; a rerun into a used
+    directory would overwrite the earlier run's config record before the run could refuse it.
+    Processes of one distributed run share nothing here: only process 0 claims its directory."""
+
+    def __init__(self, app: str):
+        self.app = app
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("distributed", {}).get("mode", "off") == "off":
+            self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        for job in sorted(sweep.iterdir()) if sweep.is_dir() else ():
+            if job.is_dir():
+                self._check(job)
+
+    def _check(self, run_dir: str | Path) -> None:
+        try:
+            check_run_dir_unused(run_dir)
+        except AnomaxError as error:
+            print(f"{self.app}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
