@@ -119,8 +119,11 @@ def _member(root: Path, name: Any, source: Path, key: str) -> Path:
 
 # ---- save ----------------------------------------------------------------------------------------
 def _backbone_record(backbone) -> dict[str, Any]:
+    from anomax.ensemble import ConcatBackbone
     from anomax.registry import BACKBONES
 
+    if isinstance(backbone, ConcatBackbone):  # its members' parameters are stored under '0/', '1/', ...
+        return {"name": "concat", "members": [_backbone_record(member) for member in backbone.members]}
     weights = BACKBONES.get(backbone.name).weights
     published = (weights is not None and backbone.weights_sha256 is not None and weights.sha256_prefix is not None
                  and backbone.weights_sha256.startswith(weights.sha256_prefix))
@@ -382,7 +385,26 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
 
 
 def _load_backbone(spec: Mapping[str, Any], file: Path):
-    """The backbone with the stored parameters. Its structure is built as shapes only and checked
+    """The backbone with the stored parameters (a backbone ensemble: each member's, from its prefix)."""
+    from anomax.ensemble import ConcatBackbone
+
+    arrays = _read_arrays(file)
+    if not (isinstance(spec, dict) and spec.get("name") == "concat"):
+        return _load_member(spec, arrays, file)
+    members = _exactly(spec, ("name", "members"))["members"]
+    if not isinstance(members, list) or len(members) < 2:
+        raise ValueError(f"a backbone ensemble lists at least two members, got {members!r}")
+    prefixes = [f"{i}/" for i in range(len(members))]
+    stray = sorted(key for key in arrays if not key.startswith(tuple(prefixes)))
+    if stray:
+        raise ValueError(f"arrays {stray[:5]} belong to no member of the backbone ensemble")
+    return ConcatBackbone([_load_member(member, {key[len(prefix):]: value for key, value in arrays.items()
+                                                 if key.startswith(prefix)}, file)
+                           for member, prefix in zip(members, prefixes)])
+
+
+def _load_member(spec: Mapping[str, Any], arrays: Mapping[str, np.ndarray], file: Path):
+    """One backbone with the stored parameters. Its structure is built as shapes only and checked
     against the file first, so an absurd width in model.json cannot allocate more than the file holds."""
     from flax import nnx
 
@@ -397,7 +419,6 @@ def _load_backbone(spec: Mapping[str, Any], file: Path):
     if not all(value is None or isinstance(value, str) for value in (spec["weights_sha256"], spec["weights_file"])):
         raise TypeError("weights_sha256 and weights_file must be strings or null")
     network = nnx.eval_shape(lambda: registered.network(width_multiplier=width, rngs=nnx.Rngs(0)))
-    arrays = _read_arrays(file)
     try:
         nnx.update(network, unflatten_arrays(nnx.state(network), arrays, file))
     except ArtifactError as error:

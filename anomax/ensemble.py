@@ -1,8 +1,10 @@
 """Ensembles of anomaly models: feature concatenation across backbones, and score ensembles.
 
 - ``ConcatBackbone``: several backbones behind one ``Backbone`` interface; their taps are named
-  ``<backbone>/<tap>`` and the feature adaptor resizes and concatenates them like any taps. The
-  members must want the same input normalisation (one preprocessed image feeds them all).
+  ``<backbone>/<tap>`` and the feature adaptor resizes and concatenates them like any taps. One
+  preprocessed image, normalised as the first member wants, feeds them all: the backbones' input
+  normalisations are affine in the pixel value, so each other member gets its own by an affine
+  map of the first's. ``model/backbone=concat_*`` configs build one (``concat_backbone``).
 - ``ScoreEnsemble``: fitted models scored side by side. The members' maps and scores live on
   different scales, so each member's map is z-normalised with the mean and standard deviation of
   its own map pixels on the validation split's good images (its image scores likewise with their
@@ -11,18 +13,22 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anomax.backbones import Backbone
+from anomax.backbones import Backbone, build_backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, DatasetError, InputError
+from anomax.preprocess.params import PreprocessParams
+from anomax.registry import BACKBONES
 
-NORMALISATION_KEYS = ("normalization_type", "mean", "std", "range_min", "range_max", "num_channels")
+NORMALISATION_KEYS = ("normalization_type", "mean", "std", "range_min", "range_max")
 
 
 class ConcatBackbone:
@@ -34,17 +40,20 @@ class ConcatBackbone:
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise ConfigError(f"a backbone ensemble's members must differ, got {names}")
-        first = {key: members[0].requirements.get(key) for key in NORMALISATION_KEYS}
-        for member in members[1:]:
-            other = {key: member.requirements.get(key) for key in NORMALISATION_KEYS}
-            if other != first:
-                raise ConfigError(f"backbones {members[0].name} and {member.name} want different input "
-                                  f"normalisations ({first} vs {other}); a feature ensemble feeds one "
-                                  f"preprocessed image to all: choose backbones with the same normalisation")
+        channels = {m.name: m.requirements.get("num_channels", 3) for m in members}
+        if len(set(channels.values())) > 1:
+            raise ConfigError(f"a backbone ensemble's members must take the same number of channels, got {channels}")
         self.members = tuple(members)
         self.name = "+".join(names)
         multiple = math.lcm(*(m.requirements["input_multiple"] for m in members))
         self.requirements = {**members[0].requirements, "input_multiple": multiple}
+        # member i's input = first member's input * scale + shift (per channel)
+        first_scale, first_shift = _input_affine(members[0])
+        self._renormalise = []
+        for member in members:
+            scale, shift = _input_affine(member)
+            same = np.allclose(scale, first_scale) and np.allclose(shift, first_shift)
+            self._renormalise.append(None if same else (scale / first_scale, shift - first_shift * scale / first_scale))
         self.taps = tuple(f"{m.name}/{tap}" for m in members for tap in m.taps)
         self.available_taps = self.taps
         self.channels = {f"{m.name}/{tap}": c for m in members for tap, c in m.channels.items()}
@@ -55,11 +64,56 @@ class ConcatBackbone:
 
     def forward(self, params, images: jax.Array) -> dict[str, jax.Array]:
         """Pure and jittable: every member's tapped maps, under '<member>/<tap>'."""
-        return {f"{m.name}/{tap}": value for m, p in zip(self.members, params)
-                for tap, value in m.forward(p, images).items()}
+        features = {}
+        for member, member_params, renormalise in zip(self.members, params, self._renormalise):
+            inputs = images if renormalise is None else images * renormalise[0] + renormalise[1]
+            features.update({f"{member.name}/{tap}": value for tap, value in member.forward(member_params, inputs).items()})
+        return features
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         return self.forward(self.params, images)
+
+
+def _input_affine(backbone: Backbone) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel with the network's input = scale * pixel / 255 + shift: the two
+    normalisations a backbone can ask for (anomax.preprocess.params._normalize)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(PreprocessParams)}
+    wanted = {key: backbone.requirements.get(key, defaults[key]) for key in NORMALISATION_KEYS}
+    if wanted["normalization_type"] == "constant_values":
+        mean, std = np.asarray(wanted["mean"], np.float32), np.asarray(wanted["std"], np.float32)
+        return np.broadcast_to(1 / std, (3,)).astype(np.float32), np.broadcast_to(-mean / std, (3,)).astype(np.float32)
+    if wanted["normalization_type"] == "none":
+        low, high = np.float32(wanted["range_min"]), np.float32(wanted["range_max"])
+        return np.full(3, high - low, np.float32), np.full(3, low, np.float32)
+    raise ConfigError(f"backbone '{backbone.name}' wants normalization_type '{wanted['normalization_type']}', which "
+                      f"depends on each image; a backbone ensemble needs fixed (constant_values or none) normalisations")
+
+
+MEMBER_KEYS = tuple(inspect.signature(build_backbone).parameters)  # name, taps, pretrained, seed, width_multiplier
+
+
+def check_concat_members(members: Any) -> list[dict]:
+    """The members of ``model.backbone.members``, each a build_backbone mapping; a wrong one raises
+    ConfigError naming its key. No weights are read here."""
+    if isinstance(members, str) or not isinstance(members, Sequence) or len(members) < 2:
+        raise ConfigError(f"model.backbone.members must list at least two backbones, got {members!r}")
+    checked = []
+    for i, member in enumerate(members):
+        if not isinstance(member, Mapping) or "name" not in member:
+            raise ConfigError(f"model.backbone.members[{i}] must be a mapping with a 'name', got {member!r}")
+        unknown = sorted(set(member) - set(MEMBER_KEYS))
+        if unknown:
+            raise ConfigError(f"model.backbone.members[{i}]: unknown key(s) {unknown}; known: {list(MEMBER_KEYS)}")
+        if member["name"] not in BACKBONES.names():
+            raise ConfigError(f"model.backbone.members[{i}].name: unknown backbone '{member['name']}'; known: "
+                              f"{', '.join(BACKBONES.names())}")
+        checked.append(dict(member))
+    return checked
+
+
+def concat_backbone(members: Any) -> ConcatBackbone:
+    """The ConcatBackbone of config mappings (``model.backbone.members``), members checked before any is built."""
+    return ConcatBackbone([build_backbone(**member) for member in check_concat_members(members)])
 
 
 class ScoreEnsemble:

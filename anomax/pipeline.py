@@ -24,6 +24,7 @@ from anomax.backbones import build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
+from anomax.ensemble import NORMALISATION_KEYS, ConcatBackbone, check_concat_members, concat_backbone
 from anomax.errors import ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -102,15 +103,30 @@ def build_model(cfg: Mapping[str, Any]) -> AnomalyModel:
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
     head = head_cls(head_cls.Config.from_dict(head_cfg))
-    backbone_cfg = dict(cfg["model"]["backbone"])
-    backbone = build_backbone(backbone_cfg.pop("name"), **backbone_cfg)
+    backbone = build_configured_backbone(cfg["model"]["backbone"])
     preprocess = {key: value for key, value in backbone.requirements.items() if key != "input_multiple"}
-    preprocess.update({key: value for key, value in dict(cfg["preprocess"]).items() if value is not None})
+    given = {key: value for key, value in dict(cfg["preprocess"]).items() if value is not None}
+    if isinstance(backbone, ConcatBackbone):
+        changed = sorted(key for key in NORMALISATION_KEYS if key in given and given[key] != preprocess.get(key))
+        if changed:
+            raise ConfigError(f"preprocess.{changed[0]}: a backbone ensemble converts its first member's input "
+                              f"normalisation to each other member's, so the normalisation must be the first "
+                              f"member's; leave preprocess.{changed[0]} null")
+    preprocess.update(given)
     adaptor = adaptor.replace(taps=adaptor.taps or tuple(backbone.taps))
     tiling = TilingConfig.from_dict(cfg.get("tiling")).for_backbone(backbone)
     return AnomalyModel(create_dl_preprocess_param(**preprocess), backbone, FeatureAdaptor(adaptor), head,
                         batch_size=cfg["batch_size"], augment=AugmentConfig.from_dict(cfg.get("augment")),
                         tiling=tiling)
+
+
+def build_configured_backbone(backbone_cfg: Mapping[str, Any]):
+    """``model.backbone``: one registered backbone, or ``name: concat`` with its ``members`` side by side."""
+    backbone_cfg = dict(backbone_cfg)
+    name = backbone_cfg.pop("name")
+    if name == "concat":
+        return concat_backbone(backbone_cfg["members"])
+    return build_backbone(name, **backbone_cfg)
 
 
 def results_of(model: AnomalyModel, dataset: DLDataset, split: str, cache_dir: str | None = None,
@@ -297,6 +313,8 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
     PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
+    if cfg["model"]["backbone"]["name"] == "concat":
+        check_concat_members(cfg["model"]["backbone"].get("members"))
     settings = RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,

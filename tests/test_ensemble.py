@@ -34,9 +34,50 @@ def test_concat_backbone_names_and_stacks_every_members_taps():
     assert adapted.shape == (2, SIZE // 8, SIZE // 8, sum(both.channels.values()))
 
 
-def test_concat_backbone_refuses_different_normalisations():
-    with pytest.raises(ConfigError, match="normalisation"):
-        ConcatBackbone([tiny_backbone("mobilenet_v2"), tiny_backbone("efficientnet_lite0")])
+def test_each_member_gets_its_own_input_normalisation():
+    """One image normalised for MobileNetV2 (ImageNet mean/std) feeds EfficientNet-Lite0 exactly as
+    if it had been normalised for Lite0 ((x - 127) / 128)."""
+    mobilenet, lite = tiny_backbone("mobilenet_v2"), tiny_backbone("efficientnet_lite0")
+    both = ConcatBackbone([mobilenet, lite])
+    pixels = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.float32)
+    as_first = [create_dl_preprocess_param(width=SIZE, height=SIZE, **{k: v for k, v in backbone_requirements(name).items()
+                                                                        if k != "input_multiple"})
+                for name in ("mobilenet_v2", "efficientnet_lite0")]
+    from anomax.preprocess.params import preprocess_image
+
+    mobilenet_input = np.stack([preprocess_image(as_first[0], p.astype(np.uint8)) for p in pixels])
+    lite_input = np.stack([preprocess_image(as_first[1], p.astype(np.uint8)) for p in pixels])
+    features = both(mobilenet_input)
+    for tap, value in lite(lite_input).items():
+        np.testing.assert_allclose(np.asarray(features[f"efficientnet_lite0/{tap}"]), np.asarray(value), rtol=1e-4, atol=1e-4)
+    for tap, value in mobilenet(mobilenet_input).items():  # the first member's input is passed on unchanged
+        np.testing.assert_allclose(np.asarray(features[f"mobilenet_v2/{tap}"]), np.asarray(value), rtol=1e-4, atol=1e-4)
+
+
+def test_concat_backbone_from_config_names_a_wrong_member_key():
+    from anomax.ensemble import concat_backbone
+
+    with pytest.raises(ConfigError, match=r"members\[1\]: unknown key\(s\) \['tapz'\]"):
+        concat_backbone([{"name": "resnet18"}, {"name": "mobilenet_v2", "tapz": ["features.6"]}])
+    with pytest.raises(ConfigError, match=r"members\[0\].name: unknown backbone 'resnet19'"):
+        concat_backbone([{"name": "resnet19"}, {"name": "mobilenet_v2"}])
+    with pytest.raises(ConfigError, match="at least two"):
+        concat_backbone([{"name": "resnet18"}])
+
+
+def test_a_feature_ensemble_model_round_trips_bit_identically(tmp_path):
+    import anomax
+    import tiny_models
+
+    model = tiny_models.fitted_model("mobilenet_v2+efficientnet_lite0", "patchcore",
+                                     {"coreset_size": 16, "projection_dim": None, "num_neighbors": 3},
+                                     {"projection_dim": 8, "projection": "random"}, size=SIZE)
+    loaded = anomax.load_model(anomax.save_model(model, tmp_path / "model"))
+    assert loaded.backbone.name == "mobilenet_v2+efficientnet_lite0" and loaded.backbone.taps == model.backbone.taps
+    images = list(np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8))
+    for want, have in zip(model.apply(images), loaded.apply(images)):
+        assert have["anomaly_score"] == want["anomaly_score"]
+        np.testing.assert_array_equal(have["anomaly_image"], want["anomaly_image"])
 
 
 def member(backbone_name: str, head) -> AnomalyModel:
@@ -118,3 +159,31 @@ def test_normalise_needs_validation_good_images(fitted):
     without = DLDataset([s for s in dataset.samples if s.split != "validation"], "test")
     with pytest.raises(DatasetError, match="validation"):
         ensemble.normalise(without)
+
+
+def test_anomax_train_config_builds_a_feature_ensemble():
+    from hydra import compose, initialize_config_dir
+
+    from anomax.apps.config import CONF_DIR, register_schemas
+    from anomax.pipeline import build_model, validate_config
+
+    register_schemas()
+    tiny = "{pretrained: null, width_multiplier: 0.25}"
+    members = f"[{{name: mobilenet_v2, {tiny[1:-1]}}}, {{name: efficientnet_lite0, {tiny[1:-1]}}}]"
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("anomax_train", ["model/backbone=concat_lite2_mobilenet_v2", f"model.backbone.members={members}",
+                                       "preprocess.width=64", "preprocess.height=64"])
+        wrong = compose("anomax_train", ["model/backbone=concat_lite2_mobilenet_v2", f"model.backbone.members={members}",
+                                         "preprocess.normalization_type=none"])
+        typo = compose("anomax_train", ["model/backbone=concat_lite2_mobilenet_v2",
+                                        "model.backbone.members=[{name: mobilenet_v2}, {name: resnet18, taps: 3, seeed: 1}]"])
+    from anomax.apps._common import plain
+
+    cfg, wrong, typo = plain(cfg), plain(wrong), plain(typo)  # what anomax-train passes on
+    model = build_model(cfg)
+    assert isinstance(model.backbone, ConcatBackbone) and model.backbone.name == "mobilenet_v2+efficientnet_lite0"
+    assert model.preprocess.normalization_type == "constant_values"  # the first member's
+    with pytest.raises(ConfigError, match="preprocess.normalization_type: a backbone ensemble"):
+        build_model(wrong)
+    with pytest.raises(ConfigError, match=r"members\[1\]: unknown key\(s\) \['seeed'\]"):
+        validate_config(typo)

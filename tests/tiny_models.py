@@ -2,6 +2,7 @@
 import numpy as np
 
 from anomax.backbones import backbone_requirements, build_backbone
+from anomax.ensemble import ConcatBackbone
 from anomax.features import FeatureAdaptor
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param
@@ -12,9 +13,12 @@ TRAIN = {"max_num_epochs": 1, "batch_size": 4}  # for trained heads
 
 def fitted_model(backbone_name: str, head_name: str, hyperparams: dict, adaptor_kwargs: dict,
                  size: int) -> AnomalyModel:
-    """``backbone_name`` at width 0.25 (random init), the head fitted on 8 random size x size images."""
-    backbone = build_backbone(backbone_name, pretrained=None, width_multiplier=0.25)
-    requirements = {k: v for k, v in backbone_requirements(backbone_name).items() if k != "input_multiple"}
+    """``backbone_name`` at width 0.25 (random init; 'a+b': a feature ensemble of both), the head fitted
+    on 8 random size x size images."""
+    names = backbone_name.split("+")
+    members = [build_backbone(name, pretrained=None, width_multiplier=0.25) for name in names]
+    backbone = members[0] if len(members) == 1 else ConcatBackbone(members)
+    requirements = {k: v for k, v in backbone_requirements(names[0]).items() if k != "input_multiple"}
     preprocess = create_dl_preprocess_param(width=size, height=size, **requirements)
     adaptor = FeatureAdaptor(backbone.taps, **adaptor_kwargs)
     model = AnomalyModel(preprocess, backbone, adaptor, HEADS.get(head_name)(**hyperparams), batch_size=4)

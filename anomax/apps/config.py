@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -146,6 +146,9 @@ def register_schemas() -> None:
     for backbone in BACKBONES.names():
         node = schema_of(build_backbone, f"Backbone_{backbone}")
         store.store(group="model/backbone", name=f"schema_{backbone}", node=node)
+    # a backbone ensemble: members are build_backbone mappings, checked by anomax.ensemble.check_concat_members
+    store.store(group="model/backbone", name="schema_concat", node=dataclasses.make_dataclass(
+        "Backbone_concat", [("name", str, "concat"), ("members", List[Dict[str, Any]], dataclasses.field(default_factory=list))]))
     for head in HEADS.names():
         node = settings_schema(HEADS.get(head).Config, f"Head_{head}",
                                {"name": (str, head), "adaptor": (adaptor, adaptor)})
