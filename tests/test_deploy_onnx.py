@@ -125,6 +125,26 @@ def test_file_is_self_describing_for_programs_without_anomax(exported):
     assert json.loads(meta["anomax.outputs"]) == ["anomaly_image", "anomaly_score"]
 
 
+@pytest.mark.slow
+def test_graph_has_the_forms_the_runtimes_run_fast(exported):
+    """relu6 as one Clip (fused into the convolution before it), not Max then Min; the map's
+    upsampling and smoothing as MatMuls, no one-channel blur Conv; PatchCore's search over all
+    patches as a minimum: no arg-min over the (patches, bank) distances."""
+    import onnx
+
+    model, path, _ = exported
+    graph = onnx.load(str(path / "model.onnx")).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    ops = [node.op_type for node in graph.node]
+    assert "Clip" in ops
+    assert not [n for n in graph.node if n.op_type == "Min" and any(producer.get(i, n).op_type == "Max" for i in n.input)]
+    weights = {w.name: list(w.dims) for w in graph.initializer}
+    assert not [n for n in graph.node if n.op_type == "Conv" and weights.get(n.input[1], [0, 0])[1] == 1
+                and weights.get(n.input[1], [0, 0])[0] == 1]
+    if model.head.name == "patchcore":  # the search over all patches: distances alone (see test_kernels_neighbors)
+        assert "ReduceMin" in ops
+
+
 @pytest.fixture
 def copy(exported, tmp_path):
     return Path(shutil.copytree(exported[1], tmp_path / "copy"))

@@ -24,6 +24,22 @@ def test_chunked_search_equals_brute_force(k):
     assert np.asarray(indices).max() < len(bank)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_distances_alone_are_the_same_and_need_no_arg_min(k):
+    import jax
+
+    rng = np.random.default_rng(2)
+    bank = rng.standard_normal((37, 5)).astype(np.float32)
+    queries = rng.standard_normal((23, 5)).astype(np.float32)
+    distances, _ = nearest_neighbors(queries, bank, k=k, chunk_size=8)
+    alone, none = nearest_neighbors(queries, bank, k=k, chunk_size=8, indices=False)
+    assert none is None
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(distances))
+    if k == 1:
+        jaxpr = str(jax.make_jaxpr(lambda q, b: nearest_neighbors(q, b, k=1, chunk_size=8, indices=False))(queries, bank))
+        assert "argmin" not in jaxpr and "reduce_min" in jaxpr
+
+
 def test_padding_never_wins_even_for_a_query_at_the_origin():
     # Padded bank rows are zeros; a query at 0 must still get a real row.
     bank = np.full((5, 3), 10.0, np.float32)

@@ -18,6 +18,13 @@ def torch_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((kernel // 2, kernel // 2),) * 2
 
 
+def relu6(x: jax.Array) -> jax.Array:
+    """min(max(x, 0), 6), the same numbers as jax.nn.relu6, written as jnp.clip because that exports
+    to ONNX as one Clip, which onnxruntime fuses into the convolution before it (jax.nn.relu6
+    exports as Max + Min, each a pass over the map that also breaks its blocked layout)."""
+    return jnp.clip(x, 0.0, 6.0)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
     """Depthwise convolution (kernel (k, k, 1, C)) as k² shifted multiply-adds that XLA fuses into one
     pass. Why: XLA:CPU's grouped convolution is 5-50x slower on MobileNet/EfficientNet shapes

@@ -16,7 +16,7 @@ import math
 import jax
 from flax import nnx
 
-from anomax.backbones import BackboneSpec, requirements
+from anomax.backbones import BackboneSpec, _layers, requirements
 from anomax.backbones._layers import ConvBN, FeatureNetwork, conv_bn_names, global_average_pool
 from anomax.backbones._weights import WeightsSource
 from anomax.registry import BACKBONES
@@ -49,7 +49,7 @@ def block_settings(width: float, depth: float):
 
 def conv_bn(cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs, relu6: bool = True, **kw) -> ConvBN:
     return ConvBN(cin, cout, kernel, padding="SAME", epsilon=EPSILON,
-                  activation=jax.nn.relu6 if relu6 else None, rngs=rngs, **kw)
+                  activation=_layers.relu6 if relu6 else None, rngs=rngs, **kw)
 
 
 class MBConv(nnx.Module):

@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 
 from anomax.backbones import IMAGENET_REQUIREMENTS, BackboneSpec
-from anomax.backbones._layers import ConvBN, FeatureNetwork, conv_bn_names, global_average_pool, torch_padding
+from anomax.backbones._layers import ConvBN, FeatureNetwork, conv_bn_names, global_average_pool, relu6, torch_padding
 from anomax.backbones._weights import WeightsSource
 from anomax.registry import BACKBONES
 
@@ -23,7 +23,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def conv_bn_relu6(cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs, **kw) -> ConvBN:
-    return ConvBN(cin, cout, kernel, padding=torch_padding(kernel), activation=jax.nn.relu6, rngs=rngs, **kw)
+    return ConvBN(cin, cout, kernel, padding=torch_padding(kernel), activation=relu6, rngs=rngs, **kw)
 
 
 class InvertedResidual(nnx.Module):

@@ -111,7 +111,8 @@ def _export_formulations():
     - depthwise convolutions as one grouped convolution (ONNX Conv group=C) instead of the k²
       shifted multiply-adds that are fast on XLA:CPU: a graph ~10x smaller, converted ~3x faster;
     - the adaptor's average pooling (lax.reduce_window, which jax2onnx turns into a 6-D Conv that
-      OpenVINO rejects) as a sum of shifted slices of the zero-padded map;
+      OpenVINO rejects) as a grouped convolution with a constant 1/size² kernel, which the runtimes
+      run in their own channel-blocked layout (shifted slices of the NHWC map cost them transposes);
     - jax.image.resize and jnp.full through JAX's own implementations (BYPASSED_SHIMS): jax2onnx's
       shims for them need a constant batch size.
 
@@ -125,7 +126,7 @@ def _export_formulations():
     from anomax.backbones import _layers
 
     import_all_plugins()
-    swaps = [(_layers, "depthwise_conv", _grouped_depthwise_conv), (features, "average_pool", _shifted_average_pool)]
+    swaps = [(_layers, "depthwise_conv", _grouped_depthwise_conv), (features, "average_pool", _grouped_average_pool)]
     originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     bypassed = {name: PLUGIN_REGISTRY.pop(name) for name in BYPASSED_SHIMS if name in PLUGIN_REGISTRY}
     jax.clear_caches()
@@ -146,15 +147,13 @@ def _grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, paddin
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _shifted_average_pool(x: jax.Array, size: int) -> jax.Array:
-    """anomax.features.average_pool (size x size mean, stride 1, zero padding counted) as shifted sums."""
+def _grouped_average_pool(x: jax.Array, size: int) -> jax.Array:
+    """anomax.features.average_pool (size x size mean, stride 1, zero padding counted) as a grouped
+    convolution with weights 1/size²."""
     if size == 1:
         return x
-    pad = size // 2
-    height, width = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows = sum(padded[:, i:i + height] for i in range(size))
-    return sum(rows[:, :, j:j + width] for j in range(size)) / (size * size)
+    kernel = np.full((size, size, 1, x.shape[-1]), 1.0 / (size * size), np.float32)
+    return _grouped_depthwise_conv(x, jnp.asarray(kernel), 1, [(size // 2, size // 2)] * 2)
 
 
 def _check_opset(proto, opset: int) -> None:

@@ -166,29 +166,33 @@ class PatchCore(Head):
         batch, height, width, dim = features.shape
         bank = state["memory_bank"]
         queries = jnp.reshape(features, (batch, height * width, dim))
-        distances, nearest = self._neighbors(queries.reshape(-1, dim), bank, 1, mesh)
+        distances, _ = self._neighbors(queries.reshape(-1, dim), bank, 1, mesh, indices=False)
         patch_scores = distances.reshape(batch, height * width)
-        image_scores = self._image_scores(bank, queries, patch_scores, nearest.reshape(batch, height * width), mesh)
+        image_scores = self._image_scores(bank, queries, patch_scores, mesh)
         return self.outputs(patch_scores.reshape(batch, height, width), images, image_scores)
 
-    def _image_scores(self, bank, queries, patch_scores, nearest, mesh):
+    def _image_scores(self, bank, queries, patch_scores, mesh):
         """The paper's re-weighting (anomalib's compute_anomaly_score): the most anomalous
         patch's distance s*, scaled by 1 - softmax over its distances to the k bank
         neighbours of its own nearest bank feature m*, taken at m*. s* counts less when
-        m* sits in a dense bank region (the patch is 'near normal' after all)."""
+        m* sits in a dense bank region (the patch is 'near normal' after all).
+
+        m* is searched again for the B worst patches alone, so that the search over all patches
+        needs only distances, no arg-min (the slowest step of the exported graph otherwise)."""
         worst = jnp.argmax(patch_scores, axis=1)
-        take = lambda x: jnp.take_along_axis(x, worst[:, None], axis=1)[:, 0]
-        score = take(patch_scores)
+        score = jnp.take_along_axis(patch_scores, worst[:, None], axis=1)[:, 0]
         if self.config.num_neighbors == 1:
             return score
         worst_features = jnp.take_along_axis(queries, worst[:, None, None], axis=1)[:, 0]
         k = min(self.config.num_neighbors, bank.shape[0])
-        _, support = self._neighbors(bank[take(nearest)], bank, k, mesh)
+        _, nearest = self._neighbors(worst_features, bank, 1, mesh)
+        _, support = self._neighbors(bank[nearest[:, 0]], bank, k, mesh)
         distances = jnp.linalg.norm(bank[support] - worst_features[:, None, :], axis=-1)
         return score * (1.0 - jax.nn.softmax(distances, axis=1)[:, 0])
 
-    def _neighbors(self, queries, bank, k, mesh):
+    def _neighbors(self, queries, bank, k, mesh, indices=True):
         """The bank is searched on one device, or split over the mesh (local search, then global best)."""
         if mesh is None:
-            return nearest_neighbors(queries, bank, k=k, chunk_size=self.config.chunk_size)
-        return sharded_nearest_neighbors(queries, bank, mesh, k=k, chunk_size=self.config.chunk_size)
+            return nearest_neighbors(queries, bank, k=k, chunk_size=self.config.chunk_size, indices=indices)
+        return sharded_nearest_neighbors(queries, bank, mesh, k=k, chunk_size=self.config.chunk_size,
+                                         indices=indices)

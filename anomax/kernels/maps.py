@@ -1,7 +1,7 @@
 """Anomaly maps: patch scores upsampled to the input size and smoothed, as XLA ops."""
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +26,19 @@ def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
         return maps
     kernel = jnp.asarray(gaussian_kernel(sigma))
     radius = kernel.shape[0] // 2
-    if min(maps.shape[1:]) <= radius:
-        raise InputError(f"gaussian_blur: maps of size {maps.shape[1:]} are too small for sigma={sigma} "
-                         f"(reflect padding needs more than {radius} pixels); lower sigma or enlarge the input")
+    _check_blur_size("gaussian_blur", maps.shape[1:], sigma)
     x = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode="reflect")[:, None]
     for shape in ((-1, 1), (1, -1)):  # rows, then columns
         x = jax.lax.conv_general_dilated(x, kernel.reshape(1, 1, *shape), (1, 1), "VALID",
                                          precision="highest")
     return x[:, 0]
+
+
+def _check_blur_size(where: str, shape: tuple[int, ...], sigma: float) -> None:
+    radius = len(gaussian_kernel(sigma)) // 2 if sigma > 0 else 0
+    if sigma > 0 and min(shape) <= radius:
+        raise InputError(f"{where}: maps of size {tuple(shape)} are too small for sigma={sigma} "
+                         f"(reflect padding needs more than {radius} pixels); lower sigma or enlarge the input")
 
 
 UPSAMPLING = ("bilinear", "nearest")
@@ -43,9 +48,44 @@ UPSAMPLING = ("bilinear", "nearest")
 def anomaly_map(patch_scores: jax.Array, out_hw: tuple[int, int], sigma: float = 4.0,
                 upsample: str = "bilinear") -> jax.Array:
     """(B, h, w) patch scores -> (B, H, W): upsampling with half-pixel centres (torch
-    F.interpolate(mode='bilinear', align_corners=False), or 'nearest'), then Gaussian smoothing."""
+    F.interpolate(mode='bilinear', align_corners=False), or 'nearest'), then Gaussian smoothing
+    (gaussian_blur).
+
+    All three steps are linear and act on rows and columns separately, so each axis's
+    resize -> reflect-pad -> blur is one (H, h) matrix, built once per shape: the map is two small
+    matmuls, rows @ scores @ columns.T, the cost of the bilinear resize alone. The same numbers
+    as resizing, then blurring, to float rounding; exported to ONNX as two MatMuls on constants
+    (a one-channel 33-tap convolution is a poor fit for the runtimes' blocked layouts)."""
     if upsample not in UPSAMPLING:
         raise InputError(f"anomaly_map: upsample must be one of {UPSAMPLING}, got {upsample!r}")
-    batch = patch_scores.shape[0]
-    upsampled = jax.image.resize(patch_scores.astype(jnp.float32), (batch, *out_hw), upsample, antialias=False)
-    return gaussian_blur(upsampled, sigma)
+    _check_blur_size("anomaly_map", out_hw, sigma)
+    (height, width), (out_height, out_width) = patch_scores.shape[1:], out_hw
+    rows = jnp.asarray(_axis_operator(height, out_height, sigma, upsample))
+    columns = jnp.asarray(_axis_operator(width, out_width, sigma, upsample))
+    resized_columns = jnp.matmul(patch_scores.astype(jnp.float32), columns.T, precision="highest")  # (B, h, W)
+    return jnp.einsum("Hh,bhW->bHW", rows, resized_columns, precision="highest")
+
+
+@lru_cache(maxsize=64)
+def _axis_operator(size: int, out_size: int, sigma: float, upsample: str) -> np.ndarray:
+    """(out_size, size) float32: resize one axis as jax.image.resize does (antialias off), then
+    reflect-pad and blur it with gaussian_kernel(sigma); composed in float64."""
+    if upsample == "nearest":  # jax.image.resize's index rule, in float32 as it computes it
+        source = np.floor((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * np.float32(size)
+                          / np.float32(out_size)).astype(np.int64)
+        resize = np.zeros((out_size, size))
+        resize[np.arange(out_size), source] = 1.0
+    else:  # triangle kernel at half-pixel centres; taps outside the input dropped and the rest renormalised
+        centres = (np.arange(out_size) + 0.5) * size / out_size - 0.5
+        resize = np.maximum(0.0, 1.0 - np.abs(centres[:, None] - np.arange(size)[None, :]))
+        resize /= resize.sum(axis=1, keepdims=True)
+    if sigma <= 0:
+        return resize.astype(np.float32)
+    kernel = gaussian_kernel(sigma).astype(np.float64)
+    radius = len(kernel) // 2
+    blur = np.zeros((out_size, out_size))
+    for tap, weight in zip(range(-radius, radius + 1), kernel):
+        source = np.arange(out_size) + tap
+        source = np.where(source < 0, -source, np.where(source >= out_size, 2 * (out_size - 1) - source, source))
+        np.add.at(blur, (np.arange(out_size), source), weight)  # reflect: the edge pixel is not repeated
+    return (blur @ resize).astype(np.float32)

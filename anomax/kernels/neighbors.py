@@ -3,7 +3,9 @@
 Squared distances use ||a||^2 - 2 a.b + ||b||^2 (one matmul per tile); ||a||^2 does not
 change which bank row is nearest, so it is added after the minimum, and the result is
 clamped at 0 before the square root. The bank is padded to whole tiles with rows of
-infinite norm, so padding can never be the nearest.
+infinite norm, so padding can never be the nearest. ``indices=False`` skips the arg-min:
+for 1-NN a row minimum is far cheaper, in XLA and most of all in an exported graph
+(OpenVINO runs an arg-min as a k=1 TopK that took longer than the distance matmul).
 """
 from __future__ import annotations
 
@@ -28,23 +30,31 @@ def _tiles(x: jax.Array, rows: int, fill: float = 0.0) -> jax.Array:
     return jnp.pad(x, padding, constant_values=fill).reshape(-1, rows, *x.shape[1:])
 
 
-def _smallest(values: jax.Array, index: jax.Array, k: int):
-    """The k smallest values per row, ascending, with their indices (argmin when k == 1)."""
-    pick = jnp.argmin(values, axis=1, keepdims=True) if k == 1 else jax.lax.top_k(-values, k)[1]
-    return jnp.take_along_axis(values, pick, 1), jnp.take_along_axis(index, pick, 1)
+def _smallest(values: jax.Array, index: jax.Array | None, k: int):
+    """The k smallest values per row, ascending, with their entries of `index` (argmin when k == 1);
+    index None: the values alone (a minimum when k == 1)."""
+    if index is None:
+        return (jnp.min(values, axis=1, keepdims=True) if k == 1 else -jax.lax.top_k(-values, k)[0]), None
+    column = _smallest_columns(values, k)
+    return jnp.take_along_axis(values, column, 1), jnp.take_along_axis(index, column, 1)
 
 
-@partial(jax.jit, static_argnames=("k", "chunk_size"))
-def nearest_neighbors(queries: jax.Array, bank: jax.Array, *, k: int = 1, chunk_size: int = 4096):
-    """Exact k nearest bank rows of each query: (distances (Q, k) ascending, indices (Q, k)).
-    Ties go to the lower bank index when k == 1."""
+def _smallest_columns(values: jax.Array, k: int) -> jax.Array:
+    return jnp.argmin(values, axis=1, keepdims=True) if k == 1 else jax.lax.top_k(-values, k)[1]
+
+
+@partial(jax.jit, static_argnames=("k", "chunk_size", "indices"))
+def nearest_neighbors(queries: jax.Array, bank: jax.Array, *, k: int = 1, chunk_size: int = 4096,
+                      indices: bool = True):
+    """Exact k nearest bank rows of each query: (distances (Q, k) ascending, indices (Q, k), or
+    None when ``indices=False``). Ties go to the lower bank index when k == 1."""
     _check_k(k, bank.shape[0])
-    return _search(queries, bank, jnp.sum(jnp.square(bank), axis=1), k, chunk_size)
+    return _search(queries, bank, jnp.sum(jnp.square(bank), axis=1), k, chunk_size, indices)
 
 
-@partial(jax.jit, static_argnames=("mesh", "k", "chunk_size"))
+@partial(jax.jit, static_argnames=("mesh", "k", "chunk_size", "indices"))
 def sharded_nearest_neighbors(queries: jax.Array, bank: jax.Array, mesh: Mesh, *, k: int = 1,
-                              chunk_size: int = 4096):
+                              chunk_size: int = 4096, indices: bool = True):
     """nearest_neighbors with the bank split over the devices of `mesh` (axis 'data'): each
     device searches its own rows, then the k best of all devices are kept. Same results and
     tie-breaking as on one device (candidates are merged in global index order)."""
@@ -56,9 +66,9 @@ def sharded_nearest_neighbors(queries: jax.Array, bank: jax.Array, mesh: Mesh, *
     bank = jnp.pad(bank, ((0, padding), (0, 0)))
 
     def local(queries, bank, norms):
-        distances, index = _search(queries, bank, norms, min(k, rows), chunk_size)
-        index = index + jax.lax.axis_index("data") * rows
-        gathered = (jax.lax.all_gather(x, "data", axis=1, tiled=True) for x in (distances, index))
+        distances, index = _search(queries, bank, norms, min(k, rows), chunk_size, indices)
+        index = None if index is None else index + jax.lax.axis_index("data") * rows
+        gathered = jax.tree.map(lambda x: jax.lax.all_gather(x, "data", axis=1, tiled=True), (distances, index))
         return _smallest(*gathered, k)
 
     # check_vma off: the search's scan carry starts device-invariant and becomes per-device.
@@ -71,8 +81,10 @@ def _check_k(k: int, num_bank: int) -> None:
         raise InputError(f"nearest_neighbors: k={k} must be between 1 and the bank size {num_bank}")
 
 
-def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, chunk_size: int):
-    """The tiled search; bank_norms (N,) are ||b||^2, or inf for rows that must never match."""
+def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, chunk_size: int,
+            indices: bool = True):
+    """The tiled search; bank_norms (N,) are ||b||^2, or inf for rows that must never match.
+    (distances, indices), indices None when not asked for."""
     num_queries = queries.shape[0]
     # A tile holds at least k rows (padding rows have infinite norm), so top_k always has k candidates.
     bank_rows = max(_tile_rows(bank.shape[0], chunk_size), k)
@@ -90,14 +102,17 @@ def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, 
         def merge(best, tile):
             rows, norms, offset = tile
             partial_d2 = norms[None, :] + jnp.dot(scaled, rows.T, precision="highest")  # ||b||^2 - 2 a.b
-            index = jnp.broadcast_to(offset + jnp.arange(bank_rows, dtype=jnp.int32), partial_d2.shape)
-            found = _smallest(partial_d2, index, k)
+            if indices:  # a tile's bank index is offset + column: no (queries, bank) index array to gather from
+                column = _smallest_columns(partial_d2, k)
+                found = jnp.take_along_axis(partial_d2, column, 1), offset + column
+            else:
+                found = _smallest(partial_d2, None, k)
             if k == 1:  # strict <: on ties the earlier tile, i.e. the lower index, stays
                 better = found[0] < best[0]
-                return tuple(jnp.where(better, new, old) for new, old in zip(found, best)), None
-            return _smallest(*(jnp.concatenate(pair, axis=1) for pair in zip(best, found)), k), None
+                return jax.tree.map(lambda new, old: jnp.where(better, new, old), found, best), None
+            return _smallest(*jax.tree.map(lambda *pair: jnp.concatenate(pair, axis=1), best, found), k), None
 
-        start = (jnp.full((query_rows, k), jnp.inf), jnp.zeros((query_rows, k), jnp.int32))
+        start = (jnp.full((query_rows, k), jnp.inf), jnp.zeros((query_rows, k), jnp.int32) if indices else None)
         if unrolled:
             best = start
             for tile in zip(bank_tiles, norm_tiles, offsets):
@@ -110,5 +125,5 @@ def _search(queries: jax.Array, bank: jax.Array, bank_norms: jax.Array, k: int, 
 
     if unrolled:
         return search(queries)
-    distances, indices = jax.lax.map(search, _tiles(queries, query_rows))
-    return distances.reshape(-1, k)[:num_queries], indices.reshape(-1, k)[:num_queries]
+    found = jax.lax.map(search, _tiles(queries, query_rows))
+    return jax.tree.map(lambda x: x.reshape(-1, k)[:num_queries], found)
