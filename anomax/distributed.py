@@ -26,8 +26,8 @@ from anomax.settings import Settings, setting
 
 log = logging.getLogger("anomax")
 
-# Heads whose fit runs across processes (efficientad does not yet).
-MULTI_PROCESS_HEADS = ("padim", "patchcore", "student")
+# Heads whose fit runs across processes.
+MULTI_PROCESS_HEADS = ("padim", "patchcore", "student", "efficientad")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,12 @@ Three small networks on the image, none of them the big backbone at inference:
 
 Each map is normalised so that its 0.9 quantile on good validation images is 0 and its 0.995
 quantile is 0.1; the combined map is their mean.
+
+Several processes (anomax.distributed): each reads its own part of every split; every process
+then holds all of it (gathered in the split's order), both phases train data-parallel over the
+global mesh (each step's batch split over every device, gradients summed across processes), and
+the teacher statistics and map quantiles come from all images, so every process ends with the
+same state as one process would.
 """
 from __future__ import annotations
 
@@ -30,9 +36,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from anomax import training
+from anomax.distributed import part
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.heads._pdn import PDN, AutoEncoder
+from anomax.parallel import data_mesh, data_parallel, gather, local_rows, replicate
 from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
@@ -245,7 +253,7 @@ class EfficientAD(Head):
 
         teacher_params, distill_info = self._distil(images, features, distill, train, progress)
         state = self._teacher.flatten(teacher_params)
-        teacher_out = _batched(jax.jit(self._teacher.apply), teacher_params, images, train.batch_size)
+        teacher_out = _batched(jax.jit(self._teacher.apply), self._teacher.params(state), images, train.batch_size)
         state["teacher_mean"] = teacher_out.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
         state["teacher_std"] = np.maximum(teacher_out.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
         targets = (teacher_out - state["teacher_mean"]) / state["teacher_std"]
@@ -255,6 +263,7 @@ class EfficientAD(Head):
         q = config.hard_quantile
 
         def error_fn(params, images, targets):
+            images, targets = data_parallel((images, targets))  # several processes: split each batch
             dim = targets.shape[-1]
             student = self._student.apply(params["student"], images)
             autoencoder = self._ae.apply(params["autoencoder"], images)
@@ -263,8 +272,8 @@ class EfficientAD(Head):
             imitation = jnp.mean(jnp.square(autoencoder - student[..., dim:]), axis=-1)
             return hard + reconstruction + imitation
 
-        params, info = training.train(error_fn, params, images, targets, train,
-                                      desc="train efficientad student+autoencoder", progress=progress)
+        params, info = _train(error_fn, params, images, targets, train, "train efficientad student+autoencoder",
+                              progress)
         _log_epochs("student+autoencoder", info["log"])
         state.update(self._student.flatten(params["student"]))
         state.update(self._ae.flatten(params["autoencoder"]))
@@ -299,13 +308,14 @@ class EfficientAD(Head):
         targets = (features - mean) / std
 
         def error_fn(params, images, targets):
+            images, targets = data_parallel((images, targets))  # several processes: split each batch
             return jnp.mean(jnp.square(self._teacher.apply(params, images) - targets), axis=-1)
 
         config = dataclasses.replace(train, max_num_epochs=self.config.distill_epochs, error_threshold=0.0,
                                      domain_ratio=1.0, regularization_noise=0.0, optimizer="adam",
                                      learning_rate=self.config.distill_learning_rate, schedule="cosine")
-        params, info = training.train(error_fn, self._teacher.init(train.seed), images, targets, config,
-                                      desc="distil efficientad teacher", progress=progress)
+        params, info = _train(error_fn, self._teacher.init(train.seed), images, targets, config,
+                              "distil efficientad teacher", progress)
         _log_epochs("teacher distillation", info["log"])
         info["num_images"] = len(images)
         return params, info
@@ -314,7 +324,8 @@ class EfficientAD(Head):
 def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
     """Batches {'image', 'features', 'valid'} of the images under ``folder`` (recursively), put
     through ``model``'s preprocessing, backbone and adaptor: what ``fit(distill=...)`` takes for
-    the head config's ``distill_images``."""
+    the head config's ``distill_images``. Several processes: each reads its own part of the files,
+    in batches of ``batch_size // process_count``, and all yield the same number of batches."""
     from anomax.data.images import IMAGE_SUFFIXES, list_files, read_image
     from anomax.preprocess.params import preprocess_image
 
@@ -323,11 +334,15 @@ def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
         raise ConfigError(f"model.head.distill_images = {folder!r}: no images found there; point it to a folder "
                           f"of images ({', '.join(sorted(IMAGE_SUFFIXES))}) or set it to null")
     params = (model.backbone.params, model.adaptor_params)
-    for start in range(0, len(files), model.batch_size):
-        chunk = np.stack([preprocess_image(model.preprocess, read_image(f))
-                          for f in files[start:start + model.batch_size]])
-        valid = np.arange(model.batch_size) < len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], model.batch_size - len(chunk), 0)])
+    size, mine = model.batch_size // jax.process_count(), files[part(len(files))]
+    count = -(-(-(-len(files) // jax.process_count())) // size)  # batches of the largest part
+    blank = np.zeros((1, model.preprocess.height, model.preprocess.width, model.preprocess.num_channels), np.float32)
+    for start in range(0, count * size, size):
+        names = mine[start:start + size]
+        # blank: this process's part has run out, the batch is padding only
+        chunk = np.stack([preprocess_image(model.preprocess, read_image(f)) for f in names]) if names else blank
+        valid = np.arange(size) < len(names)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
         yield {"image": padded, "features": np.asarray(model._features(*params, padded)), "valid": valid}
 
 
@@ -335,6 +350,15 @@ def _log_epochs(phase: str, epochs: list[dict[str, Any]]) -> None:
     for entry in epochs:
         log.info("efficientad %s epoch %d: error %.5g (%.1f s)", phase, entry["epoch"], entry["error"],
                  entry["seconds"])
+
+
+def _train(error_fn, params, images: np.ndarray, targets: np.ndarray, config: TrainConfig, desc: str,
+           progress: bool):
+    """training.train; with several processes, on one copy per process of everything the loop reads
+    (``error_fn`` splits each batch over the global mesh with data_parallel)."""
+    if jax.process_count() > 1:
+        params, images, targets = replicate(data_mesh(), (params, images, targets))
+    return training.train(error_fn, params, images, targets, config, desc=desc, progress=progress)
 
 
 def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -348,16 +372,23 @@ def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _collect(batches, what: str, progress: bool, need_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """All valid images (and features) of ``batches`` in memory: training runs many epochs on them."""
-    images, features = [], []
+    """All valid images (and features) of ``batches`` in memory: training runs many epochs on them.
+    Several processes: each reads its own rows, and every process gets all of them in process
+    order (the split's order); padding rows travel along (the same shapes on every process) and
+    are dropped after."""
+    valid, images, features = [], [], []
     for batch in tqdm(batches, desc=f"efficientad: read {what}", unit="batch", disable=not progress):
         if "image" not in batch or (need_features and "features" not in batch):
             raise InputError(f"efficientad.fit: a batch of {what} needs 'image'"
                              f"{' and features' if need_features else ''}, got {sorted(batch)}")
-        valid = np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool)), bool)
-        images.append(np.asarray(batch["image"], np.float32)[valid])
+        valid.append(local_rows(batch.get("valid", np.ones(len(batch["image"]), bool))).astype(bool))
+        images.append(np.asarray(batch["image"], np.float32))
         if need_features:
-            features.append(np.asarray(batch["features"], np.float32)[valid])
-    if not images or sum(len(x) for x in images) == 0:
+            features.append(local_rows(batch["features"]).astype(np.float32, copy=False))
+    rows = [np.concatenate(x) for x in (valid, images, features) if x]
+    if jax.process_count() > 1 and rows:
+        rows = gather(rows)
+    if not rows or not rows[0].any():
         raise DatasetError(f"efficientad.fit got no valid images in {what}")
-    return np.concatenate(images), (np.concatenate(features) if need_features else None)
+    valid, *rows = rows
+    return rows[0][valid], (rows[1][valid] if need_features else None)
