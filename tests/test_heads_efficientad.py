@@ -7,14 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 import anomax
 from anomax.backbones import backbone_requirements, build_backbone
 from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
+from anomax.heads._pdn import Conv
 from anomax.heads.efficientad import (EfficientAD, distillation_batches, hard_feature_errors, hard_feature_loss,
-                                     map_quantiles, normalise, quantile)
+                                     map_quantiles, normalise, order_statistics, quantile)
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param
 from anomax.registry import HEADS
@@ -68,6 +70,25 @@ def test_hard_feature_loss_matches_numpy():
         # The per-position shares the training loop averages give the same loss.
         np.testing.assert_allclose(hard_feature_errors(jnp.asarray(errors), q).mean(), reference, rtol=1e-5)
     assert hard_feature_errors(jnp.asarray(errors), 0.9).shape == (2, 3, 4)
+
+
+def test_order_statistics_are_exact_for_any_floats():
+    rng = np.random.default_rng(2)
+    values = np.concatenate([rng.normal(size=300) * 10.0 ** rng.integers(-30, 30, size=300),
+                             [0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, np.inf, -np.inf, 2.5, 2.5]]).astype(np.float32)
+    ranks = (0, 1, 7, 155, 309, 308)
+    np.testing.assert_array_equal(np.asarray(order_statistics(jnp.asarray(values), ranks)), np.sort(values)[list(ranks)])
+    for q in (0.3, 0.999):  # negative values too: the quantile is numpy's
+        np.testing.assert_allclose(quantile(jnp.asarray(values[:300]), q), np.quantile(values[:300], q), rtol=1e-6)
+
+
+@pytest.mark.parametrize("size, stride, shape", [(4, 1, (7, 6)), (3, 1, (5, 5)), (4, 2, (9, 8)), (1, 1, (3, 4))])
+def test_conv_matches_lax_convolution(size, stride, shape):
+    conv = Conv(3, 5, size, stride, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, *shape, 3)).astype(np.float32))
+    reference = jax.lax.conv_general_dilated(x, conv.kernel[...], (stride, stride), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+    np.testing.assert_allclose(conv(x), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_quantile_normalisation_on_known_maps():

@@ -23,8 +23,11 @@ SIZES = ("small", "medium")
 
 class Conv(nnx.Module):
     """k x k convolution (stride s, SAME padding) as image patches @ kernel. Why not nnx.Conv:
-    inside lax.scan, XLA:CPU computes a convolution's kernel gradient ~30x slower than outside
-    a loop (jax-ml/jax#12868); as a matmul the gradient is fast on every backend."""
+    inside lax.scan, XLA:CPU computes a convolution's kernel gradient ~10-30x slower than outside
+    a loop (jax-ml/jax#12868); as a matmul the gradient is fast on every backend. The patches
+    are k² shifted slices, not lax.conv_general_dilated_patches: that one is itself a
+    convolution with a one-hot kernel of k²·C outputs, k²·C times the work of the slices, and
+    its gradient made a training step 2.5x slower (experiments/efficientad.md)."""
 
     def __init__(self, in_channels: int, out_channels: int, size: int, stride: int = 1, *, rngs: nnx.Rngs):
         self.size, self.stride = size, stride
@@ -32,13 +35,26 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_channels))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.size == 1 and self.stride == 1:
-            return x @ self.kernel[...][0, 0] + self.bias[...]
-        patches = jax.lax.conv_general_dilated_patches(x, (self.size, self.size), (self.stride, self.stride), "SAME",
-                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
         kernel = self.kernel[...]
-        # Patch features are ordered (channel, row, column).
-        return patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, kernel.shape[-1]) + self.bias[...]
+        return patches(x, self.size, self.stride) @ kernel.reshape(-1, kernel.shape[-1]) + self.bias[...]
+
+
+def patches(x: jax.Array, size: int, stride: int) -> jax.Array:
+    """(B, H, W, C) -> (B, ceil(H/s), ceil(W/s), size·size·C): each output position's size x size
+    input window (SAME zero padding, the extra row/column after), features ordered (row, column,
+    channel) like a flattened HWIO kernel."""
+    if size == 1 and stride == 1:
+        return x
+    pads, outs = [], []
+    for n in x.shape[1:3]:
+        out = -(-n // stride)
+        total = max((out - 1) * stride + size - n, 0)
+        pads.append((total // 2, total - total // 2))
+        outs.append(out)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    span_h, span_w = ((n - 1) * stride + 1 for n in outs)
+    return jnp.concatenate([x[:, i:i + span_h:stride, j:j + span_w:stride] for i in range(size) for j in range(size)],
+                           axis=-1)
 
 
 def average_pool(x: jax.Array, factor: int) -> jax.Array:

@@ -80,15 +80,34 @@ class EfficientADConfig(HeadConfig):
 # ---- losses and normalisation (pure, tested against numpy) --------------------------------
 
 def quantile(values: jax.Array, q: float) -> jax.Array:
-    """numpy's default (linear) q-quantile of all elements, from a top-k of the (1-q) share
-    above it: exact, and on CPU ~100x faster than jnp.quantile's full sort for q near 1."""
+    """numpy's default (linear) q-quantile of all elements, exactly: the two order statistics it
+    interpolates come from a bisection (``order_statistics``). On CPU ~10-20x faster than a
+    top-k or jnp.quantile, which both sort (experiments/efficientad.md)."""
     flat = values.reshape(-1)
     position = q * (flat.size - 1)
     low = math.floor(position)
-    high = min(low + 1, flat.size - 1)
-    top = jax.lax.top_k(flat, flat.size - low)[0]  # descending: top[j] is the (size-1-j)-th smallest
-    below, above = top[flat.size - 1 - low], top[flat.size - 1 - high]
+    below, above = order_statistics(flat, (low, min(low + 1, flat.size - 1)))
     return below + (position - low) * (above - below)
+
+
+def order_statistics(values: jax.Array, ranks: tuple[int, ...]) -> jax.Array:
+    """The ranks-th smallest (0-based) of the float32 ``values`` (1-D), exactly, in 32 counting
+    passes: a bisection over the floats' bit patterns, mapped to int32 keys that sort as the
+    floats do (negative floats: magnitude bits flipped)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+    flip = jnp.int32(0x7FFFFFFF)
+    keys = jnp.where(bits < 0, bits ^ flip, bits)
+    need = jnp.asarray(ranks, jnp.int32) + 1
+
+    def halve(_, bounds):  # the answer's key stays in [low, high]
+        low, high = bounds
+        middle = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2) without overflow
+        enough = jnp.sum(keys[:, None] <= middle, axis=0) >= need
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    start = (jnp.full(need.shape, jnp.iinfo(jnp.int32).min), jnp.full(need.shape, jnp.iinfo(jnp.int32).max))
+    _, key = jax.lax.fori_loop(0, 32, halve, start)
+    return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ flip, key), jnp.float32)
 
 
 def hard_feature_loss(squared_errors: jax.Array, q: float) -> jax.Array:
