@@ -117,7 +117,8 @@ def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
 
 def _mirror_tiled(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A size x size window, at a random offset, of the plane tiled with the texture and its mirror
-    images: neighbouring copies meet edge to their own reflection, so no seam appears (period: 2 sides)."""
+    images: neighbouring copies meet edge to their own reflection, so no intensity step appears at the
+    joins (line structures form mirror-symmetric V shapes there, as in every image). Period: 2 sides."""
     def indices(length: int) -> np.ndarray:
         period = 2 * length
         steps = (int(rng.integers(period)) + np.arange(size)) % period
