@@ -62,3 +62,22 @@ def test_the_anomaly_map_is_computed_once_per_inference(monkeypatch):
     head.fit([{"features": features, "valid": np.ones(3, bool)}])
     out = head.score(head.state, np.zeros((3, 40, 40, 3), np.float32), features)
     assert len(calls) == 1 and out["anomaly_image"].shape == (3, 40, 40)
+
+
+def test_apply_places_the_parameters_once_and_follows_a_refit():
+    import tiny_models
+
+    from anomax.preprocess.params import preprocess_image
+
+    model = tiny_models.fitted_model("mobilenet_v2", "padim", {"eps": 0.01},
+                                     {"pool_size": 1, "projection_dim": 8, "projection": "subset"}, size=32)
+    images = list(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    first = model.apply(images)
+    assert model._placed_params() is model._placed_params()  # no copy of the head state per call
+    other = np.random.default_rng(1).normal(2.0, 1.0, (8, 32, 32, 3)).astype(np.float32)
+    features = model._features(model.backbone.params, model.adaptor_params, other)
+    model.head.fit([{"features": features, "valid": np.ones(8, bool)}])
+    again = [r["anomaly_score"] for r in model.apply(images)]
+    inputs = np.stack([preprocess_image(model.preprocess, image) for image in images])
+    assert again == pytest.approx(list(np.asarray(model._infer(model.params, inputs)["anomaly_score"])), rel=1e-6)
+    assert again[0] != pytest.approx(first[0]["anomaly_score"], rel=1e-3)
