@@ -81,7 +81,7 @@ class EfficientADConfig(HeadConfig):
 
 def quantile(values: jax.Array, q: float) -> jax.Array:
     """numpy's default (linear) q-quantile of all elements, exactly: the two order statistics it
-    interpolates come from a bisection (``order_statistics``). On CPU ~10-20x faster than a
+    interpolates come from a bisection (``order_statistics``). On CPU 8-20x faster than a
     top-k or jnp.quantile, which both sort (experiments/efficientad.md)."""
     flat = values.reshape(-1)
     position = q * (flat.size - 1)
