@@ -71,6 +71,11 @@ class Padim(Head):
     @staticmethod
     def distances(state, features):
         """(B, h, w, D) -> (B, h, w) Mahalanobis distance to each position's Gaussian."""
-        delta = features - state["mean"]
-        whitened = jnp.einsum("hwij,bhwj->bhwi", state["whitening"], delta, precision="highest")
-        return jnp.sqrt(jnp.sum(jnp.square(whitened), axis=-1))
+        batch, height, width, dim = features.shape
+        # positions as the leading batch axis of one dot_general: XLA's CPU matmul is ~6x faster on
+        # (P, B, D) x (P, D, D) than on the einsum over (B, h, w, D) with positions in the middle
+        delta = (features - state["mean"]).reshape(batch, height * width, dim).transpose(1, 0, 2)
+        whitening = state["whitening"].reshape(height * width, dim, dim)
+        whitened = jax.lax.dot_general(delta, whitening, (((2,), (2,)), ((0,), (0,))),
+                                       precision=jax.lax.Precision.HIGHEST)  # (P, B, D)
+        return jnp.sqrt(jnp.sum(jnp.square(whitened), axis=-1)).T.reshape(batch, height, width)
