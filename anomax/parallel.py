@@ -71,6 +71,15 @@ def gather(tree: Any) -> Any:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+def gather_valid(valid: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Every process's rows of ``arrays`` (split order) without the padding rows ``valid`` marks.
+    The padding travels along to the gather and is dropped after: process_allgather needs the same
+    shapes on every process, and processes whose parts differ in size pad to the same batches."""
+    valid, *arrays = gather([np.asarray(valid), *arrays])
+    valid = valid.astype(bool)
+    return [array[valid] for array in arrays]
+
+
 def gather_rows(local: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Rows at ``indices`` of an array whose rows are split over the processes in order (this
     process holds ``local``); every process gets them all, but no process ever holds all rows."""

@@ -27,7 +27,8 @@ from anomax.data.dataset import read_dataset
 from anomax.distributed import DistributedConfig, part
 from anomax.errors import ConfigError
 
-DATASET = {"size": 64, "n_train": 16, "n_test_good": 8, "n_test_defect": 8, "validation_from_train": 0.0,
+# 15 training images: the two processes' parts differ in size (8 + 7), as they will on real data
+DATASET = {"size": 64, "n_train": 15, "n_test_good": 8, "n_test_defect": 8, "validation_from_train": 0.0,
            "validation_from_test": 0.5}
 HEADS = {"padim": [], "patchcore": ["model.head.coreset_ratio=0.1", "model.head.num_neighbors=3"],
          "student": ["train.max_num_epochs=2"],
@@ -172,11 +173,14 @@ def test_two_processes_match_one_device(runs):
         one = json.loads((single / "run_p0" / head / "metrics.json").read_text())
         two = json.loads((multi / "run_p0" / head / "metrics.json").read_text())
         assert two["splits"] == one["splits"]
-        assert two["fit"].get("num_images") == one["fit"].get("num_images") == (None if head in TRAINED else 16)
+        assert two["fit"].get("num_images") == one["fit"].get("num_images") == (None if head in TRAINED else 15)
         for key in ("auroc", "aupr", "f1_max"):  # image metrics: the same scores rank the same
             assert two["metrics"]["image"][key] == one["metrics"]["image"][key], (head, key)
         for key in ("auroc", "aupro"):  # pixel metrics: maps within float32 rounding
-            assert two["metrics"]["pixel"][key] == pytest.approx(one["metrics"]["pixel"][key], abs=1e-5)
+            # PaDiM: 15 samples of 32 dims per position make its whitening ill-conditioned (measured 8e-5
+            # relative apart, its covariances 1.1e-5, within the check below); AUPRO moved by 2e-5
+            assert two["metrics"]["pixel"][key] == pytest.approx(one["metrics"]["pixel"][key],
+                                                                 abs=1e-4 if head == "padim" else 1e-5)
         for key in ("segmentation", "largest_good", "smallest_defect", "intermediate"):
             assert two["thresholds"][key] == pytest.approx(one["thresholds"][key], rel=1e-5)
 
@@ -203,12 +207,12 @@ def test_two_processes_match_one_device(runs):
         state = [m.head.state for m in models]
         if head == "patchcore":
             assert two["fit"]["coreset_indices"] == one["fit"]["coreset_indices"]
-            assert len(one["fit"]["coreset_indices"]) == one["fit"]["coreset_size"] == 102
+            assert len(one["fit"]["coreset_indices"]) == one["fit"]["coreset_size"] == 96  # 10 % of 15 x 64 patches
             np.testing.assert_allclose(state[1]["memory_bank"], state[0]["memory_bank"], rtol=1e-5, atol=1e-5)
         elif head in TRAINED:  # data-parallel training: the same epochs, gradients summed over processes
             np.testing.assert_allclose(_epoch_errors(two["fit"]), _epoch_errors(one["fit"]), rtol=1e-5)
-            if head == "efficientad":  # every process's images: 16 training + 5 distillation, 4 validation
-                assert two["fit"]["num_train_images"] == 16 and two["fit"]["distillation"]["num_images"] == 21
+            if head == "efficientad":  # every process's images: 15 training + 5 distillation, 4 validation
+                assert two["fit"]["num_train_images"] == 15 and two["fit"]["distillation"]["num_images"] == 20
                 assert two["fit"]["quantiles_from"] == one["fit"]["quantiles_from"] == "4 validation images"
                 for key in ("quantiles_local", "quantiles_global"):  # measured: 2.4e-7 relative apart at most
                     np.testing.assert_allclose(state[1][key], state[0][key], rtol=1e-5)

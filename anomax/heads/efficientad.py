@@ -40,7 +40,7 @@ from anomax.distributed import part
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.heads._pdn import PDN, AutoEncoder
-from anomax.parallel import data_mesh, data_parallel, gather, local_rows, replicate
+from anomax.parallel import data_mesh, data_parallel, gather_valid, local_rows, replicate
 from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
@@ -404,10 +404,9 @@ def _collect(batches, what: str, progress: bool, need_features: bool) -> tuple[n
         images.append(np.asarray(batch["image"], np.float32))
         if need_features:
             features.append(local_rows(batch["features"]).astype(np.float32, copy=False))
-    rows = [np.concatenate(x) for x in (valid, images, features) if x]
-    if jax.process_count() > 1 and rows:
-        rows = gather(rows)
-    if not rows or not rows[0].any():
+    if not valid:
         raise DatasetError(f"efficientad.fit got no valid images in {what}")
-    valid, *rows = rows
-    return rows[0][valid], (rows[1][valid] if need_features else None)
+    rows = gather_valid(*(np.concatenate(x) for x in (valid, images, features) if x))
+    if not len(rows[0]):
+        raise DatasetError(f"efficientad.fit got no valid images in {what}")
+    return rows[0], (rows[1] if need_features else None)
