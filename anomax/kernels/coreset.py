@@ -124,8 +124,10 @@ def sharded_greedy_coreset(local_features: np.ndarray, size: int, start: int, me
             end = min(begin + per_chunk, size)
             nearest_d2, chosen = _sharded_steps(features, norms, nearest_d2, chosen, np.int32(begin),
                                                 np.int32(end), mesh=mesh)
-            if progress:
-                chosen.block_until_ready()
-                bar.update(end - begin)
+            # One collective program in flight at a time. Suspected cause of a hang seen once in the
+            # 2-process test (every thread of both processes waiting, none running): chunks queued
+            # behind a blocked collective starving the CPU client's threads.
+            chosen.block_until_ready()
+            bar.update(end - begin)
     padded_index = np.asarray(chosen).astype(np.int64)
     return (offsets[padded_index // block] + padded_index % block).astype(np.int32)
