@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from anomax.errors import ArtifactError, ConfigError, InputError
+from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.kernels.maps import anomaly_map
+from anomax.parallel import gather_valid, local_rows
 from anomax.settings import Settings, setting
 
 
@@ -126,3 +127,24 @@ class Head:
                 raise InputError(f"head '{self.name}'.fit: features must be (B, h, w, D), got {features.shape}")
             valid = batch.get("valid")
             yield features, (np.ones(features.shape[0], bool) if valid is None else valid)
+
+    def in_memory(self, batches: Iterable[Mapping[str, Any]], what: str, progress: bool,
+                  need_features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """All valid images (B, H, W, C) and features of ``batches`` in memory, for heads that train
+        many epochs on them. Several processes: each reads its own rows, and every process gets all
+        of them in the split's order (padding travels along to the gather, which needs the same
+        shapes on every process, and is dropped after)."""
+        valid, images, features = [], [], []
+        for batch in tqdm(batches, desc=f"{self.name}: read {what}", unit="batch", disable=not progress):
+            if "image" not in batch or (need_features and "features" not in batch):
+                raise InputError(f"{self.name}.fit: a batch of {what} needs 'image'"
+                                 f"{' and features' if need_features else ''}, got {sorted(batch)}; "
+                                 "run the backbone and FeatureAdaptor first")
+            valid.append(local_rows(batch.get("valid", np.ones(len(batch["image"]), bool))).astype(bool))
+            images.append(np.asarray(batch["image"], np.float32))
+            if need_features:
+                features.append(local_rows(batch["features"]).astype(np.float32, copy=False))
+        rows = gather_valid(*(np.concatenate(x) for x in (valid, images, features) if x)) if valid else []
+        if not rows or not len(rows[0]):
+            raise DatasetError(f"{self.name}.fit got no valid images in {what}; check that split")
+        return rows[0], (rows[1] if need_features else None)

@@ -33,14 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from anomax import training
 from anomax.distributed import part
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.heads._pdn import PDN, AutoEncoder
-from anomax.parallel import data_mesh, data_parallel, gather_valid, local_rows, replicate
+from anomax.parallel import data_mesh, data_parallel, replicate
 from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
@@ -248,7 +247,7 @@ class EfficientAD(Head):
         if config.distill_images and distill is None:
             raise ConfigError(f"model.head.distill_images = {config.distill_images!r} but fit() got no distillation "
                               "batches: pass distill=distillation_batches(model, folder) (AnomalyModel.fit does)")
-        images, features = _collect(batches, "the training split", progress, need_features=True)
+        images, features = self.in_memory(batches, "the training split", progress)
         height, width = images.shape[1:3]
         stride = height // features.shape[1]
         if stride not in STRIDES or features.shape[1:3] != (height // stride, width // stride):
@@ -267,7 +266,7 @@ class EfficientAD(Head):
             val_images, images, features = images[held], images[order], features[order]
             quantile_source = f"{keep} training images held out (no validation split)"
         else:
-            val_images, _ = _collect(validation, "the validation split", progress, need_features=False)
+            val_images, _ = self.in_memory(validation, "the validation split", progress, need_features=False)
             quantile_source = f"{len(val_images)} validation images"
 
         teacher_params, distill_info = self._distil(images, features, distill, train, progress)
@@ -316,7 +315,7 @@ class EfficientAD(Head):
     def _distil(self, images: np.ndarray, features: np.ndarray, extra, train: TrainConfig, progress: bool):
         """The teacher regresses the standardised backbone features (training images + extra)."""
         if extra is not None:
-            more_images, more_features = _collect(extra, "the distillation images", progress, need_features=True)
+            more_images, more_features = self.in_memory(extra, "the distillation images", progress)
             if more_images.shape[1:] != images.shape[1:] or more_features.shape[1:] != features.shape[1:]:
                 raise InputError(f"efficientad: distillation images {more_images.shape[1:]} / features "
                                  f"{more_features.shape[1:]} differ from the training ones {images.shape[1:]} / "
@@ -388,25 +387,3 @@ def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
         outs.append(np.asarray(fn(params, padded))[: len(chunk)])
     return np.concatenate(outs)
-
-
-def _collect(batches, what: str, progress: bool, need_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """All valid images (and features) of ``batches`` in memory: training runs many epochs on them.
-    Several processes: each reads its own rows, and every process gets all of them in process
-    order (the split's order); padding rows travel along (the same shapes on every process) and
-    are dropped after."""
-    valid, images, features = [], [], []
-    for batch in tqdm(batches, desc=f"efficientad: read {what}", unit="batch", disable=not progress):
-        if "image" not in batch or (need_features and "features" not in batch):
-            raise InputError(f"efficientad.fit: a batch of {what} needs 'image'"
-                             f"{' and features' if need_features else ''}, got {sorted(batch)}")
-        valid.append(local_rows(batch.get("valid", np.ones(len(batch["image"]), bool))).astype(bool))
-        images.append(np.asarray(batch["image"], np.float32))
-        if need_features:
-            features.append(local_rows(batch["features"]).astype(np.float32, copy=False))
-    if not valid:
-        raise DatasetError(f"efficientad.fit got no valid images in {what}")
-    rows = gather_valid(*(np.concatenate(x) for x in (valid, images, features) if x))
-    if not len(rows[0]):
-        raise DatasetError(f"efficientad.fit got no valid images in {what}")
-    return rows[0], (rows[1] if need_features else None)

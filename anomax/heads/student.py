@@ -15,12 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from anomax import training
-from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
+from anomax.errors import ArtifactError, ConfigError, InputError
 from anomax.heads._base import Head, HeadConfig
-from anomax.parallel import data_mesh, data_parallel, gather_valid, local_rows, replicate
+from anomax.parallel import data_mesh, data_parallel, replicate
 from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
@@ -89,7 +88,7 @@ class StudentHead(Head):
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None, validation=None,
             progress: bool = False) -> dict[str, Any]:
         train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)
-        images, features = self._collect(batches, progress)  # each process extracted its part; all train on all
+        images, features = self.in_memory(batches, "the training split", progress)  # every process's part
         self.config = self.config.replace(stride=self._stride_of(images.shape, features.shape))
         mean = features.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
         # The floor keeps constant channels finite.
@@ -140,24 +139,6 @@ class StudentHead(Head):
         self._treedef = jax.tree.structure(params)
         # to_flat_state walks the state in the same sorted order as jax.tree.leaves.
         self._keys = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(params)]
-
-    def _collect(self, batches: Iterable[Mapping[str, Any]], progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The whole training split in memory (every process's part), padding dropped: the student
-        trains for many epochs on it."""
-        valid, images, features = [], [], []
-        for batch in tqdm(batches, desc="cache teacher features", unit="batch", disable=not progress):
-            if "image" not in batch or "features" not in batch:
-                raise InputError(f"student.fit: a batch needs 'image' and 'features', got {sorted(batch)}; "
-                                 "run the backbone and FeatureAdaptor first")
-            valid.append(local_rows(batch.get("valid", np.ones(len(batch["image"]), bool))).astype(bool))
-            images.append(np.asarray(batch["image"], np.float32))
-            features.append(local_rows(batch["features"]).astype(np.float32, copy=False))
-        if not valid:
-            raise DatasetError("student.fit got no valid training images; check the training split")
-        images, features = gather_valid(np.concatenate(valid), np.concatenate(images), np.concatenate(features))
-        if not len(images):
-            raise DatasetError("student.fit got no valid training images; check the training split")
-        return images, features
 
     def _stride_of(self, image_shape: tuple[int, ...], feature_shape: tuple[int, ...]) -> int:
         if len(image_shape) != 4 or len(feature_shape) != 4:
