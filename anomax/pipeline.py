@@ -107,7 +107,9 @@ def build_model(cfg: Mapping[str, Any]) -> AnomalyModel:
     preprocess = {key: value for key, value in backbone.requirements.items() if key != "input_multiple"}
     given = {key: value for key, value in dict(cfg["preprocess"]).items() if value is not None}
     if isinstance(backbone, ConcatBackbone):
-        changed = sorted(key for key in NORMALISATION_KEYS if key in given and given[key] != preprocess.get(key))
+        # as arrays: the config gives lists where the requirements hold tuples
+        changed = sorted(key for key in NORMALISATION_KEYS
+                         if key in given and not np.array_equal(given[key], preprocess.get(key)))
         if changed:
             raise ConfigError(f"preprocess.{changed[0]}: a backbone ensemble converts its first member's input "
                               f"normalisation to each other member's, so the normalisation must be the first "

@@ -185,5 +185,7 @@ def test_anomax_train_config_builds_a_feature_ensemble():
     assert model.preprocess.normalization_type == "constant_values"  # the first member's
     with pytest.raises(ConfigError, match="preprocess.normalization_type: a backbone ensemble"):
         build_model(wrong)
+    same = {**cfg, "preprocess": {**cfg["preprocess"], "mean": list(model.preprocess.mean)}}  # the first member's
+    assert build_model(same).preprocess.mean == model.preprocess.mean
     with pytest.raises(ConfigError, match=r"members\[1\]: unknown key\(s\) \['seeed'\]"):
         validate_config(typo)
