@@ -20,6 +20,7 @@ from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
 from anomax.heads._base import FeatureBatches, Head
 from anomax.distributed import local_batches, local_count
+from anomax import parallel
 from anomax.parallel import data_mesh, gather, mesh_size, replicate, shard_batch
 from anomax.preprocess.params import PreprocessParams, preprocess_image
 from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tiled
@@ -43,8 +44,8 @@ class AnomalyModel:
         self.tiling = tiling or TilingConfig()  # large images scored tile by tile (anomax.tiling)
         self.device = jax.devices()[0]  # where apply and score_split run
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
-        self._features = jax.jit(self.features)
-        self._infer = jax.jit(self.infer, static_argnames=("mesh",))
+        self._features = parallel.jit(self.features)
+        self._infer = parallel.jit(self.infer, static_argnames=("mesh",))
 
     # ---- pure functions -------------------------------------------------------------
     def features(self, backbone_params, adaptor_params, images: jax.Array) -> jax.Array:

@@ -9,7 +9,8 @@ run across processes, and ``gather`` brings a sharded result back to every proce
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +25,28 @@ AXIS = "data"
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: all devices of the default backend, of all processes)."""
     return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (AXIS,))
+
+
+def jit(fun: Callable | None = None, /, **options: Any) -> Callable:
+    """``jax.jit`` for programs that may run on a mesh over several processes. On CPU with several
+    local devices per process, each call waits for its result: XLA's gloo collectives deadlock when
+    two such programs are in flight at once (a 2-process x 2-device all-reduce loop with async
+    dispatch hung in 6 runs of 6 here; waiting after each call, or one device per process, never
+    did). Anywhere else it is plain ``jax.jit`` with asynchronous dispatch."""
+    if fun is None:
+        return functools.partial(jit, **options)
+    compiled = jax.jit(fun, **options)
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = compiled(*args, **kwargs)
+        return jax.block_until_ready(result) if _one_program_at_a_time() else result
+
+    return call
+
+
+def _one_program_at_a_time() -> bool:
+    return jax.process_count() > 1 and jax.local_device_count() > 1 and jax.default_backend() == "cpu"
 
 
 def mesh_size(mesh: Mesh) -> int:

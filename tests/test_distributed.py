@@ -314,3 +314,39 @@ def test_sharded_coreset_takes_the_same_rows_with_ties():
     done = subprocess.run([sys.executable, "-c", SHARDED_CORESET], env=environment(4), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
+
+
+COLLECTIVE_LOOP = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from anomax import distributed, parallel
+
+process, port = int(sys.argv[1]), sys.argv[2]
+distributed.initialize({"mode": "manual", "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                        "process_id": process, "heartbeat_timeout_s": 10, "initialization_timeout_s": 60})
+mesh = parallel.data_mesh()
+rows = parallel.shard_batch(mesh, np.full((4, 8), process + 1, np.float32))  # 2 rows per device
+total = jax.device_put(np.zeros((8, 8), np.float32), NamedSharding(mesh, PartitionSpec()))
+accumulate = parallel.jit(lambda total, rows: total + rows.T @ rows)  # an all-reduce over 4 devices
+for _ in range(300):  # dispatched back to back: the pattern of PaDiM's moments over batches
+    total = accumulate(total, rows)
+assert np.allclose(np.asarray(total.addressable_data(0)), 300 * (4 * 1 + 4 * 4)), total
+print("ok")
+"""
+
+
+def test_back_to_back_collective_programs_finish():
+    """XLA's gloo collectives deadlock with several programs in flight on several CPU devices per
+    process (this loop with plain jax.jit hung in 6 runs of 6); parallel.jit runs them one at a time."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVE_LOOP, str(p), str(port)], env=environment(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0 and "ok" in output, output[-3000:]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anomax import parallel
 from anomax.errors import DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.kernels.stats import covariance, init_moments, update_moments
@@ -15,7 +16,7 @@ from anomax.registry import HEADS
 from anomax.settings import setting
 
 
-@jax.jit
+@parallel.jit
 def _whitening(moments, eps):
     """Lower-triangular W with W (cov + eps I) W^T = I, so that the squared Mahalanobis
     distance is ||W (x - mean)||^2: the inverse of the Cholesky factor."""

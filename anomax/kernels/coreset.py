@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from anomax import parallel
 from anomax.errors import InputError
 
 PROGRESS_CHUNKS = 50  # host round trips per selection: one per bar update
@@ -59,7 +60,7 @@ def greedy_coreset(features: jax.Array, size: int, start: int = 0, *, progress: 
     return chosen
 
 
-@partial(jax.jit, static_argnames=("mesh",), donate_argnums=(2, 3))
+@parallel.jit(static_argnames=("mesh",), donate_argnums=(2, 3))
 def _sharded_steps(features, norms, nearest_d2, chosen, begin, end, *, mesh: Mesh):
     """_steps on a bank split over the mesh's devices: the newest centre comes from the device
     that holds it (a psum of one row), each device updates its own rows, and the next centre is
@@ -113,7 +114,7 @@ def sharded_greedy_coreset(local_features: np.ndarray, size: int, start: int, me
     initial = np.where(np.arange(block) < len(local_features), np.inf, -np.inf).astype(np.float32)
     features = shard_batch(mesh, padded)
     nearest_d2 = shard_batch(mesh, initial)
-    norms = jax.jit(lambda x: jnp.sum(jnp.square(x), axis=1))(features)
+    norms = parallel.jit(lambda x: jnp.sum(jnp.square(x), axis=1))(features)
     owner = int(np.searchsorted(offsets, start, side="right") - 1)
     chosen = np.zeros((size,), np.int32)
     chosen[0] = owner * block + start - offsets[owner]
@@ -124,10 +125,8 @@ def sharded_greedy_coreset(local_features: np.ndarray, size: int, start: int, me
             end = min(begin + per_chunk, size)
             nearest_d2, chosen = _sharded_steps(features, norms, nearest_d2, chosen, np.int32(begin),
                                                 np.int32(end), mesh=mesh)
-            # One collective program in flight at a time. Suspected cause of a hang seen once in the
-            # 2-process test (every thread of both processes waiting, none running): chunks queued
-            # behind a blocked collective starving the CPU client's threads.
-            chosen.block_until_ready()
-            bar.update(end - begin)
+            if progress:
+                chosen.block_until_ready()
+                bar.update(end - begin)
     padded_index = np.asarray(chosen).astype(np.int64)
     return (offsets[padded_index // block] + padded_index % block).astype(np.int32)

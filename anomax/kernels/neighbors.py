@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from anomax import parallel
 from anomax.errors import InputError
 
 
@@ -52,7 +53,7 @@ def nearest_neighbors(queries: jax.Array, bank: jax.Array, *, k: int = 1, chunk_
     return _search(queries, bank, jnp.sum(jnp.square(bank), axis=1), k, chunk_size, indices)
 
 
-@partial(jax.jit, static_argnames=("mesh", "k", "chunk_size", "indices"))
+@parallel.jit(static_argnames=("mesh", "k", "chunk_size", "indices"))
 def sharded_nearest_neighbors(queries: jax.Array, bank: jax.Array, mesh: Mesh, *, k: int = 1,
                               chunk_size: int = 4096, indices: bool = True):
     """nearest_neighbors with the bank split over the devices of `mesh` (axis 'data'): each

@@ -6,11 +6,12 @@ cancellation of raw sum / sum-of-squares formulas.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from anomax import parallel
 
 
 class Moments(NamedTuple):
@@ -31,7 +32,7 @@ def update_moments(moments: Moments, x: jax.Array, valid: jax.Array) -> Moments:
     return Moments(*_update(moments.count, moments.mean, moments.m2, x, valid))
 
 
-@partial(jax.jit, donate_argnums=(1, 2))
+@parallel.jit(donate_argnums=(1, 2))
 def _update(count: jax.Array, mean: jax.Array, m2: jax.Array, x: jax.Array, valid: jax.Array):
     moments = Moments(count, mean, m2)
     weight = valid.astype(jnp.float32)[:, None, None]
