@@ -1,7 +1,8 @@
 """Feature adaptor shared by all heads: backbone taps -> one (B, h, w, D) patch-feature map.
 
 Steps, in anomalib's order: local average pooling per tap, resize the coarser taps to
-the finest chosen resolution, concatenate channels in tap order, optional projection.
+the finest chosen resolution (or every tap to ``grid_tap``'s), concatenate channels in tap order,
+optional projection.
 """
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ class AdaptorConfig(Settings):
     pipeline fills in). pool_size: odd local-average window (3 for PatchCore, 1 = none for PaDiM).
     resize: 'bilinear' (half-pixel centres like torch F.interpolate(align_corners=False),
     PatchCore) or 'nearest' (anomalib PaDiM). projection_dim: null keeps all channels; otherwise
-    'random' (Gaussian projection) or 'subset' (random channel subset, the PaDiM paper), both seeded."""
+    'random' (Gaussian projection) or 'subset' (random channel subset, the PaDiM paper), both seeded.
+    grid_tap: the tap whose resolution the patch grid takes (null: the finest tap's). A finer tap is
+    then averaged into it: 'bilinear' halving is the mean of each 2 x 2 block. This adds a stride-4
+    tap's detail to a stride-8 grid without 4x the patches."""
 
     section: ClassVar[str] = "model.head.adaptor"
     taps: tuple[str, ...] | None = None
@@ -51,10 +55,13 @@ class AdaptorConfig(Settings):
     projection: Literal["random", "subset"] = "random"
     resize: Literal["bilinear", "nearest"] = "bilinear"
     seed: int = setting(0, ge=0)
+    grid_tap: str | None = None
 
     def check(self) -> None:
         if self.taps is not None and not self.taps:
             self.fail("taps", "null or a non-empty list of backbone tap names")
+        if self.grid_tap is not None and self.taps is not None and self.grid_tap not in self.taps:
+            self.fail("grid_tap", f"one of the taps {list(self.taps)} (or null: the finest)")
 
 
 class FeatureAdaptor:
@@ -97,8 +104,9 @@ class FeatureAdaptor:
         if missing:
             raise InputError(f"features lack the adaptor taps {missing}; got {list(features)}")
         maps = [average_pool(jnp.asarray(features[tap], jnp.float32), self.settings.pool_size) for tap in self.taps]
-        height = max(m.shape[1] for m in maps)
-        width = max(m.shape[2] for m in maps)
+        grid = self.settings.grid_tap
+        height, width = (maps[self.taps.index(grid)].shape[1:3] if grid is not None else
+                         (max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)))
         # antialias=False: plain interpolation like torch F.interpolate, also when shrinking.
         maps = [m if m.shape[1:3] == (height, width) else
                 jax.image.resize(m, (m.shape[0], height, width, m.shape[3]), self.settings.resize, antialias=False)

@@ -31,6 +31,19 @@ def test_nearest_resize_repeats_coarse_cells(features):
     np.testing.assert_array_equal(out[..., 3:], features["coarse"].repeat(2, 1).repeat(2, 2))
 
 
+def test_grid_tap_averages_finer_taps_into_its_grid(features):
+    """grid_tap='coarse': the 8 x 8 tap joins the 4 x 4 grid as the mean of each 2 x 2 block."""
+    adaptor = FeatureAdaptor(["fine", "coarse"], pool_size=1, grid_tap="coarse")
+    out = np.asarray(jax.jit(adaptor.apply)({}, features))
+    blocks = features["fine"].reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+    assert out.shape == (2, 4, 4, 8)
+    np.testing.assert_allclose(out, np.concatenate([blocks, features["coarse"]], -1), atol=1e-6)
+    finest = FeatureAdaptor(["fine", "coarse"], pool_size=1, grid_tap="fine").apply({}, features)
+    np.testing.assert_array_equal(finest, FeatureAdaptor(["fine", "coarse"], pool_size=1).apply({}, features))
+    with pytest.raises(ConfigError, match="model.head.adaptor.grid_tap"):
+        FeatureAdaptor(["fine", "coarse"], grid_tap="other")
+
+
 def test_projections_are_seeded(features):
     channels = {"fine": 3, "coarse": 5}
     subset = FeatureAdaptor(["fine", "coarse"], pool_size=1, projection_dim=4, projection="subset", seed=1)
