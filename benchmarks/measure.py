@@ -209,6 +209,37 @@ def train(overrides: tuple[str, ...] = ()) -> dict:
             "summary": record["summary"], "child_peak_rss_mib": children}
 
 
+def lever(overrides: tuple[str, ...] = (), dataset: str = "elpv_mono", repeats: int = 5) -> dict:
+    """The cost of a detection-quality lever (issue 15): the anomax-train config ``dataset=... overrides``
+    (real pretrained weights, real images), fitted on the whole training split once (read and
+    preprocess without the cache, features, coreset), saved, and applied at batch 1 and 16."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from anomax.apps.config import CONF_DIR, register_schemas
+    from anomax.artifact import save_model
+    from anomax.pipeline import build_model, read_configured_dataset, validate_config
+    from benchmarks.apply import measure_apply
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("anomax_train", overrides=[f"dataset={dataset}", "cache_dir=null",
+                                                                        *overrides]), resolve=True)
+    settings = validate_config(cfg)
+    model = build_model(cfg)
+    data = read_configured_dataset(cfg["dataset"], settings.split, settings.run.seed)
+    began = time.perf_counter()
+    info = model.fit(data, "train", train=settings.train, progress=False)
+    fit_s = time.perf_counter() - began
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_model(model, Path(folder) / "model")
+        applied = measure_apply(path, (1, 16), repeats=repeats)
+    return {"overrides": list(overrides), "dataset": dataset, "train_images": len(data.samples_of("train")),
+            "fit_s": fit_s, "coreset_s": info.get("coreset_seconds"), "bank_rows": info.get("num_patches"),
+            "coreset_size": info.get("coreset_size"),
+            "apply_images_per_s": {str(b): r["images_per_s"] for b, r in applied["batches"].items()}}
+
+
 # ---- helpers --------------------------------------------------------------------------------------
 def tiling(head: str = "patchcore", images: int = 50, test_images: int = 20, width: int = 2592, height: int = 1944,
            tile_size: int = 256, stride: int = 224, batch: int = 16, mode: str = "shared", **hyperparams) -> dict:

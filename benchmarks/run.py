@@ -20,6 +20,18 @@ _BANK = {"rows": 420_864, "dim": 128}  # ELPV mono's PatchCore bank: 411 images 
 _BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
               "resnet50", "wide_resnet50_2")
 
+_BEST = "+experiment=elpv_best"
+_LEVERS = (  # experiments/levers.md, in its order: the default, then each lever
+    (),  # PatchCore + MobileNetV2
+    ("model/backbone=vit_small_patch14", "preprocess.width=224", "preprocess.height=224"),
+    (_BEST,),  # EfficientNet-Lite2
+    ("model/backbone=efficientnet_lite1", "model.head.adaptor.pool_size=3", "model.head.num_neighbors=1"),
+    (_BEST, "model/backbone=concat_lite2_mobilenet_v2"),
+    (_BEST, "model.backbone.taps=[blocks.3,blocks.6,blocks.14]", "model.head.adaptor.grid_tap=blocks.6"),  # multi-scale
+    (_BEST, "augment=fit_flips", "model.head.max_patches_per_image=341"),
+    (_BEST, "augment=flips", "model.head.max_patches_per_image=341"),  # + TTA: 3 maps per image
+)
+
 _FIVE_MPX = {"images": 50, "test_images": 20, "width": 2592, "height": 1944, "tile_size": 256, "stride": 224}
 
 SUITES = {
@@ -37,6 +49,10 @@ SUITES = {
                     "hyperparams": {"adaptor.projection_dim": 8}}),
         ("tiling", {"head": "padim", "images": 2, "test_images": 1, "width": 300, "height": 260, "tile_size": 128,
                     "stride": 96}),
+        ("lever", {"dataset": "synthetic", "repeats": 1,
+                   "overrides": ["dataset.size=64", "dataset.n_train=8", "preprocess.width=64", "preprocess.height=64",
+                                 "model.backbone.pretrained=null", "model.backbone.width_multiplier=0.25",
+                                 "augment=flips", "model.head.max_patches_per_image=16"]}),
     ],
     # The real one, 256 x 256 inputs and ELPV-sized kernels.
     "cpu": [
@@ -56,6 +72,9 @@ SUITES = {
         ("coreset", {**_BANK, "ratio": 0.01}),
         ("coreset", {**_BANK, "ratio": 0.1}),
     ],
+    # Issue 15: the cost of each detection-quality lever on ELPV mono (real weights and cells),
+    # fitted on the whole training split: the rows of experiments/levers.md.
+    "levers": [("lever", {"overrides": list(overrides)}) for overrides in _LEVERS],
     # Issue 17: tiled fit and scoring of 5-megapixel images; peak RSS must stay under 8 GiB.
     "tiling": [
         ("tiling", {"head": "patchcore", **_FIVE_MPX, "max_patches_per_image": 64}),
@@ -161,6 +180,14 @@ TABLES = {  # measurement -> (title, header, row of a result)
                                 f"{r['train_images']} ({r['train_tiles']})", _f(r["fit_s"]), _f(r["fit_peak_rss_mib"], 4),
                                 r["test_images"], _f(r["score_s"]), _f(r["score_images_per_s"]),
                                 _f(r["peak_rss_mib"], 4), json.dumps(r["hyperparams"])]),
+    "lever": ("Levers (issue 15): anomax-train configs on ELPV mono, real weights; fit = the whole training split "
+              "once (read + preprocess without the cache, features, coreset); apply = `load_model(path).apply`",
+              ["overrides", "train images", "fit s", "coreset s", "bank rows → coreset", "apply images/s batch 1",
+               "batch 16", "peak RSS MiB"],
+              lambda r, peak: [" ".join(r["overrides"]) or "(default)", r["train_images"], _f(r["fit_s"], 4),
+                               _f(r["coreset_s"], 4), f"{_f(r['bank_rows'])} → {_f(r['coreset_size'])}",
+                               _f(r["apply_images_per_s"]["1"]), _f(r["apply_images_per_s"]["16"]),
+                               _f(r["peak_rss_mib"], 4)]),
     "train": ("End to end: `anomax-train` default run", ["command", "wall s", "fit s", "evaluate s", "image AUROC"],
               lambda r, peak: [r["command"], _f(r["wall_s"]), _f(r["fit_s"]), _f(r["evaluate_s"]),
                                _f(r["summary"]["image_auroc"], 4)]),
