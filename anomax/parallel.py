@@ -35,14 +35,23 @@ def jit(fun: Callable | None = None, /, **options: Any) -> Callable:
     did). Anywhere else it is plain ``jax.jit`` with asynchronous dispatch."""
     if fun is None:
         return functools.partial(jit, **options)
-    compiled = jax.jit(fun, **options)
+    return _Jitted(jax.jit(fun, **options))
 
-    @functools.wraps(fun)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        result = compiled(*args, **kwargs)
+
+class _Jitted:
+    """A jax.jit function (its other attributes, e.g. lower and clear_cache, pass through) whose
+    calls wait for their results where ``jit`` says."""
+
+    def __init__(self, compiled: Callable):
+        self._compiled = compiled
+        functools.update_wrapper(self, compiled)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._compiled(*args, **kwargs)
         return jax.block_until_ready(result) if _one_program_at_a_time() else result
 
-    return call
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compiled, name)
 
 
 def _one_program_at_a_time() -> bool:

@@ -313,6 +313,9 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
     head_cfg = dict(cfg["model"]["head"])
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
+    backbone_taps = cfg["model"]["backbone"].get("taps")
+    if adaptor.taps is None and backbone_taps:  # the taps the features will have: checks grid_tap now
+        adaptor.replace(taps=tuple(backbone_taps))
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
     PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     if cfg["model"]["backbone"]["name"] == "concat":
