@@ -28,8 +28,8 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def jit(fun: Callable | None = None, /, **options: Any) -> Callable:
-    """``jax.jit`` for programs that may run on a mesh over several processes. On CPU with several
-    local devices per process, each call waits for its result: XLA's gloo collectives deadlock when
+    """``jax.jit`` for programs that may run on a mesh over several processes. With several processes
+    of several CPU devices each, every call waits for its result: XLA's gloo collectives deadlock when
     two such programs are in flight at once (a 2-process x 2-device all-reduce loop with async
     dispatch hung in 6 runs of 6 here; waiting after each call, or one device per process, never
     did). Anywhere else it is plain ``jax.jit`` with asynchronous dispatch."""
