@@ -213,18 +213,11 @@ def lever(overrides: tuple[str, ...] = (), dataset: str = "elpv_mono", repeats: 
     """The cost of a detection-quality lever (issue 15): the anomax-train config ``dataset=... overrides``
     (real pretrained weights, real images), fitted on the whole training split once (read and
     preprocess without the cache, features, coreset), saved, and applied at batch 1 and 16."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from anomax.apps.config import CONF_DIR, register_schemas
     from anomax.artifact import save_model
     from anomax.pipeline import build_model, read_configured_dataset, validate_config
     from benchmarks.apply import measure_apply
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("anomax_train", overrides=[f"dataset={dataset}", "cache_dir=null",
-                                                                        *overrides]), resolve=True)
+    cfg = _compose([f"dataset={dataset}", "cache_dir=null", *overrides])
     settings = validate_config(cfg)
     model = build_model(cfg)
     data = read_configured_dataset(cfg["dataset"], settings.split, settings.run.seed)
@@ -247,10 +240,6 @@ def tiling(head: str = "patchcore", images: int = 50, test_images: int = 20, wid
     preprocess at full resolution -> tiles -> MobileNetV2 random init -> adaptor -> head -> stitched
     maps), ``images`` training and ``test_images`` test images of width x height. Reports the fit
     and scoring times and the process's peak RSS after each (the images are written first, untimed)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from anomax.apps.config import CONF_DIR, register_schemas
     from anomax.data.formats.mvtec_ad import read_mvtec_ad
     from anomax.pipeline import build_model
 
@@ -258,12 +247,10 @@ def tiling(head: str = "patchcore", images: int = 50, test_images: int = 20, wid
     if not (root / "done").exists():
         _write_large_images(root, images, test_images, width, height)
     dataset = read_mvtec_ad(root, "part")
-    register_schemas()
     overrides = [f"model/head={head}", "model.backbone.pretrained=null", "tiling=default",
                  f"tiling.tile_size={tile_size}", f"tiling.stride={stride}", f"tiling.mode={mode}",
                  f"batch_size={batch}", "cache_dir=null", *(f"model.head.{k}={v}" for k, v in hyperparams.items())]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        model = build_model(OmegaConf.to_container(compose("anomax_train", overrides=overrides), resolve=True))
+    model = build_model(_compose(overrides))
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
     began = time.perf_counter()
     info = model.fit(dataset, "train", progress=False)
@@ -302,15 +289,20 @@ def _write_large_images(root: Path, images: int, test_images: int, width: int, h
 
 def _config(head: str, size: int, batch: int, width_multiplier: float, hyperparams: dict) -> dict:
     """The composed config of conf/ for MobileNetV2 (random init) + `head` at size x size."""
+    return _compose([f"model/head={head}", "model.backbone.pretrained=null",
+                     f"model.backbone.width_multiplier={width_multiplier}", f"preprocess.width={size}",
+                     f"preprocess.height={size}", f"batch_size={batch}", "cache_dir=null", "train.max_num_epochs=2",
+                     *(f"model.head.{k}={v}" for k, v in hyperparams.items())])
+
+
+def _compose(overrides: list[str]) -> dict:
+    """conf/anomax_train.yaml with these overrides, composed and resolved as anomax-train does."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from anomax.apps.config import CONF_DIR, register_schemas
 
     register_schemas()
-    overrides = [f"model/head={head}", "model.backbone.pretrained=null", f"model.backbone.width_multiplier={width_multiplier}",
-                 f"preprocess.width={size}", f"preprocess.height={size}", f"batch_size={batch}", "cache_dir=null",
-                 "train.max_num_epochs=2", *(f"model.head.{k}={v}" for k, v in hyperparams.items())]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return OmegaConf.to_container(compose("anomax_train", overrides=overrides), resolve=True)
 
