@@ -1,7 +1,8 @@
 """The optax training loop of trained heads, controlled by HALCON's training parameters.
 
 A head hands over what it regresses (inputs and targets held in memory) and a pure
-``error_fn(params, inputs, targets) -> per-position errors (B, ...)``. Each epoch is
+``error_fn(params, inputs, targets) -> per-position errors (B, ...)``; ``inputs`` may be a
+pytree of arrays that share their first axis (one sample = one row of each). Each epoch is
 one compiled ``lax.scan`` over fixed-shape batches; padding of the last batch is
 masked out, so nothing recompiles between epochs.
 """
@@ -64,8 +65,12 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
     DLTrainResult ``{best_error, best_epoch}`` with a per-epoch ``log`` of
     ``{epoch, error, seconds}`` (seconds exclude the one-off compilation).
     """
-    num_samples = len(inputs)
-    if num_samples == 0 or len(targets) != num_samples:
+    inputs, targets = jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets)
+    num_samples = len(targets)
+    if any(len(leaf) != num_samples for leaf in jax.tree.leaves(inputs)):
+        raise AnomaxError(f"{desc}: every input array needs one row per target ({num_samples}), got "
+                          f"{[len(leaf) for leaf in jax.tree.leaves(inputs)]}")
+    if num_samples == 0:
         raise AnomaxError(f"{desc}: cannot train on {num_samples} inputs and {len(targets)} targets; "
                           "the training split must hold at least one image")
     batch_size = min(config.batch_size, num_samples)  # a batch larger than the data would only be padding
@@ -84,9 +89,13 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
             params, opt_state = carry
             index, valid, key = batch
             noise_key, domain_key = jax.random.split(key)
-            x, y = inputs[index], targets[index]
+            x, y = jax.tree.map(lambda a: a[index], inputs), targets[index]
             if config.regularization_noise > 0:
-                x = x + config.regularization_noise * jax.random.normal(noise_key, x.shape, x.dtype)
+                leaves, treedef = jax.tree.flatten(x)
+                # one array keeps the key it always had: earlier runs reproduce bit for bit
+                keys = jax.random.split(noise_key, len(leaves)) if len(leaves) > 1 else [noise_key]
+                x = jax.tree.unflatten(treedef, [a + config.regularization_noise * jax.random.normal(k, a.shape, a.dtype)
+                                                 for a, k in zip(leaves, keys)])
 
             def loss_fn(params):
                 errors = error_fn(params, x, y).reshape(batch_size, -1)
@@ -102,7 +111,6 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
         (params, opt_state), (totals, counts) = jax.lax.scan(step, (params, opt_state), xs)
         return params, opt_state, jnp.sum(totals) / jnp.sum(counts)
 
-    inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
     opt_state = optimizer.init(params)
     base_key = jax.random.key(config.seed)
     started = time.perf_counter()

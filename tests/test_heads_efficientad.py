@@ -138,6 +138,25 @@ def test_validation_images_set_the_quantiles_and_distillation_images_teach_the_t
         list(distillation_batches(MODEL, str(tmp_path / "missing")))
 
 
+def test_generic_penalty_pushes_the_student_to_zero_on_generic_images(tmp_path):
+    """EfficientAD's L_P: with generic images, the student's teacher channels learn to output 0 there."""
+    generic = np.random.default_rng(5).integers(0, 256, (8, SIZE, SIZE, 3), np.uint8)
+    for index, image in enumerate(generic):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    extra = list(distillation_batches(MODEL, str(tmp_path)))
+    generic_images = np.concatenate([b["image"] for b in extra])
+    outputs = {}
+    for weight in (0.0, 10.0):
+        head = EfficientAD(**HEAD, generic_penalty=weight)
+        info = head.fit(batches(IMAGES), train=TRAIN, distill=extra)
+        assert info["generic_penalty"] == weight
+        student = head._student.apply(head._student.params(head.state), generic_images)
+        outputs[weight] = float(jnp.mean(jnp.square(student[..., :student.shape[-1] // 2])))
+    assert outputs[10.0] < 0.5 * outputs[0.0]
+    # without generic images there is nothing to penalise
+    assert fit(max_num_epochs=1)[1]["generic_penalty"] == 0.0
+
+
 def test_score_gives_local_global_and_combined_maps(trained):
     head, _ = trained
     state = {key: jnp.asarray(value) for key, value in head.state.items()}

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anomax.errors import ConfigError
+from anomax.errors import AnomaxError, ConfigError
 from anomax.training import TrainConfig, train
 
 RNG = np.random.default_rng(0)
@@ -76,3 +76,19 @@ def test_invalid_parameters_name_their_key(key, value):
 def test_unknown_keys_are_rejected():
     with pytest.raises(ConfigError, match="max_epochs"):
         TrainConfig.from_dict({"max_epochs": 3})
+
+
+def test_inputs_may_be_a_pytree_of_rows():
+    """A head can hand over several inputs per sample (efficientad: an image and a generic image);
+    rows stay together: an input that does not enter the error changes nothing."""
+    def error(params, inputs, targets):
+        return linear_error(params, inputs["a"], targets) + 0.0 * jnp.mean(inputs["b"], axis=-1)
+
+    config = TrainConfig(max_num_epochs=3, learning_rate=0.05, batch_size=4, domain_ratio=0.5,
+                         regularization_noise=0.0)
+    pair, info = train(error, START, {"a": INPUTS, "b": -INPUTS}, TARGETS, config, progress=False)
+    single, single_info = train(linear_error, START, INPUTS, TARGETS, config, progress=False)
+    np.testing.assert_array_equal(pair["w"], single["w"])
+    assert info["best_error"] == single_info["best_error"]
+    with pytest.raises(AnomaxError, match=r"every input array needs one row per target \(13\)"):
+        train(error, START, {"a": INPUTS, "b": INPUTS[:5]}, TARGETS, config, progress=False)

@@ -6,7 +6,10 @@ Three small networks on the image, none of them the big backbone at inference:
   adapted features on the training images (and, optionally, a folder of generic images);
 - the student, the same PDN with twice the output channels. Its first half regresses the
   teacher with the hard-feature loss (only the errors above their q-quantile count), so it
-  stays poor wherever the image is unlike the training set: the local map;
+  stays poor wherever the image is unlike the training set: the local map. With generic
+  images given (``distill_images``), the student is also pushed towards zero output on them
+  (the paper's penalty on pretraining images), so it does not learn to imitate the teacher
+  on images unlike the training set;
 - the autoencoder, which rebuilds the teacher's output from the whole image through a small
   latent vector, so it knows the typical layout but not the detail. The student's second
   half learns to predict the autoencoder; where they disagree a part is missing, extra or
@@ -59,7 +62,9 @@ class EfficientADConfig(HeadConfig):
     channels and bottleneck length. hard_quantile: q of the hard-feature loss.
     distill_epochs, distill_learning_rate: the teacher's own budget (Adam, cosine decay).
     distill_images: a folder of generic images the teacher also learns from (null: the
-    training images only). holdout: fraction of the training images kept back for the map
+    training images only). generic_penalty: weight of the student's penalty on those images,
+    the mean of its squared teacher-channel outputs there (EfficientAD's L_ST = L_hard + L_P;
+    0: off; nothing without distill_images). holdout: fraction of the training images kept back for the map
     quantiles when the model has no validation split. border: patch-grid cells at each edge of
     the local and global maps set to 0: the PDN's zero padding makes its edge outputs unreliable
     (the paper's unpadded PDN gives none there and zero-pads its maps)."""
@@ -72,6 +77,7 @@ class EfficientADConfig(HeadConfig):
     distill_epochs: int = setting(10, ge=1)
     distill_learning_rate: float = setting(0.002, gt=0)
     distill_images: str | None = None
+    generic_penalty: float = setting(1.0, ge=0)
     holdout: float = setting(0.1, gt=0, lt=1)
     border: int = setting(1, ge=0)
 
@@ -269,7 +275,7 @@ class EfficientAD(Head):
             val_images, _ = self.in_memory(validation, "the validation split", progress, need_features=False)
             quantile_source = f"{len(val_images)} validation images"
 
-        teacher_params, distill_info = self._distil(images, features, distill, train, progress)
+        teacher_params, generic, distill_info = self._distil(images, features, distill, train, progress)
         state = self._teacher.flatten(teacher_params)
         teacher_out = _batched(jax.jit(self._teacher.apply), self._teacher.params(state), images, train.batch_size)
         state["teacher_mean"] = teacher_out.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
@@ -278,19 +284,28 @@ class EfficientAD(Head):
         del teacher_out
 
         params = {"student": self._student.init(train.seed + 1), "autoencoder": self._ae.init(train.seed + 2)}
-        q = config.hard_quantile
+        q, penalty = config.hard_quantile, config.generic_penalty if generic is not None else 0.0
+        inputs = {"image": images}
+        if penalty:
+            # each training image comes with one generic image (cycled in a seeded order) for L_P
+            order = np.random.default_rng(train.seed).permutation(len(generic))
+            inputs["generic"] = generic[np.resize(order, len(images))]
 
-        def error_fn(params, images, targets):
-            images, targets = data_parallel((images, targets))  # several processes: split each batch
-            dim = targets.shape[-1]
+        def error_fn(params, inputs, targets):
+            inputs, targets = data_parallel((inputs, targets))  # several processes: split each batch
+            images, dim = inputs["image"], targets.shape[-1]
             student = self._student.apply(params["student"], images)
             autoencoder = self._ae.apply(params["autoencoder"], images)
             hard = hard_feature_errors(jnp.square(targets - student[..., :dim]), q)
             reconstruction = jnp.mean(jnp.square(targets - autoencoder), axis=-1)
             imitation = jnp.mean(jnp.square(autoencoder - student[..., dim:]), axis=-1)
-            return hard + reconstruction + imitation
+            errors = hard + reconstruction + imitation
+            if penalty:  # per position, so that the mean over positions is L_P
+                on_generic = self._student.apply(params["student"], inputs["generic"])[..., :dim]
+                errors = errors + penalty * jnp.mean(jnp.square(on_generic), axis=-1)
+            return errors
 
-        params, info = _train(error_fn, params, images, targets, train, "train efficientad student+autoencoder",
+        params, info = _train(error_fn, params, inputs, targets, train, "train efficientad student+autoencoder",
                               progress)
         _log_epochs("student+autoencoder", info["log"])
         state.update(self._student.flatten(params["student"]))
@@ -300,7 +315,7 @@ class EfficientAD(Head):
         self._state = state
         self.calibrate(val_images, train.batch_size)
         return {**info, "distillation": distill_info, "quantiles_from": quantile_source,
-                "num_train_images": len(images)}
+                "num_train_images": len(images), "generic_penalty": penalty}
 
     def calibrate(self, images: np.ndarray, batch_size: int = 8) -> None:
         """Set the map quantiles from good images (B, H, W, C), preprocessed: EfficientAD's
@@ -313,7 +328,9 @@ class EfficientAD(Head):
         self._state = state
 
     def _distil(self, images: np.ndarray, features: np.ndarray, extra, train: TrainConfig, progress: bool):
-        """The teacher regresses the standardised backbone features (training images + extra)."""
+        """The teacher regresses the standardised backbone features (training images + extra).
+        Returns its params, the extra (generic) images or None, and the training info."""
+        more_images = None
         if extra is not None:
             more_images, more_features = self.in_memory(extra, "the distillation images", progress)
             if more_images.shape[1:] != images.shape[1:] or more_features.shape[1:] != features.shape[1:]:
@@ -336,7 +353,7 @@ class EfficientAD(Head):
                               "distil efficientad teacher", progress)
         _log_epochs("teacher distillation", info["log"])
         info["num_images"] = len(images)
-        return params, info
+        return params, more_images, info
 
 
 def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
@@ -370,13 +387,12 @@ def _log_epochs(phase: str, epochs: list[dict[str, Any]]) -> None:
                  entry["seconds"])
 
 
-def _train(error_fn, params, images: np.ndarray, targets: np.ndarray, config: TrainConfig, desc: str,
-           progress: bool):
+def _train(error_fn, params, inputs, targets: np.ndarray, config: TrainConfig, desc: str, progress: bool):
     """training.train; with several processes, on one copy per process of everything the loop reads
     (``error_fn`` splits each batch over the global mesh with data_parallel)."""
     if jax.process_count() > 1:
-        params, images, targets = replicate(data_mesh(), (params, images, targets))
-    return training.train(error_fn, params, images, targets, config, desc=desc, progress=progress)
+        params, inputs, targets = replicate(data_mesh(), (params, inputs, targets))
+    return training.train(error_fn, params, inputs, targets, config, desc=desc, progress=progress)
 
 
 def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
