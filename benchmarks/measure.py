@@ -149,19 +149,22 @@ def patchcore_scale(images: int = 5000, grid: int = 32, dim: int = 128, batch: i
             "bank_mib": info["num_patches"] * dim * 4 / 2**20, "fit_s": time.perf_counter() - began, **info}
 
 
-def apply(head: str = "patchcore", size: int = 256, images: int = 32, repeats: int = 10) -> dict:
-    """images/s of load_model(path).apply at batch 1 and 16, on an artifact fitted and saved here."""
+def apply(head: str = "patchcore", size: int = 256, images: int = 32, repeats: int = 10,
+          hyperparams: dict | None = None) -> dict:
+    """images/s of load_model(path).apply at batch 1 and 16, on an artifact fitted and saved here
+    (the head's default settings updated by ``hyperparams``)."""
     from anomax.artifact import save_model
     from anomax.pipeline import build_model, read_configured_dataset
     from benchmarks.apply import measure_apply
 
     dataset = read_configured_dataset({"format": "synthetic", "size": size, "n_train": images, "n_test_good": 1,
                                        "n_test_defect": 1, "validation_from_train": 0.0}, {}, seed=0)
-    model = build_model(_config(head, size, 16, 1.0, {}))
+    model = build_model(_config(head, size, 16, 1.0, hyperparams or {}))
     model.fit(dataset, progress=False)
+    label = " ".join([head, *(f"{k}={v}" for k, v in (hyperparams or {}).items())])
     with tempfile.TemporaryDirectory() as folder:
         path = save_model(model, Path(folder) / "model")
-        return {"head": head, "size": size, **measure_apply(path, (1, 16), repeats=repeats)}
+        return {"head": label, "size": size, **measure_apply(path, (1, 16), repeats=repeats)}
 
 
 def deploy(head: str = "patchcore", size: int = 256, images: int = 32, test_images: int = 16, repeats: int = 10,

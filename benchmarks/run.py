@@ -66,6 +66,10 @@ SUITES = {
         ("patchcore_scale", {"images": 5000, "max_patches_per_image": 64}),
         ("apply", {"head": "padim"}),
         ("apply", {"head": "patchcore"}),
+        # Issue 14: the trained head runs three small networks instead of the backbone: its
+        # defaults (PDN width 16), and twice as wide
+        ("apply", {"head": "efficientad"}),
+        ("apply", {"head": "efficientad", "hyperparams": {"width": 32, "ae_width": 32}}),
         # PatchCore's bank as in the issue's comparison with anomalib: 3,788 x 128 (ELPV mono, 1 %)
         ("deploy", {"head": "patchcore", "hyperparams": {"coreset_size": 3788}, "repeats": 5}),
         ("deploy", {"head": "padim", "repeats": 5}),
