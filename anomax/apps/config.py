@@ -164,20 +164,21 @@ def register_schemas() -> None:
     store.store(group="ensemble", name="schema", node=settings_schema(EnsembleConfig, "Ensemble"))
 
 
-def compose_train_config(overrides: Sequence[str]) -> dict[str, Any]:
+def compose_train_config(overrides: Sequence[str], config_name: str = "anomax_train") -> dict[str, Any]:
     """conf/anomax_train.yaml with these overrides, composed and resolved as anomax-train does; inside
-    a running Hydra app (anomax-train itself) with that app's Hydra."""
+    a running Hydra app (anomax-train itself) with that app's Hydra, so its --config-dir counts too."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_schemas()
     if GlobalHydra.instance().is_initialized():
-        return OmegaConf.to_container(compose("anomax_train", overrides=list(overrides)), resolve=True)
+        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return OmegaConf.to_container(compose("anomax_train", overrides=list(overrides)), resolve=True)
+        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
 
 
-def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str]) -> list[dict[str, Any]]:
+def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
+                            config_name: str = "anomax_train") -> list[dict[str, Any]]:
     """A score ensemble's member configs: each is the run's overrides (less its ensemble ones), then
     ensemble=off, then the member's own overrides (which win: later overrides replace earlier ones).
     An override that does not compose raises ConfigError naming the member and Hydra's reason."""
@@ -191,7 +192,7 @@ def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str]) ->
     configs = []
     for number, member in enumerate(EnsembleConfig.from_dict(cfg.get("ensemble")).members):
         try:
-            configs.append(compose_train_config([*run, "ensemble=off", *member]))
+            configs.append(compose_train_config([*run, "ensemble=off", *member], config_name))
         except (HydraException, OmegaConfBaseException) as error:
             raise ConfigError(f"ensemble.members[{number}] ({list(member)}) does not compose: {error}") from None
     return configs

@@ -16,10 +16,11 @@ def _train(cfg: DictConfig) -> float | None:
     from anomax import distributed
     from anomax.pipeline import summary_text, train_and_evaluate
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_config = HydraConfig.get()
+    run_dir = hydra_config.runtime.output_dir
     config = plain(cfg)
     # a score ensemble's members: the run's config with each member's overrides (conf/ensemble/)
-    members = ensemble_member_configs(config, HydraConfig.get().overrides.task)
+    members = ensemble_member_configs(config, hydra_config.overrides.task, hydra_config.job.config_name)
     distributed.initialize(config.get("distributed"))  # before any other JAX use
     record = train_and_evaluate(config, run_dir, resolved_config=config, members=members)
     if distributed.is_main():
