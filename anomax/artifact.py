@@ -355,7 +355,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         record = _read_json(root / "ensemble.json")
         with _checked(root / "ensemble.json"):
             _exactly(record, ENSEMBLE_KEYS)
-            if not isinstance(record["members"], list) or sorted(map(str, record["members"])) != sorted(members):
+            if not isinstance(record["members"], list) or sorted(record["members"], key=str) != sorted(members):
                 raise ValueError(f"'members' must list the member folders {sorted(members)} of {MANIFEST}, "
                                  f"got {record['members']!r}")
     else:
