@@ -13,6 +13,11 @@ Layout of an artifact directory (``save_model`` / HALCON's ``write_dl_model``)::
     domain<.ext>           the preprocess domain mask, when the domain is a mask file
     model.onnx             the whole inference as ONNX, when saved with onnx=True (anomax.deploy)
 
+A score ensemble (anomax.ensemble.ScoreEnsemble, format 2) instead holds ensemble.json (member
+folders, normalisation statistics, thresholds, batch size), config.json and one folder per member,
+member-0/, member-1/, ..., each a one-model artifact with its own manifest; the ensemble's manifest
+lists each member folder with the sha256 of that manifest, so every byte is still checked.
+
 Arrays are safetensors with '/'-joined pytree paths as keys, metadata is JSON: nothing is
 unpickled. A save writes a staging directory and swaps it into place; it replaces only an
 artifact, and the next save or load undoes a swap a kill interrupted. ``load_model`` checks
@@ -41,10 +46,12 @@ from anomax.files import fsync_path, locked, output_errors, sha256_file, writing
 
 log = logging.getLogger("anomax")
 FORMAT = "anomax-model"  # the manifest's marker: only a directory that carries it is ever replaced
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this anomax reads: 2 added score ensembles
+MODEL_FORMAT_VERSION = 1  # one model is still written as format 1, which older anomax versions read
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"  # optional: the exported inference (anomax.deploy)
 REQUIRED_FILES = ("model.json", "config.json", "backbone.safetensors", "adaptor.safetensors", "head.safetensors")
+ENSEMBLE_FILES = ("ensemble.json", "config.json")
 
 
 # ---- pytrees <-> flat arrays ------------------------------------------------------------------
@@ -133,7 +140,8 @@ def _backbone_record(backbone) -> dict[str, Any]:
 
 def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mapping[str, Any] | None = None,
                overwrite: bool = False, onnx: bool = False) -> Path:
-    """Write ``model`` (an AnomalyModel with a fitted head) as an artifact directory at ``path``.
+    """Write ``model`` (an AnomalyModel with a fitted head, or a normalised ScoreEnsemble of them)
+    as an artifact directory at ``path``.
 
     thresholds: the AnomalyThresholds the model's pair was chosen from (kept for reference);
     config: the full resolved run config (JSON-able). overwrite: replace an existing artifact
@@ -142,31 +150,23 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     for load_model(..., runtime='onnxruntime' | 'openvino').
     Returns ``path``. OS failures (disk full, permissions) raise OutputError naming ``path``.
     """
+    from anomax.ensemble import ScoreEnsemble
+
     target = Path(path).absolute()
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"save_model: config must be plain JSON data ({error}); pass "
                           f"OmegaConf.to_container(cfg, resolve=True)") from None
+    ensemble = isinstance(model, ScoreEnsemble)
+    if onnx and ensemble:
+        raise ConfigError("save_model: onnx=True is not available for a score ensemble; save without onnx and "
+                          "apply with the jax runtime")
     if onnx and model.tiling.enabled:  # the ONNX runtimes score whole images, not tiles
         raise ConfigError("save_model: onnx=True is not available for tiled models (tiling.tile_size is set); "
                           "save without onnx and apply with the jax runtime")
-    preprocess = model.preprocess.to_dict()
-    domain_file = None
-    if isinstance(model.preprocess.domain, str):  # a mask file: copied in, so the artifact loads anywhere
-        domain_file = "domain" + Path(model.preprocess.domain).suffix
-        preprocess["domain"] = domain_file
-    record = {
-        "backbone": _backbone_record(model.backbone),
-        "adaptor": model.adaptor.config,
-        "head": {"name": model.head.name, "hyperparams": model.head.hyperparams},
-        "preprocess": preprocess,
-        "thresholds": {**{key: float(value) for key, value in model.thresholds.items()},
-                       "estimates": None if thresholds is None else thresholds.to_dict()},
-        "batch_size": model.batch_size,
-        "tiling": model.tiling.to_dict(),
-        "augment": model.augment.to_dict(),
-    }
+    if ensemble and model.stats is None:
+        raise ConfigError("save_model: the score ensemble is not normalised; call normalise(dataset) first")
     with output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         with locked(target.parent):  # one save (or recovery) at a time next to the target
@@ -178,17 +178,10 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
             staging = _aside(target, "tmp")
             try:
                 staging.mkdir()
-                _write_json(staging / "model.json", record)
-                _write_json(staging / "config.json", config)
-                _write_arrays(staging / "backbone.safetensors", model.backbone.params)
-                _write_arrays(staging / "adaptor.safetensors", model.adaptor_params)
-                _write_arrays(staging / "head.safetensors", model.head.state)
-                if domain_file is not None:
-                    shutil.copyfile(model.preprocess.domain, staging / domain_file)
-                if onnx:
-                    from anomax.deploy.onnx_export import export_onnx
-
-                    export_onnx(model, staging / ONNX_FILE)
+                if ensemble:
+                    _write_ensemble(staging, model, thresholds, config)
+                else:
+                    _write_model(staging, model, thresholds, config, onnx)
                 _write_manifest(staging)
                 _swap(staging, target)
             except BaseException:
@@ -197,13 +190,67 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     return target
 
 
+def _thresholds_record(model, thresholds) -> dict[str, Any]:
+    """The model's threshold pair, and every estimate it was chosen from (for anomax-evaluate)."""
+    return {**{key: float(value) for key, value in model.thresholds.items()},
+            "estimates": None if thresholds is None else thresholds.to_dict()}
+
+
+def _write_model(folder: Path, model, thresholds, config, onnx: bool) -> None:
+    """One model's files (all but the manifest) into ``folder``."""
+    preprocess = model.preprocess.to_dict()
+    domain_file = None
+    if isinstance(model.preprocess.domain, str):  # a mask file: copied in, so the artifact loads anywhere
+        domain_file = "domain" + Path(model.preprocess.domain).suffix
+        preprocess["domain"] = domain_file
+    record = {
+        "backbone": _backbone_record(model.backbone),
+        "adaptor": model.adaptor.config,
+        "head": {"name": model.head.name, "hyperparams": model.head.hyperparams},
+        "preprocess": preprocess,
+        "thresholds": _thresholds_record(model, thresholds),
+        "batch_size": model.batch_size,
+        "tiling": model.tiling.to_dict(),
+        "augment": model.augment.to_dict(),
+    }
+    _write_json(folder / "model.json", record)
+    _write_json(folder / "config.json", config)
+    _write_arrays(folder / "backbone.safetensors", model.backbone.params)
+    _write_arrays(folder / "adaptor.safetensors", model.adaptor_params)
+    _write_arrays(folder / "head.safetensors", model.head.state)
+    if domain_file is not None:
+        shutil.copyfile(model.preprocess.domain, folder / domain_file)
+    if onnx:
+        from anomax.deploy.onnx_export import export_onnx
+
+        export_onnx(model, folder / ONNX_FILE)
+
+
+def _write_ensemble(folder: Path, ensemble, thresholds, config) -> None:
+    """A score ensemble's files: each member as a one-model artifact in its own folder, then ensemble.json."""
+    names = [f"member-{number}" for number in range(len(ensemble.members))]
+    for name, member in zip(names, ensemble.members):
+        (folder / name).mkdir()
+        _write_model(folder / name, member, None, None, onnx=False)
+        _write_manifest(folder / name)
+    _write_json(folder / "ensemble.json", {"members": names, "stats": ensemble.stats,
+                                           "thresholds": _thresholds_record(ensemble, thresholds),
+                                           "batch_size": ensemble.batch_size})
+    _write_json(folder / "config.json", config)
+
+
 def _write_manifest(staging: Path) -> None:
-    """The manifest (written last): format marker and version, and the sha256 of every other file."""
+    """The manifest (written last): format marker and version, the sha256 of every other file and,
+    for an ensemble, of each member folder's own manifest (written before, so the chain covers all)."""
     from anomax import __version__
 
-    files = sorted(p.name for p in staging.iterdir())
-    _write_json(staging / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "anomax_version": __version__,
-                                     "files": {name: sha256_file(staging / name) for name in files}})
+    files = sorted(p.name for p in staging.iterdir() if not p.is_dir())
+    members = sorted(p.name for p in staging.iterdir() if p.is_dir())
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if members else MODEL_FORMAT_VERSION,
+                "anomax_version": __version__, "files": {name: sha256_file(staging / name) for name in files}}
+    if members:
+        manifest["members"] = {name: sha256_file(staging / name / MANIFEST) for name in members}
+    _write_json(staging / MANIFEST, manifest)
     for name in files + [MANIFEST]:
         fsync_path(staging / name)
     fsync_path(staging)
@@ -220,7 +267,8 @@ def _check_replaceable(target: Path) -> None:
             or not isinstance(manifest.get("files"), dict)):
         raise OutputError(f"refusing to replace {target}: it is not an anomax model artifact (no {MANIFEST} saying "
                           f"\"format\": \"{FORMAT}\"); save to another path, or move it away yourself")
-    foreign = sorted({entry.name for entry in target.iterdir()} - {MANIFEST, *manifest["files"]})
+    foreign = sorted({entry.name for entry in target.iterdir()} - {MANIFEST, *manifest["files"],
+                                                                   *(manifest.get("members") or ())})
     if foreign:
         raise OutputError(f"refusing to replace {target}: besides the artifact it holds {', '.join(foreign[:5])}; "
                           f"move those files away or save to another path")
@@ -292,27 +340,45 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(files, dict) or not all(isinstance(checksum, str) for checksum in files.values()):
         raise ArtifactError(f"{manifest_path}: 'files' must map file names to sha256 strings; the artifact is "
                             f"corrupt — save the model again")
-    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    members = manifest.get("members", {})  # an ensemble's member folders -> sha256 of their manifests
+    if not isinstance(members, dict) or not all(isinstance(checksum, str) for checksum in members.values()):
+        raise ArtifactError(f"{manifest_path}: 'members' must map folder names to sha256 strings; the artifact is "
+                            f"corrupt — save the model again")
+    unlisted = [name for name in (ENSEMBLE_FILES if members else REQUIRED_FILES) if name not in files]
     if unlisted:
         raise ArtifactError(f"{manifest_path} does not list {unlisted}; the artifact is incomplete — save it again")
     for name, checksum in files.items():
-        file = _member(root, name, manifest_path, f"files.{name}")
-        try:
-            present = file.is_file()
-            matches = present and sha256_file(file) == checksum
-        except OSError as error:
-            raise ArtifactError(f"cannot read {file}: {error.strerror or error}") from None
-        if not present:
-            raise ArtifactError(f"{file} is missing from the artifact; copy the whole directory or save it again")
-        if not matches:
-            raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: it is corrupt, truncated or "
-                                f"was modified — restore it or save the model again")
-    record = _read_json(root / "model.json")
-    with _checked(root / "model.json"):
-        record = {"tiling": None, "augment": None, **record}  # older artifacts: untiled, no test-time augmentation
-        _exactly(record, MODEL_KEYS)
+        _check_file(_member(root, name, manifest_path, f"files.{name}"), checksum)
+    for name, checksum in members.items():  # each member's own manifest checks its files when it loads
+        _check_file(_member(root, name, manifest_path, f"members.{name}") / MANIFEST, checksum)
+    if members:
+        record = _read_json(root / "ensemble.json")
+        with _checked(root / "ensemble.json"):
+            _exactly(record, ENSEMBLE_KEYS)
+            if not isinstance(record["members"], list) or sorted(record["members"], key=str) != sorted(members):
+                raise ValueError(f"'members' must list the member folders {sorted(members)} of {MANIFEST}, "
+                                 f"got {record['members']!r}")
+    else:
+        record = _read_json(root / "model.json")
+        with _checked(root / "model.json"):
+            record = {"tiling": None, "augment": None, **record}  # older artifacts: untiled, no test-time augmentation
+            _exactly(record, MODEL_KEYS)
     return {**record, "config": _read_json(root / "config.json"), "format_version": version,
             "anomax_version": manifest.get("anomax_version"), "files": sorted(files)}
+
+
+def _check_file(file: Path, checksum: str) -> None:
+    """``file`` exists and has the sha256 its manifest lists."""
+    try:
+        present = file.is_file()
+        matches = present and sha256_file(file) == checksum
+    except OSError as error:
+        raise ArtifactError(f"cannot read {file}: {error.strerror or error}") from None
+    if not present:
+        raise ArtifactError(f"{file} is missing from the artifact; copy the whole directory or save it again")
+    if not matches:
+        raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: it is corrupt, truncated or "
+                            f"was modified — restore it or save the model again")
 
 
 def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
@@ -322,15 +388,20 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
     runtime, behind the same apply, preprocessing, thresholds and result dicts; ``options`` go to
     it (see anomax.deploy.runtimes: threads; OpenVINO precision='f32' | 'default')."""
     root = Path(path).absolute()
-    model = _build_model(root, read_metadata(root))
+    meta = read_metadata(root)
+    ensemble = "stats" in meta  # ensemble.json's, never model.json's
+    model = (_build_ensemble if ensemble else _build_model)(root, meta)
     if runtime == "jax" and not options:
         return model
+    if ensemble:
+        raise ConfigError(f"{root} is a score ensemble: it runs with runtime='jax' only (no model.onnx)")
     from anomax.deploy.runtimes import load_runtime
 
     return load_runtime(root / ONNX_FILE, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
 
 
 MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size", "tiling", "augment")
+ENSEMBLE_KEYS = ("members", "stats", "thresholds", "batch_size")
 
 
 def _build_model(root: Path, meta: Mapping[str, Any]):
@@ -340,7 +411,6 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
     in it is trusted: every bad value (wrong type, NaN, unknown name, missing key) becomes an
     ArtifactError naming model.json and the key, and only files inside the artifact are read.
     """
-    from anomax.evaluation.thresholds import AnomalyThresholds
     from anomax.features import AdaptorConfig, FeatureAdaptor
     from anomax.model import AnomalyModel
     from anomax.preprocess.params import PreprocessParams
@@ -371,6 +441,30 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         preprocess = PreprocessParams.from_dict(preprocess)
     model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,
                          augment=augment)
+    return _with_runtime_params(model, meta, source)
+
+
+def _build_ensemble(root: Path, meta: Mapping[str, Any]):
+    """The ScoreEnsemble that ensemble.json describes: each member folder loads as a one-model
+    artifact (its manifest checked), then the normalisation statistics, thresholds and batch size."""
+    from anomax.ensemble import ScoreEnsemble
+
+    members = []
+    for name in meta["members"]:
+        member = read_metadata(root / name)
+        if "stats" in member:
+            raise ArtifactError(f"{root / name}: an ensemble's member must be one model, not an ensemble")
+        members.append(_build_model(root / name, member))
+    source = root / "ensemble.json"
+    with _checked(source, "stats"):
+        ensemble = ScoreEnsemble(members, meta["stats"])
+    return _with_runtime_params(ensemble, meta, source)
+
+
+def _with_runtime_params(model, meta: Mapping[str, Any], source: Path):
+    """``model`` with the saved thresholds and batch size, each checked as set_params checks them."""
+    from anomax.evaluation.thresholds import AnomalyThresholds
+
     with _checked(source, "thresholds"):
         thresholds = dict(meta["thresholds"])
         estimates = thresholds.pop("estimates", None)

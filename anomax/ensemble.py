@@ -9,14 +9,15 @@
   different scales, so each member's map is z-normalised with the mean and standard deviation of
   its own map pixels on the validation split's good images (its image scores likewise with their
   own statistics), then the normalised maps and scores are averaged. Only validation good images
-  enter the statistics: the test split and every defective image stay unseen.
+  enter the statistics: the test split and every defective image stay unseen. ``ensemble=...``
+  configs (``EnsembleConfig``) train one in anomax-train; save_model / load_model store it.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,10 @@ import numpy as np
 from anomax.backbones import Backbone, build_backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, DatasetError, InputError
+from anomax.model import checked_thresholds, classified
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
+from anomax.settings import Settings
 
 NORMALISATION_KEYS = ("normalization_type", "mean", "std", "range_min", "range_max")
 
@@ -116,28 +119,76 @@ def concat_backbone(members: Any) -> ConcatBackbone:
     return ConcatBackbone([build_backbone(**member) for member in check_concat_members(members)])
 
 
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig(Settings):
+    """``ensemble``: a score ensemble trained in one anomax-train run. Each entry of ``members`` is a
+    list of overrides, and that member's config is the run's config with them ([]: the run's own
+    model); the members share the run's dataset, split, evaluation and batch size. Empty: one model."""
+
+    section: ClassVar[str] = "ensemble"
+    members: tuple[tuple[str, ...], ...] = ()
+
+    def check(self) -> None:
+        if len(self.members) == 1:
+            self.fail("members", "empty (one model) or two or more lists of overrides")
+
+
+STAT_KEYS = ("map_mean", "map_std", "score_mean", "score_std")
+
+
+def good_images(dataset: DLDataset, split: str = "validation") -> DLDataset:
+    """``split``'s good images, what a score ensemble normalises on; none is an error."""
+    good = DLDataset([s for s in dataset.samples if s.split == split and s.anomaly_label == "ok"], dataset.format)
+    if not good.samples:
+        raise DatasetError(f"a score ensemble (ensemble.members) normalises its members on the '{split}' split's "
+                           f"good images, and the dataset has none; give it a validation split with good images "
+                           f"(e.g. dataset.validation_from_train, split.validation_percent) or set ensemble=off")
+    return good
+
+
 class ScoreEnsemble:
     """Fitted AnomalyModels whose z-normalised maps and scores are averaged. Call ``normalise``
-    (validation good images) before scoring; maps are resized to the first member's input size."""
+    (validation good images) before scoring, or pass saved ``stats``; maps are resized to the first
+    member's input size. Like an AnomalyModel it has ``score_split``, ``apply`` (HALCON's result
+    dicts, classified with its own ``thresholds``) and ``get_params`` / ``set_params``."""
 
-    def __init__(self, members: Sequence[Any]):
+    def __init__(self, members: Sequence[Any], stats: Sequence[Mapping[str, float]] | None = None):
         if not members:
             raise ConfigError("a score ensemble needs at least one member model")
+        if any(member.tiling.enabled for member in members):  # tiled maps come at each image's own size
+            raise ConfigError("a score ensemble's members score whole images: tiling is not available in an "
+                              "ensemble; use tiling=off")
         self.members = tuple(members)
-        self.stats: list[dict[str, float]] | None = None
+        self.stats: list[dict[str, float]] | None = None if stats is None else _checked_stats(stats, len(members))
+        self.thresholds: dict[str, float] = {}
 
     @property
     def map_size(self) -> tuple[int, int]:
         first = self.members[0].preprocess
         return first.height, first.width
 
+    # what the pipeline reads of a model: the ensemble's maps are at the first member's input size
+    preprocess = property(lambda self: self.members[0].preprocess)
+    tiling = property(lambda self: self.members[0].tiling)
+    batch_size = property(lambda self: self.members[0].batch_size)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**self.members[0].get_params(), "thresholds": dict(self.thresholds)}
+
+    def set_params(self, *, batch_size: int | None = None, thresholds: Mapping[str, float] | None = None,
+                   device: Any = None) -> None:
+        """As AnomalyModel.set_params: batch size and device apply to every member (they score the
+        same batches), thresholds classify the ensemble's own maps and scores."""
+        checked = None if thresholds is None else checked_thresholds(thresholds)
+        for member in self.members:
+            member.set_params(batch_size=batch_size, device=device)
+        if checked is not None:
+            self.thresholds = checked
+
     def normalise(self, dataset: DLDataset, split: str = "validation", cache_dir: str | None = None) -> list[dict]:
         """Each member's mean and std of its map pixels and of its image scores over ``split``'s good
         images only (the defective ones are dropped before anything is scored)."""
-        good = DLDataset([s for s in dataset.samples if s.split == split and s.anomaly_label == "ok"], dataset.format)
-        if not good.samples:
-            raise DatasetError(f"the score ensemble normalises on the '{split}' split's good images, and there are "
-                               f"none; give the dataset a validation split with good images")
+        good = good_images(dataset, split)
         self.stats = []
         for member in self.members:
             pixels = _Moments()
@@ -156,21 +207,58 @@ class ScoreEnsemble:
                     progress: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Like AnomalyModel.score_split: batches of the members' mean normalised 'anomaly_image' and
         'anomaly_score', with the first member's 'mask', 'label', 'index', 'valid'."""
-        if self.stats is None:
-            raise InputError("ScoreEnsemble.score_split before normalise(): call normalise(dataset) first")
+        self._check_normalised()
         streams = [m.score_split(dataset, split, cache_dir=cache_dir, progress=progress) for m in self.members]
         for batches in zip(*streams):
             indices = [np.asarray(b["index"]) for b in batches]
             if any(not np.array_equal(i, indices[0]) for i in indices[1:]):
                 raise InputError("the ensemble's members batch the split differently; give them one batch_size")
-            maps, scores = [], []
-            for batch, stats in zip(batches, self.stats):
-                maps.append((_resized(batch["anomaly_image"], self.map_size) - stats["map_mean"]) / stats["map_std"])
-                scores.append((np.asarray(batch["anomaly_score"]) - stats["score_mean"]) / stats["score_std"])
+            maps, scores = self._combined([b["anomaly_image"] for b in batches], [b["anomaly_score"] for b in batches])
             first = batches[0]
             yield {key: first[key] for key in ("mask", "label", "index", "valid") if key in first} | {
-                "anomaly_image": np.mean(maps, axis=0).astype(np.float32),
-                "anomaly_score": np.mean(scores, axis=0).astype(np.float32)}
+                "anomaly_image": maps, "anomaly_score": scores}
+
+    def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Raw images -> one result dict per image as AnomalyModel.apply gives them: the ensemble's
+        'anomaly_image' and 'anomaly_score', and with thresholds 'anomaly_class', 'anomaly_class_id',
+        'anomaly_region'."""
+        self._check_normalised()
+        if not len(images):
+            return []
+        outputs = [member.apply(images) for member in self.members]
+        maps, scores = self._combined([np.stack([r["anomaly_image"] for r in out]) for out in outputs],
+                                      [np.asarray([r["anomaly_score"] for r in out], np.float32) for out in outputs])
+        return classified([{"anomaly_image": m, "anomaly_score": float(s)} for m, s in zip(maps, scores)],
+                          self.thresholds)
+
+    def _combined(self, maps: Sequence[np.ndarray], scores: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The mean of the members' normalised maps (resized to map_size) and scores: one formula for
+        score_split and apply."""
+        maps = [(_resized(m, self.map_size) - s["map_mean"]) / s["map_std"] for m, s in zip(maps, self.stats)]
+        scores = [(np.asarray(x) - s["score_mean"]) / s["score_std"] for x, s in zip(scores, self.stats)]
+        return np.mean(maps, axis=0).astype(np.float32), np.mean(scores, axis=0).astype(np.float32)
+
+    def _check_normalised(self) -> None:
+        if self.stats is None:
+            raise InputError("a ScoreEnsemble scores after normalise(): call normalise(dataset) first")
+
+
+def _checked_stats(stats: Any, count: int) -> list[dict[str, float]]:
+    """One {map_mean, map_std, score_mean, score_std} per member: finite numbers, standard deviations > 0."""
+    if not isinstance(stats, Sequence) or len(stats) != count:
+        raise ConfigError(f"a score ensemble's stats need one entry per member ({count}), got {stats!r}")
+    checked = []
+    for entry in stats:
+        if not isinstance(entry, Mapping) or sorted(entry) != sorted(STAT_KEYS):
+            raise ConfigError(f"a score ensemble's stats entry must have exactly the keys {list(STAT_KEYS)}, "
+                              f"got {entry!r}")
+        for key, value in entry.items():
+            number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value)) or (key.endswith("_std") and value <= 0):
+                raise ConfigError(f"a score ensemble's stats '{key}' must be a finite number"
+                                  f"{' > 0' if key.endswith('_std') else ''}, got {value!r}")
+        checked.append({key: float(entry[key]) for key in STAT_KEYS})
+    return checked
 
 
 class _Moments:

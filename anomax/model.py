@@ -90,11 +90,7 @@ class AnomalyModel:
                               f"{mesh_size(mesh)} devices of device='all'")
         self.batch_size = batch_size
         if thresholds is not None:
-            if not (set(thresholds) in (set(), {"segmentation", "classification"})
-                    and all(_is_finite(v) for v in thresholds.values())):
-                raise ConfigError(f"model parameter 'thresholds' must be {{}} or finite 'segmentation' and "
-                                  f"'classification' values, got {thresholds!r}")
-            self.thresholds = {key: float(value) for key, value in thresholds.items()}
+            self.thresholds = checked_thresholds(thresholds)
         if device is not None and mesh is None:
             self.device = device if isinstance(device, jax.Device) else _device(device)
         self.mesh = mesh
@@ -213,6 +209,15 @@ def classified(results: list[dict[str, Any]], thresholds: Mapping[str, float]) -
         for result, extra in zip(results, applied):
             result.update(extra)
     return results
+
+
+def checked_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """The model parameter 'thresholds': {} or finite 'segmentation' and 'classification' values."""
+    if not (set(thresholds) in (set(), {"segmentation", "classification"})
+            and all(_is_finite(v) for v in thresholds.values())):
+        raise ConfigError(f"model parameter 'thresholds' must be {{}} or finite 'segmentation' and "
+                          f"'classification' values, got {thresholds!r}")
+    return {key: float(value) for key, value in thresholds.items()}
 
 
 def _device(name: str) -> jax.Device:

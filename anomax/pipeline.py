@@ -14,7 +14,7 @@ import heapq
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,7 +24,8 @@ from anomax.backbones import build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
-from anomax.ensemble import NORMALISATION_KEYS, ConcatBackbone, check_concat_members, concat_backbone
+from anomax.ensemble import (NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble, check_concat_members,
+                              concat_backbone, good_images)
 from anomax.errors import ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -305,11 +306,20 @@ class RunSettings:
     augment: AugmentConfig
     tiling: TilingConfig
     distributed: DistributedConfig
+    ensemble: EnsembleConfig
+    members: tuple[RunSettings, ...] = ()  # a score ensemble's members, each validated as a run
 
 
-def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
+# What a score-ensemble member sets for itself; the rest (dataset, split, evaluation, batch size, ...)
+# is the run's, so every member scores the same images in the same batches.
+MEMBER_SECTIONS = ("model", "preprocess", "augment", "train")
+
+
+def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]] = ()) -> RunSettings:
     """Check every setting of a composed config; a wrong value raises ConfigError naming its key.
-    Runs before any weights or images are read (preprocess nulls are filled from the backbone later)."""
+    Runs before any weights or images are read (preprocess nulls are filled from the backbone later).
+    ``members``: a score ensemble's composed member configs, one per ``ensemble.members`` entry
+    (anomax.apps.config.ensemble_member_configs), each checked as a run of its own."""
     head_cfg = dict(cfg["model"]["head"])
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
@@ -326,45 +336,120 @@ def validate_config(cfg: Mapping[str, Any]) -> RunSettings:
         head=head_cls.Config.from_dict(head_cfg), train=TrainConfig.from_dict(cfg.get("train")),
         evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")), export=ExportConfig.from_dict(cfg.get("export")),
         augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=TilingConfig.from_dict(cfg.get("tiling")),
-        distributed=DistributedConfig.from_dict(cfg.get("distributed")))
+        distributed=DistributedConfig.from_dict(cfg.get("distributed")),
+        ensemble=EnsembleConfig.from_dict(cfg.get("ensemble")))
     if settings.tiling.enabled and settings.export.onnx:
         raise ConfigError("export.onnx = true is not available with tiling (tiling.tile_size is set): the ONNX "
                           "runtimes score whole images, not tiles; set export.onnx=false")
-    return settings
+    return dataclasses.replace(settings, members=_validate_members(cfg, settings, members))
 
 
-def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None) -> dict:
-    """The whole workflow into ``run_dir``: dataset.json, model/, metrics.json, pictures/, index.html."""
+def _validate_members(cfg: Mapping[str, Any], settings: RunSettings,
+                      members: Sequence[Mapping[str, Any]]) -> tuple[RunSettings, ...]:
+    """Each score-ensemble member's settings; what an ensemble cannot do fails here, naming the key."""
+    wanted = settings.ensemble.members
+    if len(members) != len(wanted):
+        raise ConfigError(f"ensemble.members lists {len(wanted)} members, but {len(members)} member configs were "
+                          f"given; compose them with anomax.apps.config.ensemble_member_configs(cfg, overrides), as "
+                          f"anomax-train does")
+    if not members:
+        return ()
+    for key, refused in (("tiling.tile_size", settings.tiling.enabled), ("export.onnx", settings.export.onnx),
+                         ("distributed.mode", settings.distributed.mode != "off")):
+        if refused:
+            raise ConfigError(f"{key}: not available with a score ensemble (ensemble.members is set); leave "
+                              f"{key.split('.')[0]} at its default or set ensemble=off")
+    shared = [{key: value for key, value in config.items() if key not in (*MEMBER_SECTIONS, "ensemble")}
+              for config in (cfg, *members)]
+    checked = []
+    for number, member in enumerate(members):
+        where = f"ensemble.members[{number}] ({list(wanted[number])})"
+        try:
+            checked.append(validate_config(member))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        if checked[-1].ensemble.members:
+            raise ConfigError(f"{where}: a member is one model; its config must have ensemble=off")
+        key = _first_difference(shared[0], shared[number + 1])
+        if key is not None:
+            raise ConfigError(f"{where}: {key} differs from the run's; a member sets only its own "
+                              f"{', '.join(MEMBER_SECTIONS)} (the rest is the run's)")
+        same = next((other for other in range(number) if members[other] == member), None)
+        if same is not None:
+            raise ConfigError(f"{where}: the same model as ensemble.members[{same}]; give each member other overrides")
+    return tuple(checked)
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first dotted key whose value differs between two nested mappings, or None."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for name in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(name), b.get(name), f"{key}.{name}" if key else str(name))
+            if found is not None:
+                return found
+        return None
+    return None if a == b else key
+
+
+def build_run_model(cfg: Mapping[str, Any],
+                    members: Sequence[Mapping[str, Any]] = ()) -> AnomalyModel | ScoreEnsemble:
+    """The run's model: one (build_model), or a score ensemble of its members' models."""
+    return ScoreEnsemble([build_model(member) for member in members]) if members else build_model(cfg)
+
+
+def describe(model: AnomalyModel | ScoreEnsemble) -> str:
+    """'patchcore + mobilenet_v2'; an ensemble: 'score ensemble of ... and ...'."""
+    if isinstance(model, ScoreEnsemble):
+        return "score ensemble of " + " and ".join(map(describe, model.members))
+    return f"{model.head.name} + {model.backbone.name}"
+
+
+def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None,
+                       members: Sequence[Mapping[str, Any]] = ()) -> dict:
+    """The whole workflow into ``run_dir``: dataset.json, model/, metrics.json, pictures/, index.html.
+    ``members``: with ``ensemble.members`` set, the members' composed configs
+    (anomax.apps.config.ensemble_member_configs); each member is fitted on the train split and
+    normalised on the validation split's good images, then everything else runs on the ensemble."""
     from anomax.artifact import save_model
 
-    settings = validate_config(cfg)  # every setting first: nothing is read before they all hold
+    settings = validate_config(cfg, members)  # every setting first: nothing is read before they all hold
     run, train_cfg, evaluate_cfg, split_cfg = settings.run, settings.train, settings.evaluate, settings.split
     # This run's alone: refused while another run holds it, or when it holds another run's outputs.
     # Only process 0 writes outputs, so only it claims the directory.
     with claim_run_dir(run_dir) if is_main() else contextlib.nullcontext(Path(run_dir)) as run_dir:
         timings = {}
         start = time.perf_counter()
-        model = build_model(cfg)
-        check_model(model)
+        model = build_run_model(cfg, members)
+        if not members:  # an ensemble runs in one process only (validate_config)
+            check_model(model)
         if is_multi_process():  # one global mesh: each process feeds its devices' shard of every batch
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_thresholds_possible(dataset, evaluate_cfg)
+        if members:
+            good_images(dataset)  # an ensemble normalises on them: fail before any fit
         if is_main():
             dataset.to_json(run_dir / "dataset.json")
         log.info("dataset %s: %s", cfg["dataset"].get("name"), _split_counts(dataset))
         timings["setup_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        fit_info = model.fit(dataset, "train", train=train_cfg, cache_dir=run.cache_dir, progress=run.progress)
+        if members:
+            fit_info = {"members": []}
+            for member, member_settings in zip(model.members, settings.members):
+                fit_info["members"].append(member.fit(dataset, "train", train=member_settings.train,
+                                                      cache_dir=run.cache_dir, progress=run.progress))
+                log.info("fit %s: %s", describe(member), _short(fit_info["members"][-1]))
+            fit_info["normalisation"] = model.normalise(dataset, "validation", cache_dir=run.cache_dir)
+        else:
+            fit_info = model.fit(dataset, "train", train=train_cfg, cache_dir=run.cache_dir, progress=run.progress)
         timings["fit_s"] = time.perf_counter() - start
-        log.info("fit %s in %.1f s: %s", model.head.name, timings["fit_s"], _short(fit_info))
+        log.info("fit %s in %.1f s: %s", describe(model), timings["fit_s"], _short(fit_info))
 
         start = time.perf_counter()
         thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
         metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
-                                 title=f"anomax: {model.head.name} + {model.backbone.name} on "
-                                       f"{cfg['dataset'].get('name')}",
+                                 title=f"anomax: {describe(model)} on {cfg['dataset'].get('name')}",
                                  progress=run.progress)
         timings["evaluate_s"] = time.perf_counter() - start
 

@@ -61,7 +61,11 @@ def _rule(annotation: Any) -> str:
         rules = ["null" if a is type(None) else _rule(a) for a in args]
         return " or ".join(rules)
     if origin is tuple:
-        return f"a list of {_rule(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+        if not args:
+            return "a list"
+        inner = _rule(args[0])  # 'a list of strings' inside: 'a list of lists of strings'
+        return "a list of " + (inner.replace("a list", "lists", 1) if inner.startswith("a list")
+                               else f"{inner.removeprefix('a ').removeprefix('an ')}s")
     return "a value"
 
 

@@ -300,14 +300,9 @@ def _config(head: str, size: int, batch: int, width_multiplier: float, hyperpara
 
 def _compose(overrides: list[str]) -> dict:
     """conf/anomax_train.yaml with these overrides, composed and resolved as anomax-train does."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from anomax.apps.config import compose_train_config
 
-    from anomax.apps.config import CONF_DIR, register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("anomax_train", overrides=overrides), resolve=True)
+    return compose_train_config(overrides)
 
 
 def _feature_batches(images: int, grid: int, dim: int, batch: int):

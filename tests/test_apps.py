@@ -33,7 +33,7 @@ def groups() -> list[tuple[str, str]]:
     conf = Path(CONF_DIR)
     found = []
     for group in ("dataset", "preprocess", "model/backbone", "model/head", "train", "evaluate", "augment", "tiling",
-                  "experiment"):
+                  "ensemble", "experiment"):
         found += [(group, f.stem) for f in sorted((conf / group).glob("*.yaml"))]
     return found
 
@@ -157,6 +157,39 @@ def test_predict_scores_every_image_and_reports_the_bad_one(trained_run, tmp_pat
     good = [row for row in rows if "error" not in row]
     assert all(row["anomaly_class"] in ("ok", "nok") and Path(row["overlay"]).is_file() for row in good)
     assert (out_dir / "results.csv").read_text().count("\n") == 5
+
+
+def test_train_app_runs_a_score_ensemble_and_predict_applies_it(tmp_path):
+    """ensemble=lite2_mobilenet_v2 from the command line: both members fitted, normalised on the
+    validation good images, one artifact that anomax-predict's loader and writer read."""
+    from anomax.apps._common import load_configured_model
+    from anomax.apps.predict import predict_files
+    from anomax.data.dataset import DLDataset
+    from anomax.data.images import read_image
+    from anomax.ensemble import ScoreEnsemble
+
+    done = run("train", *SMOKE, "ensemble=lite2_mobilenet_v2", "progress=false", cwd=tmp_path)
+    assert "patchcore + efficientnet_lite2 and patchcore + mobilenet_v2 (score ensemble)" in done.stdout
+    (run_dir,) = (tmp_path / "outputs").iterdir()
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert len(record["fit"]["members"]) == 2 and 0.0 <= record["summary"]["image_auroc"] <= 1.0
+    assert record["thresholds"]["split"] == "validation" and (run_dir / "index.html").is_file()
+    model = load_configured_model({"model_dir": str(run_dir / "model"), "batch_size": None})  # as anomax-predict
+    assert isinstance(model, ScoreEnsemble)
+    assert [m.backbone.name for m in model.members] == ["efficientnet_lite2", "mobilenet_v2"]
+    assert set(model.thresholds) == {"segmentation", "classification"}
+    # the saved statistics are the members' on the run's validation good images
+    stats = ScoreEnsemble(model.members).normalise(DLDataset.from_json(run_dir / "dataset.json"))
+    for saved, again in zip(model.stats, stats):
+        assert saved == pytest.approx(again, rel=1e-5)
+    assert model.stats == record["fit"]["normalisation"]
+
+    samples = json.loads((run_dir / "dataset.json").read_text())["samples"][-3:]
+    paths = [Path(sample["image_file_name"]) for sample in samples]
+    rows = predict_files(model, paths, tmp_path / "predict")
+    assert all(row["anomaly_class"] in ("ok", "nok") and Path(row["overlay"]).is_file() for row in rows)
+    applied = model.apply([read_image(path) for path in paths])
+    assert [row["anomaly_score"] for row in rows] == [result["anomaly_score"] for result in applied]
 
 
 def test_parallel_multirun_and_report(tmp_path):

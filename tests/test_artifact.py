@@ -79,7 +79,7 @@ def test_layout_metadata_and_checksums(padim):
     manifest = json.loads((path / "manifest.json").read_text())
     assert sorted(p.name for p in path.iterdir()) == sorted([*manifest["files"], "manifest.json"])
     assert set(manifest["files"]) == set(artifact.REQUIRED_FILES)
-    assert manifest["format"] == "anomax-model" and manifest["format_version"] == artifact.FORMAT_VERSION
+    assert manifest["format"] == "anomax-model" and manifest["format_version"] == artifact.MODEL_FORMAT_VERSION
     assert manifest["anomax_version"] == anomax.__version__
     meta = artifact.read_metadata(path)
     assert meta["config"] == {"model": {"head": {"name": "padim"}}, "seed": 0}

@@ -17,6 +17,7 @@ from anomax.evaluation.config import EvaluateConfig
 from anomax.features import AdaptorConfig
 from anomax.augment import AugmentConfig
 from anomax.distributed import DistributedConfig
+from anomax.ensemble import EnsembleConfig
 from anomax.pipeline import ExportConfig, RunConfig, SplitConfig, validate_config
 from anomax.tiling import TilingConfig
 from anomax.preprocess.params import PreprocessParams
@@ -50,7 +51,8 @@ def wrong_values(cls):
 GROUPS = [("", RunConfig, []), ("split.", SplitConfig, []), ("export.", ExportConfig, []),
           ("train.", TrainConfig, []), ("evaluate.", EvaluateConfig, []), ("preprocess.", PreprocessParams, []),
           ("model.head.adaptor.", AdaptorConfig, []), ("augment.", AugmentConfig, []),
-          ("tiling.", TilingConfig, ["tiling=default"]), ("distributed.", DistributedConfig, ["distributed=manual"])]
+          ("tiling.", TilingConfig, ["tiling=default"]), ("distributed.", DistributedConfig, ["distributed=manual"]),
+          ("ensemble.", EnsembleConfig, [])]
 MANUAL = {"coordinator_address": "127.0.0.1:12355", "num_processes": 2, "process_id": 0}  # a complete manual setup
 GROUPS += [("model.head.", HEADS.get(name).Config, [f"model/head={name}"]) for name in HEADS.names()]
 CASES = [pytest.param(prefix, name, value, extra + ([f"distributed.{k}={v}" for k, v in MANUAL.items() if k != name]

@@ -189,3 +189,179 @@ def test_anomax_train_config_builds_a_feature_ensemble():
     assert build_model(same).preprocess.mean == model.preprocess.mean
     with pytest.raises(ConfigError, match=r"members\[1\]: unknown key\(s\) \['seeed'\]"):
         validate_config(typo)
+
+
+# ---- the score ensemble as an artifact and as an anomax-train config ------------------------------------
+def normalised(fitted) -> ScoreEnsemble:
+    dataset, ensemble = fitted
+    ensemble.normalise(dataset)
+    ensemble.set_params(thresholds={"segmentation": 1.0, "classification": 0.5})
+    return ensemble
+
+
+@pytest.fixture(scope="module")
+def saved(fitted, tmp_path_factory):
+    import anomax
+
+    return anomax.save_model(normalised(fitted), tmp_path_factory.mktemp("ensemble") / "model", config={"seed": 0})
+
+
+def test_an_ensemble_artifact_round_trips_bit_identically(fitted, saved):
+    import json
+
+    import anomax
+
+    ensemble = normalised(fitted)
+    loaded = anomax.load_model(saved)
+    assert isinstance(loaded, ScoreEnsemble) and loaded.stats == ensemble.stats
+    assert loaded.get_params() == ensemble.get_params()
+    assert [m.backbone.name for m in loaded.members] == ["resnet18", "mobilenet_v2"]
+    images = list(np.random.default_rng(2).integers(0, 256, (5, SIZE + 4, SIZE, 3), dtype=np.uint8))
+    want, have = ensemble.apply(images), loaded.apply(images)
+    assert len(have) == 5 and {"anomaly_image", "anomaly_score", "anomaly_class", "anomaly_region"} <= set(have[0])
+    for w, h in zip(want, have):
+        assert h["anomaly_score"] == w["anomaly_score"] and h["anomaly_class_id"] == w["anomaly_class_id"]
+        np.testing.assert_array_equal(h["anomaly_image"], w["anomaly_image"])
+        np.testing.assert_array_equal(h["anomaly_region"]["mask"], w["anomaly_region"]["mask"])
+    # apply gives the ensemble's scores as score_split does (one formula)
+    dataset = fitted[0]
+    test = [s for s in dataset.samples if s.split == "test"]
+    scored = np.concatenate([b["anomaly_score"][b["valid"]] for b in loaded.score_split(dataset, "test")])
+    applied = [r["anomaly_score"] for r in loaded.apply([np.asarray(Image.open(s.image_file_name)) for s in test])]
+    np.testing.assert_allclose(applied, scored, rtol=1e-5, atol=1e-5)
+    # each member folder is a one-model artifact of its own; the ensemble's manifest is format 2
+    assert anomax.load_model(saved / "member-1").backbone.name == "mobilenet_v2"
+    assert json.loads((saved / "manifest.json").read_text())["format_version"] == 2
+    assert json.loads((saved / "member-0" / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_a_failed_ensemble_save_leaves_nothing_and_overwrite_replaces_one(fitted, saved, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import anomax
+    from anomax import artifact
+    from anomax.errors import OutputError
+
+    write_json = artifact._write_json
+
+    def disk_full_at_ensemble_json(path, value):
+        if path.name == "ensemble.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_json(path, value)
+
+    monkeypatch.setattr(artifact, "_write_json", disk_full_at_ensemble_json)
+    with pytest.raises(OutputError):
+        anomax.save_model(normalised(fitted), tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []  # no artifact, no staging folder
+    monkeypatch.undo()
+    copy = shutil.copytree(saved, tmp_path / "copy")
+    anomax.save_model(normalised(fitted), copy, overwrite=True)  # an ensemble artifact is replaceable
+    assert anomax.load_model(copy).stats == normalised(fitted).stats
+
+
+@pytest.fixture
+def ensemble_copy(saved, tmp_path):
+    import shutil
+
+    return shutil.copytree(saved, tmp_path / "copy")
+
+
+def test_a_tampered_or_incomplete_ensemble_artifact_is_refused_naming_the_file(ensemble_copy):
+    import json
+    import shutil
+
+    import anomax
+    from anomax.errors import ArtifactError
+    from anomax.files import sha256_file
+
+    head = ensemble_copy / "member-1" / "head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-3] ^= 0xFF
+    head.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"member-1/head\.safetensors does not match its sha256"):
+        anomax.load_model(ensemble_copy)
+    # a member manifest rehashed to the tampered file: the ensemble's manifest still holds the old one
+    manifest = json.loads((ensemble_copy / "member-1" / "manifest.json").read_text())
+    manifest["files"]["head.safetensors"] = sha256_file(head)
+    (ensemble_copy / "member-1" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"member-1/manifest\.json does not match its sha256"):
+        anomax.load_model(ensemble_copy)
+    shutil.rmtree(ensemble_copy / "member-1")
+    with pytest.raises(ArtifactError, match=r"member-1/manifest\.json is missing"):
+        anomax.load_model(ensemble_copy)
+
+
+def test_a_rehashed_ensemble_json_is_still_validated(ensemble_copy):
+    import json
+
+    import anomax
+    from anomax.errors import ArtifactError, ConfigError
+    from anomax.files import sha256_file
+
+    original = json.loads((ensemble_copy / "ensemble.json").read_text())
+
+    def rehashed(edit):  # the edit on the original ensemble.json, rehashed in the manifest as an attacker would
+        record = json.loads(json.dumps(original))
+        edit(record)
+        (ensemble_copy / "ensemble.json").write_text(json.dumps(record))
+        manifest = json.loads((ensemble_copy / "manifest.json").read_text())
+        manifest["files"]["ensemble.json"] = sha256_file(ensemble_copy / "ensemble.json")
+        (ensemble_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    rehashed(lambda r: r["stats"][1].update(map_std=0.0))
+    with pytest.raises(ArtifactError, match=r"ensemble\.json: 'stats' is invalid: .*'map_std' must be a finite number > "):
+        anomax.load_model(ensemble_copy)
+    rehashed(lambda r: r.update(members=["member-0", "../member-1"]))
+    with pytest.raises(ArtifactError, match=r"ensemble\.json is invalid: 'members' must list the member folders"):
+        anomax.load_model(ensemble_copy)
+    rehashed(lambda r: None)
+    with pytest.raises(ConfigError, match="runtime='jax' only"):
+        anomax.load_model(ensemble_copy, runtime="onnxruntime")
+
+
+TINY_RUN = ["+experiment=synthetic_smoke", "dataset.n_train=8", "dataset.n_test_good=4", "dataset.n_test_defect=4",
+            "dataset.validation_from_train=0.25", "preprocess.width=32", "preprocess.height=32", "progress=false"]
+
+
+def test_ensemble_configs_compose_and_bad_members_are_named():
+    from anomax.apps.config import compose_train_config, ensemble_member_configs
+    from anomax.pipeline import validate_config
+
+    overrides = ["+experiment=elpv_best", "dataset=elpv_mono", "ensemble=lite2_mobilenet_v2"]
+    cfg = compose_train_config(overrides)
+    members = ensemble_member_configs(cfg, overrides)
+    assert [m["model"]["backbone"]["name"] for m in members] == ["efficientnet_lite2", "mobilenet_v2"]
+    assert all(m["model"]["head"] == cfg["model"]["head"] and m["dataset"] == cfg["dataset"] for m in members)
+    assert len(validate_config(cfg, members).members) == 2
+    with pytest.raises(ConfigError, match="ensemble.members lists 2 members, but 0"):
+        validate_config(cfg)
+
+    def check(*extra):
+        cfg = compose_train_config([*TINY_RUN, *extra])
+        validate_config(cfg, ensemble_member_configs(cfg, [*TINY_RUN, *extra]))
+
+    check("ensemble=lite2_mobilenet_v2")
+    for overrides, message in [
+        (["ensemble.members=[[],['model.head.coreset_ratoi=0.1']]"], r"members\[1\] .* does not compose: .*ratoi"),
+        (["ensemble.members=[['model.head.coreset_ratio=2'],[]]"], r"members\[0\] .*: model.head.coreset_ratio = 2.0"),
+        (["ensemble.members=[[],['batch_size=4']]"], r"members\[1\] .*: batch_size differs from the run's"),
+        (["ensemble.members=[[],[]]"], r"members\[1\] .*: the same model as ensemble.members\[0\]"),
+        (["ensemble.members=[[]]"], r"ensemble.members = \(\(\),\) is invalid"),
+        (["ensemble=lite2_mobilenet_v2", "tiling=default"], r"tiling.tile_size: not available with a score ensemble"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check(*overrides)
+
+
+def test_an_ensemble_without_validation_good_images_fails_before_any_fit(tmp_path):
+    from anomax.apps.config import compose_train_config, ensemble_member_configs
+    from anomax.pipeline import train_and_evaluate
+
+    overrides = [*TINY_RUN, "dataset.validation_from_train=0.0", "dataset.validation_from_test=0.0",
+                 "ensemble=lite2_mobilenet_v2"]
+    cfg = compose_train_config(overrides)
+    with pytest.raises(DatasetError, match=r"ensemble.members\) normalises its members on the 'validation' split's "
+                                           r"good images, and the dataset has none"):
+        train_and_evaluate(cfg, tmp_path / "run", members=ensemble_member_configs(cfg, overrides))
+    assert not (tmp_path / "run" / "model").exists()

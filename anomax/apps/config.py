@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -126,12 +126,13 @@ def register_schemas() -> None:
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import BACKBONES, DATASET_FORMATS, HEADS
     from anomax.distributed import DistributedConfig
+    from anomax.ensemble import EnsembleConfig
     from anomax.tiling import TilingConfig
     from anomax.training import TrainConfig
 
     store = ConfigStore.instance()
     groups = {key: (Any, None) for key in ("dataset", "preprocess", "model", "train", "evaluate", "augment",
-                                           "distributed", "tiling")}
+                                           "distributed", "tiling", "ensemble")}
     split = settings_schema(SplitConfig, "Split")
     groups["split"] = (split, split)
     export = settings_schema(ExportConfig, "Export")
@@ -160,6 +161,41 @@ def register_schemas() -> None:
     store.store(group="tiling", name="schema", node=settings_schema(TilingConfig, "Tiling"))
     store.store(group="distributed", name="schema", node=settings_schema(DistributedConfig, "Distributed"))
     store.store(group="augment", name="schema", node=settings_schema(AugmentConfig, "Augment"))
+    store.store(group="ensemble", name="schema", node=settings_schema(EnsembleConfig, "Ensemble"))
+
+
+def compose_train_config(overrides: Sequence[str], config_name: str = "anomax_train") -> dict[str, Any]:
+    """conf/anomax_train.yaml with these overrides, composed and resolved as anomax-train does; inside
+    a running Hydra app (anomax-train itself) with that app's Hydra, so its --config-dir counts too."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    if GlobalHydra.instance().is_initialized():
+        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
+
+
+def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
+                            config_name: str = "anomax_train") -> list[dict[str, Any]]:
+    """A score ensemble's member configs: each is the run's overrides (less its ensemble ones), then
+    ensemble=off, then the member's own overrides (which win: later overrides replace earlier ones).
+    An override that does not compose raises ConfigError naming the member and Hydra's reason."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from anomax.ensemble import EnsembleConfig
+    from anomax.errors import ConfigError
+
+    run = [o for o in overrides if str(o).lstrip("+~").partition("=")[0].split(".")[0] != "ensemble"]
+    configs = []
+    for number, member in enumerate(EnsembleConfig.from_dict(cfg.get("ensemble")).members):
+        try:
+            configs.append(compose_train_config([*run, "ensemble=off", *member], config_name))
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ConfigError(f"ensemble.members[{number}] ({list(member)}) does not compose: {error}") from None
+    return configs
 
 
 MAX_RUN_NAME = 120  # characters of the override part of a run directory name (file names allow 255)

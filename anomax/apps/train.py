@@ -6,7 +6,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from anomax.apps._common import plain, reports_errors
-from anomax.apps.config import CONF_DIR, register_schemas
+from anomax.apps.config import CONF_DIR, ensemble_member_configs, register_schemas
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_train")
@@ -16,12 +16,16 @@ def _train(cfg: DictConfig) -> float | None:
     from anomax import distributed
     from anomax.pipeline import summary_text, train_and_evaluate
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_config = HydraConfig.get()
+    run_dir = hydra_config.runtime.output_dir
     config = plain(cfg)
+    # a score ensemble's members: the run's config with each member's overrides (conf/ensemble/)
+    members = ensemble_member_configs(config, hydra_config.overrides.task, hydra_config.job.config_name)
     distributed.initialize(config.get("distributed"))  # before any other JAX use
-    record = train_and_evaluate(config, run_dir, resolved_config=config)
+    record = train_and_evaluate(config, run_dir, resolved_config=config, members=members)
     if distributed.is_main():
-        print(f"anomax-train: {config['model']['head']['name']} + {config['model']['backbone']['name']} on "
+        names = [f"{c['model']['head']['name']} + {c['model']['backbone']['name']}" for c in members or [config]]
+        print(f"anomax-train: {' and '.join(names)}{' (score ensemble)' if members else ''} on "
               f"{config['dataset'].get('name')}\n{summary_text(record, run_dir)}")
     return record["validation"].get("image_auroc")
 
