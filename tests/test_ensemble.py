@@ -328,7 +328,7 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
     from anomax.apps.config import compose_train_config, ensemble_member_configs
     from anomax.pipeline import validate_config
 
-    overrides = ["+experiment=elpv_best", "dataset=elpv_mono", "ensemble=lite2_mobilenet_v2"]
+    overrides = ["+experiment=elpv_best", "dataset=elpv_mono"]  # the chosen recipe is this ensemble
     cfg = compose_train_config(overrides)
     members = ensemble_member_configs(cfg, overrides)
     assert [m["model"]["backbone"]["name"] for m in members] == ["efficientnet_lite2", "mobilenet_v2"]
