@@ -100,9 +100,12 @@ def is_main() -> bool:
 
 def check_model(model) -> None:
     """Refuse, before any work, what does not run across processes yet: a head outside
-    MULTI_PROCESS_HEADS, and tiling."""
+    MULTI_PROCESS_HEADS, tiling, and a score ensemble."""
     if not is_multi_process():
         return
+    if not hasattr(model, "head"):
+        raise ConfigError("a score ensemble (ensemble.members) does not run on several processes yet; "
+                          "use ensemble=off or distributed=off")
     if model.head.name not in MULTI_PROCESS_HEADS:
         raise ConfigError(f"model.head.name = {model.head.name!r} does not run on several processes yet "
                           f"(multi-process heads: {', '.join(MULTI_PROCESS_HEADS)}); use distributed=off")

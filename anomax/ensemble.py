@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -30,6 +31,8 @@ from anomax.model import checked_thresholds, classified
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
 from anomax.settings import Settings
+
+log = logging.getLogger(__name__)
 
 NORMALISATION_KEYS = ("normalization_type", "mean", "std", "range_min", "range_max")
 
@@ -184,6 +187,23 @@ class ScoreEnsemble:
             member.set_params(batch_size=batch_size, device=device)
         if checked is not None:
             self.thresholds = checked
+
+    def fit(self, dataset: DLDataset, split: str = "train", *, train: Any = None,
+            normalise_split: str = "validation", cache_dir: str | None = None, progress: bool = True) -> dict:
+        """Fit each member on ``split``, then ``normalise`` on ``normalise_split``'s good images; like
+        AnomalyModel.fit for one model. ``train``: one TrainConfig for every member, or one per member
+        (members may set their own train section). A split without good images to normalise on fails
+        before any member is fitted."""
+        good_images(dataset, normalise_split)
+        trains = list(train) if isinstance(train, (list, tuple)) else [train] * len(self.members)
+        if len(trains) != len(self.members):
+            raise ConfigError(f"a score ensemble of {len(self.members)} members got {len(trains)} train settings")
+        fitted = []
+        for number, (member, member_train) in enumerate(zip(self.members, trains)):
+            fitted.append(member.fit(dataset, split, train=member_train, cache_dir=cache_dir, progress=progress))
+            log.info("fit member %d (%s + %s): %s", number, member.head.name, member.backbone.name,
+                     {k: v for k, v in fitted[-1].items() if not isinstance(v, (list, dict))})
+        return {"members": fitted, "normalisation": self.normalise(dataset, normalise_split, cache_dir=cache_dir)}
 
     def normalise(self, dataset: DLDataset, split: str = "validation", cache_dir: str | None = None) -> list[dict]:
         """Each member's mean and std of its map pixels and of its image scores over ``split``'s good

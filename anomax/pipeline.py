@@ -25,7 +25,7 @@ from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
 from anomax.ensemble import (NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble, check_concat_members,
-                              concat_backbone, good_images)
+                              concat_backbone)
 from anomax.errors import ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -420,29 +420,19 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         timings = {}
         start = time.perf_counter()
         model = build_run_model(cfg, members)
-        if not members:  # an ensemble runs in one process only (validate_config)
-            check_model(model)
+        check_model(model)
         if is_multi_process():  # one global mesh: each process feeds its devices' shard of every batch
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_thresholds_possible(dataset, evaluate_cfg)
-        if members:
-            good_images(dataset)  # an ensemble normalises on them: fail before any fit
         if is_main():
             dataset.to_json(run_dir / "dataset.json")
         log.info("dataset %s: %s", cfg["dataset"].get("name"), _split_counts(dataset))
         timings["setup_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if members:
-            fit_info = {"members": []}
-            for member, member_settings in zip(model.members, settings.members):
-                fit_info["members"].append(member.fit(dataset, "train", train=member_settings.train,
-                                                      cache_dir=run.cache_dir, progress=run.progress))
-                log.info("fit %s: %s", describe(member), _short(fit_info["members"][-1]))
-            fit_info["normalisation"] = model.normalise(dataset, "validation", cache_dir=run.cache_dir)
-        else:
-            fit_info = model.fit(dataset, "train", train=train_cfg, cache_dir=run.cache_dir, progress=run.progress)
+        train = [member.train for member in settings.members] or train_cfg  # members may set their own
+        fit_info = model.fit(dataset, "train", train=train, cache_dir=run.cache_dir, progress=run.progress)
         timings["fit_s"] = time.perf_counter() - start
         log.info("fit %s in %.1f s: %s", describe(model), timings["fit_s"], _short(fit_info))
 

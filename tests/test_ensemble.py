@@ -112,6 +112,32 @@ def fitted(tmp_path_factory):
     return dataset, ScoreEnsemble(members)
 
 
+def test_fit_fits_each_member_with_its_own_train_settings_then_normalises(tmp_path):
+    from anomax.training import TrainConfig
+
+    dataset = write_dataset(tmp_path, 3, {("train", "ok"): 3, ("validation", "ok"): 2, ("test", "nok"): 1})
+    ensemble = ScoreEnsemble([member("resnet18", PatchCore(coreset_ratio=0.5, projection_dim=None)),
+                              member("mobilenet_v2", HEADS.get("padim")(eps=0.01))])
+    given = []
+    for model in ensemble.members:  # record what each member is fitted with, then fit it for real
+        model.fit = (lambda fit: lambda *args, **kwargs: given.append(kwargs["train"]) or fit(*args, **kwargs))(
+            model.fit)
+    trains = [TrainConfig(max_num_epochs=2), TrainConfig(max_num_epochs=3)]
+    info = ensemble.fit(dataset, train=trains, progress=False)
+    assert given == trains and len(info["members"]) == 2
+    assert info["normalisation"] == ensemble.stats == ensemble.normalise(dataset)
+    with pytest.raises(ConfigError, match="2 members got 3 train settings"):
+        ensemble.fit(dataset, train=trains + trains[:1], progress=False)
+
+
+def test_fit_without_validation_good_images_fails_before_any_member_is_fitted(tmp_path):
+    dataset = write_dataset(tmp_path, 4, {("train", "ok"): 3, ("validation", "nok"): 2})
+    ensemble = ScoreEnsemble([member("resnet18", PatchCore(coreset_ratio=0.5, projection_dim=None))] * 2)
+    ensemble.members[0].fit = lambda *args, **kwargs: pytest.fail("a member was fitted")
+    with pytest.raises(DatasetError, match="'validation' split's good images, and the dataset has none"):
+        ensemble.fit(dataset, progress=False)
+
+
 def test_normalisation_uses_validation_good_images_only(fitted, tmp_path):
     dataset, ensemble = fitted
     stats = [dict(s) for s in ensemble.normalise(dataset)]
