@@ -2,14 +2,17 @@
 with its own map and score statistics on the validation split's good images, then the members' normalised
 maps and scores are averaged. The runs must share one split (their dataset.json files must be equal).
 
-    python experiments/score_ensemble.py OUT_DIR RUN_DIR RUN_DIR [...]
+    python experiments/score_ensemble.py OUT_DIR RUN_DIR RUN_DIR [...] [--tta hflip vflip]
 
-writes OUT_DIR/ensemble.json: validation and test image AUROC of the ensemble and of each member, the
+One RUN_DIR scores that run alone (its z-normalisation does not change its AUROC). ``--tta`` scores every
+member with test-time augmentation (anomax.augment: the mean of the maps over the identity and these
+transforms, each undone), on models fitted without it. Writes OUT_DIR/ensemble.json: validation and test image AUROC of the ensemble and of each member, the
 normalisation statistics, and the scoring seconds.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -39,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("runs", nargs="+")
+    parser.add_argument("--tta", nargs="*", default=[], help="test-time transforms for every member")
     args = parser.parse_args()
     datasets = [json.loads((Path(run) / "dataset.json").read_text()) for run in args.runs]
     if any(d != datasets[0] for d in datasets[1:]):
@@ -47,10 +51,12 @@ def main() -> None:
     members = [load_model(Path(run) / "model") for run in args.runs]
     for member in members:
         member.set_params(batch_size=16)
+        member.augment = dataclasses.replace(member.augment, tta=tuple(args.tta))
+        member.augment.check_input(member.preprocess.height, member.preprocess.width)
     ensemble = ScoreEnsemble(members)
     began = time.perf_counter()
     stats = ensemble.normalise(dataset, "validation", cache_dir=CACHE)
-    result = {"runs": args.runs, "stats": stats, "normalise_s": time.perf_counter() - began}
+    result = {"runs": args.runs, "tta": args.tta, "stats": stats, "normalise_s": time.perf_counter() - began}
     for split in ("validation", "test"):
         began = time.perf_counter()
         result[split] = {"ensemble_image_auroc": image_auroc(ensemble.score_split(dataset, split, cache_dir=CACHE))}
