@@ -357,17 +357,20 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
     overrides = ["+experiment=elpv_best", "dataset=elpv_mono"]  # the chosen recipe is this ensemble
     cfg = compose_train_config(overrides)
     members = ensemble_member_configs(cfg, overrides)
-    assert [m["model"]["backbone"]["name"] for m in members] == ["efficientnet_lite2", "mobilenet_v2"]
-    assert all(m["model"]["head"] == cfg["model"]["head"] and m["dataset"] == cfg["dataset"] for m in members)
-    assert len(validate_config(cfg, members).members) == 2
-    with pytest.raises(ConfigError, match="ensemble.members lists 2 members, but 0"):
+    assert [(m["model"]["backbone"]["name"], m["model"]["head"]["adaptor"]["grid_tap"]) for m in members] == [
+        ("efficientnet_lite2", None), ("mobilenet_v2", None), ("efficientnet_lite2", "blocks.6")]
+    assert members[2]["model"]["backbone"]["taps"] == ["blocks.3", "blocks.6", "blocks.14"]
+    assert all(m["dataset"] == cfg["dataset"] for m in members)
+    assert len(validate_config(cfg, members).members) == 3
+    with pytest.raises(ConfigError, match="ensemble.members lists 3 members, but 0"):
         validate_config(cfg)
 
     def check(*extra):
         cfg = compose_train_config([*TINY_RUN, *extra])
         validate_config(cfg, ensemble_member_configs(cfg, [*TINY_RUN, *extra]))
 
-    check("ensemble=lite2_mobilenet_v2")
+    for name in ("lite2_mobilenet_v2", "lite2_mobilenet_v2_lite2ms", "lite2_mobilenet_v2_lite2ms_lite1"):
+        check(f"ensemble={name}")
     for overrides, message in [
         (["ensemble.members=[[],['model.head.coreset_ratoi=0.1']]"], r"members\[1\] .* does not compose: .*ratoi"),
         (["ensemble.members=[['model.head.coreset_ratio=2'],[]]"], r"members\[0\] .*: model.head.coreset_ratio = 2.0"),
