@@ -6,8 +6,8 @@ maps and scores are averaged. The runs must share one split (their dataset.json 
 
 One RUN_DIR scores that run alone (its z-normalisation does not change its AUROC). ``--tta`` scores every
 member with test-time augmentation (anomax.augment: the mean of the maps over the identity and these
-transforms, each undone), on models fitted without it. Writes OUT_DIR/ensemble.json: validation and test image AUROC of the ensemble and of each member, the
-normalisation statistics, and the scoring seconds.
+transforms, each undone), on models fitted without it. Writes OUT_DIR/ensemble.json: the ensemble's
+validation and test image AUROC, the normalisation statistics, and the scoring seconds.
 """
 from __future__ import annotations
 
