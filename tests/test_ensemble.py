@@ -357,9 +357,12 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
     overrides = ["+experiment=elpv_best", "dataset=elpv_mono"]  # the chosen recipe is this ensemble
     cfg = compose_train_config(overrides)
     members = ensemble_member_configs(cfg, overrides)
-    assert [(m["model"]["backbone"]["name"], m["model"]["head"]["adaptor"]["grid_tap"]) for m in members] == [
-        ("efficientnet_lite2", None), ("mobilenet_v2", None), ("efficientnet_lite2", "blocks.6")]
+    assert [m["model"]["backbone"]["name"] for m in members] == ["efficientnet_lite2", "mobilenet_v2",
+                                                                   "efficientnet_lite2"]
     assert members[2]["model"]["backbone"]["taps"] == ["blocks.3", "blocks.6", "blocks.14"]
+    head = cfg["model"]["head"]  # the run's head for every member; the third pools its stride-4 tap
+    multi_scale = {**head, "adaptor": {**head["adaptor"], "grid_tap": "blocks.6"}}
+    assert [m["model"]["head"] for m in members] == [head, head, multi_scale]
     assert all(m["dataset"] == cfg["dataset"] for m in members)
     assert len(validate_config(cfg, members).members) == 3
     with pytest.raises(ConfigError, match="ensemble.members lists 3 members, but 0"):
