@@ -27,7 +27,7 @@ import numpy as np
 from anomax.backbones import Backbone, build_backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, DatasetError, InputError
-from anomax.model import checked_thresholds, classified
+from anomax.model import checked_thresholds, classified, fit_summary
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
 from anomax.settings import Settings
@@ -166,6 +166,11 @@ class ScoreEnsemble:
         self.thresholds: dict[str, float] = {}
 
     @property
+    def description(self) -> str:
+        """'score ensemble of patchcore + efficientnet_lite2 and patchcore + mobilenet_v2'."""
+        return "score ensemble of " + " and ".join(member.description for member in self.members)
+
+    @property
     def map_size(self) -> tuple[int, int]:
         first = self.members[0].preprocess
         return first.height, first.width
@@ -201,8 +206,7 @@ class ScoreEnsemble:
         fitted = []
         for number, (member, member_train) in enumerate(zip(self.members, trains)):
             fitted.append(member.fit(dataset, split, train=member_train, cache_dir=cache_dir, progress=progress))
-            log.info("fit member %d (%s + %s): %s", number, member.head.name, member.backbone.name,
-                     {k: v for k, v in fitted[-1].items() if not isinstance(v, (list, dict))})
+            log.info("fit member %d (%s): %s", number, member.description, fit_summary(fitted[-1]))
         return {"members": fitted, "normalisation": self.normalise(dataset, normalise_split, cache_dir=cache_dir)}
 
     def normalise(self, dataset: DLDataset, split: str = "validation", cache_dir: str | None = None) -> list[dict]:

@@ -27,6 +27,11 @@ from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tile
 from anomax.training import TrainConfig
 
 
+def fit_summary(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A fit info's scalar entries, for one log line (the per-epoch logs and nested parts left out)."""
+    return {key: value for key, value in info.items() if not isinstance(value, (list, dict))}
+
+
 class AnomalyModel:
     def __init__(self, preprocess: PreprocessParams, backbone: Backbone, adaptor: FeatureAdaptor, head: Head,
                  adaptor_params: Mapping[str, Any] | None = None, thresholds: Mapping[str, float] | None = None,
@@ -46,6 +51,11 @@ class AnomalyModel:
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
         self._features = parallel.jit(self.features)
         self._infer = parallel.jit(self.infer, static_argnames=("mesh",))
+
+    @property
+    def description(self) -> str:
+        """'patchcore + mobilenet_v2': what logs and reports call this model."""
+        return f"{self.head.name} + {self.backbone.name}"
 
     # ---- pure functions -------------------------------------------------------------
     def features(self, backbone_params, adaptor_params, images: jax.Array) -> jax.Array:

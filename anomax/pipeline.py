@@ -33,7 +33,7 @@ from anomax.evaluation.config import EvaluateConfig
 from anomax.evaluation.metrics import auroc
 from anomax.features import AdaptorConfig, FeatureAdaptor
 from anomax.files import claim_run_dir, write_json_atomic
-from anomax.model import AnomalyModel
+from anomax.model import AnomalyModel, fit_summary
 from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param
 from anomax.registry import HEADS
 from anomax.settings import Settings, setting
@@ -397,13 +397,6 @@ def build_run_model(cfg: Mapping[str, Any],
     return ScoreEnsemble([build_model(member) for member in members]) if members else build_model(cfg)
 
 
-def describe(model: AnomalyModel | ScoreEnsemble) -> str:
-    """'patchcore + mobilenet_v2'; an ensemble: 'score ensemble of ... and ...'."""
-    if isinstance(model, ScoreEnsemble):
-        return "score ensemble of " + " and ".join(map(describe, model.members))
-    return f"{model.head.name} + {model.backbone.name}"
-
-
 def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None,
                        members: Sequence[Mapping[str, Any]] = ()) -> dict:
     """The whole workflow into ``run_dir``: dataset.json, model/, metrics.json, pictures/, index.html.
@@ -434,12 +427,12 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         train = [member.train for member in settings.members] or train_cfg  # members may set their own
         fit_info = model.fit(dataset, "train", train=train, cache_dir=run.cache_dir, progress=run.progress)
         timings["fit_s"] = time.perf_counter() - start
-        log.info("fit %s in %.1f s: %s", describe(model), timings["fit_s"], _short(fit_info))
+        log.info("fit %s in %.1f s: %s", model.description, timings["fit_s"], fit_summary(fit_info))
 
         start = time.perf_counter()
         thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
         metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
-                                 title=f"anomax: {describe(model)} on {cfg['dataset'].get('name')}",
+                                 title=f"anomax: {model.description} on {cfg['dataset'].get('name')}",
                                  progress=run.progress)
         timings["evaluate_s"] = time.perf_counter() - start
 
@@ -491,10 +484,6 @@ def _split_counts(dataset: DLDataset) -> dict[str, dict[str, int]]:
         split = counts.setdefault(str(sample.split), {"ok": 0, "nok": 0})
         split[sample.anomaly_label] += 1
     return counts
-
-
-def _short(info: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if not isinstance(v, (list, dict))}
 
 
 def _json_default(value: Any) -> Any:
