@@ -428,7 +428,7 @@ def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
     if tiling.mode == "shared":
         head = proto
         info = head.fit(tile_feature_batches(model, dataset, split), train=train, progress=progress,
-                        validation=validation and tile_feature_batches(model, *validation))
+                        validation=validation and tile_feature_batches(model, *validation), **head.fit_inputs(model))
         model.head = head
         return {**info, "tiling": {"mode": "shared", "num_tiles": sum(len(g) for g in grids)}}
     grid = grids[0]
@@ -441,7 +441,8 @@ def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
         for cell in tqdm(range(len(grid)), desc="fit per-position heads", unit="cell", disable=not progress):
             head = _fresh(proto)
             infos.append(head.fit(_cell_feature_batches(model, tiles, cell), train=train, progress=False,
-                                  validation=None if held_out is None else _cell_feature_batches(model, held_out, cell)))
+                                  validation=None if held_out is None else _cell_feature_batches(model, held_out, cell),
+                                  **head.fit_inputs(model)))
             fitted.append(head)
         del tiles, held_out  # the memory maps close before their folder goes
     model.head = PerPositionHeads.of(fitted, grid)

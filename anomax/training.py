@@ -1,8 +1,9 @@
 """The optax training loop of trained heads, controlled by HALCON's training parameters.
 
 A head hands over what it regresses (inputs and targets held in memory) and a pure
-``error_fn(params, inputs, targets) -> per-position errors (B, ...)``; ``inputs`` may be a
-pytree of arrays that share their first axis (one sample = one row of each). Each epoch is
+``error_fn(params, inputs, targets, key) -> per-position errors (B, ...)``; ``inputs`` may be a
+pytree of arrays that share their first axis (one sample = one row of each); ``key`` is a PRNG
+key of the step's own, for what the error draws at random (efficientad's colour jitter). Each epoch is
 one compiled ``lax.scan`` over fixed-shape batches; padding of the last batch is
 masked out, so nothing recompiles between epochs.
 """
@@ -54,7 +55,7 @@ class TrainConfig(Settings):
         return optax.adam(learning_rate)
 
 
-ErrorFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+ErrorFn = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
 
 
 def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig,
@@ -89,6 +90,7 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
             params, opt_state = carry
             index, valid, key = batch
             noise_key, domain_key = jax.random.split(key)
+            error_key = jax.random.fold_in(key, 1)  # a third stream: the first two keep their draws
             x, y = jax.tree.map(lambda a: a[index], inputs), targets[index]
             if config.regularization_noise > 0:
                 leaves, treedef = jax.tree.flatten(x)
@@ -98,7 +100,7 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
                                                  for a, k in zip(leaves, keys)])
 
             def loss_fn(params):
-                errors = error_fn(params, x, y).reshape(batch_size, -1)
+                errors = error_fn(params, x, y, error_key).reshape(batch_size, -1)
                 keep = _domain_mask(domain_key, errors.shape, config.domain_ratio) & valid[:, None]
                 total = jnp.sum(jnp.where(keep, errors, 0.0))
                 count = jnp.sum(keep)

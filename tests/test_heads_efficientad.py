@@ -15,10 +15,10 @@ from anomax.backbones import backbone_requirements, build_backbone
 from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
 from anomax.heads._pdn import Conv
-from anomax.heads.efficientad import (EfficientAD, distillation_batches, hard_feature_errors, hard_feature_loss,
-                                     map_quantiles, normalise, order_statistics, quantile)
+from anomax.heads.efficientad import (EfficientAD, colour_jitter, distillation_batches, hard_feature_errors,
+                                     hard_feature_loss, map_quantiles, normalise, order_statistics, quantile)
 from anomax.model import AnomalyModel
-from anomax.preprocess.params import create_dl_preprocess_param
+from anomax.preprocess.params import create_dl_preprocess_param, pixel_scale, preprocess_image
 from anomax.registry import HEADS
 from anomax.training import TrainConfig
 
@@ -51,7 +51,7 @@ def batches(images):
 
 def fit(validation=None, distill=None, **train):
     head = EfficientAD(**HEAD)
-    info = head.fit(batches(IMAGES), train=dataclasses.replace(TRAIN, **train),
+    info = head.fit(batches(IMAGES), train=dataclasses.replace(TRAIN, **train), preprocess=MODEL.preprocess,
                     validation=None if validation is None else batches(validation), distill=distill)
     return head, info
 
@@ -98,6 +98,43 @@ def test_quantile_normalisation_on_known_maps():
     normalised = np.asarray(normalise(jnp.asarray([quantiles[0], quantiles[1], 2 * quantiles[1] - quantiles[0]]),
                                       jnp.asarray(quantiles)))
     np.testing.assert_allclose(normalised, [0.0, 0.1, 0.2], atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", [dict(normalization_type="constant_values"),
+                                           dict(normalization_type="none", range_min=-2.0, range_max=3.0)])
+def test_pixel_scale_maps_pixels_to_model_inputs(normalization):
+    params = create_dl_preprocess_param(width=6, height=5, **normalization)
+    image = np.random.default_rng(1).integers(0, 256, (5, 6, 3), np.uint8)
+    scale, offset = pixel_scale(params)
+    np.testing.assert_allclose(preprocess_image(params, image), image / 255 * scale + offset, rtol=1e-5, atol=1e-5)
+
+
+def test_colour_jitter_is_brightness_contrast_or_saturation_in_pixel_space():
+    """Each image gets one of torchvision's ColorJitter operations: out = f * p + (1 - f) * t in
+    pixels, t = 0 (brightness), the image's mean luma (contrast) or each pixel's luma (saturation),
+    f in [0.8, 1.2]. Pixels in [0.2, 0.8] never clip at this strength."""
+    scale, offset = pixel_scale(MODEL.preprocess)
+    pixels = np.random.default_rng(2).uniform(0.2, 0.8, (48, 5, 6, 3)).astype(np.float32)
+    out = np.asarray(colour_jitter(jax.random.key(3), pixels * scale + offset, 0.2, scale, offset))
+    out = (out - offset) / scale
+    luma = (pixels @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    kinds = []
+    for p, o, y in zip(pixels, out, luma):
+        fits = []
+        for t in (np.zeros_like(p), np.full_like(p, y.mean()), np.broadcast_to(y, p.shape)):
+            factor = np.sum((o - t) * (p - t)) / np.sum((p - t) ** 2)
+            fits.append((np.abs(factor * (p - t) + t - o).max(), factor))
+        kind = int(np.argmin([error for error, _ in fits]))
+        assert fits[kind][0] < 1e-5 and 0.8 <= fits[kind][1] <= 1.2
+        kinds.append(kind)
+    assert set(kinds) == {0, 1, 2}
+    # strength 0 changes nothing; one channel has no saturation to change
+    same = colour_jitter(jax.random.key(3), pixels * scale + offset, 0.0, scale, offset)
+    np.testing.assert_allclose((np.asarray(same) - offset) / scale, pixels, atol=1e-5)
+    gray = pixels[..., :1]
+    out = np.asarray(colour_jitter(jax.random.key(3), gray, 0.2))
+    changed = np.abs(out - gray).max(axis=(1, 2, 3)) > 1e-6
+    assert np.array_equal(changed, np.asarray(kinds) != 2)
 
 
 def test_fit_reports_halcon_results_and_both_phases(trained):
@@ -148,7 +185,7 @@ def test_generic_penalty_pushes_the_student_to_zero_on_generic_images(tmp_path):
     outputs = {}
     for weight in (0.0, 10.0):
         head = EfficientAD(**HEAD, generic_penalty=weight)
-        info = head.fit(batches(IMAGES), train=TRAIN, distill=extra)
+        info = head.fit(batches(IMAGES), train=TRAIN, distill=extra, preprocess=MODEL.preprocess)
         assert info["generic_penalty"] == weight
         student = head._student.apply(head._student.params(head.state), generic_images)
         outputs[weight] = float(jnp.mean(jnp.square(student[..., :student.shape[-1] // 2])))
@@ -208,4 +245,6 @@ def test_registry_and_bad_settings():
         EfficientAD(hard_quantile=1.0)
     bad = [{"image": IMAGES[:4], "features": np.zeros((4, 5, 5, 8), np.float32)}]
     with pytest.raises(InputError, match="times smaller"):
-        EfficientAD(**HEAD).fit(bad, train=TRAIN)
+        EfficientAD(**HEAD).fit(bad, train=TRAIN, preprocess=MODEL.preprocess)
+    with pytest.raises(ConfigError, match="ae_jitter"):  # the jitter works on pixels: it needs the preprocessing
+        EfficientAD(**HEAD).fit(batches(IMAGES), train=TRAIN)

@@ -12,7 +12,7 @@ TARGETS = INPUTS @ RNG.normal(size=(3, 2)).astype(np.float32)
 START = {"w": jnp.zeros((3, 2))}
 
 
-def linear_error(params, inputs, targets):
+def linear_error(params, inputs, targets, key=None):
     return jnp.mean(jnp.square(inputs @ params["w"] - targets), axis=-1)
 
 
@@ -81,7 +81,7 @@ def test_unknown_keys_are_rejected():
 def test_inputs_may_be_a_pytree_of_rows():
     """A head can hand over several inputs per sample (efficientad: an image and a generic image);
     rows stay together: an input that does not enter the error changes nothing."""
-    def error(params, inputs, targets):
+    def error(params, inputs, targets, key):
         return linear_error(params, inputs["a"], targets) + 0.0 * jnp.mean(inputs["b"], axis=-1)
 
     config = TrainConfig(max_num_epochs=3, learning_rate=0.05, batch_size=4, domain_ratio=0.5,
@@ -92,3 +92,21 @@ def test_inputs_may_be_a_pytree_of_rows():
     assert info["best_error"] == single_info["best_error"]
     with pytest.raises(AnomaxError, match=r"every input array needs one row per target \(13\)"):
         train(error, START, {"a": INPUTS, "b": INPUTS[:5]}, TARGETS, config, progress=False)
+
+
+def test_the_error_draws_from_its_own_key_the_same_for_each_seed():
+    """error_fn's key: the same draws for the same seed, others for another seed."""
+    import jax
+
+    def noisy_error(params, inputs, targets, key):
+        return linear_error(params, inputs, targets + 0.1 * jax.random.normal(key, targets.shape))
+
+    config = TrainConfig(max_num_epochs=2, learning_rate=0.05, batch_size=4, regularization_noise=0.0)
+    first, first_info = train(noisy_error, START, INPUTS, TARGETS, config, progress=False)
+    again, again_info = train(noisy_error, START, INPUTS, TARGETS, config, progress=False)
+    other, _ = train(noisy_error, START, INPUTS, TARGETS, config.replace(seed=1),
+                     progress=False)
+    plain, _ = train(linear_error, START, INPUTS, TARGETS, config, progress=False)
+    np.testing.assert_array_equal(first["w"], again["w"])
+    assert first_info["log"][-1]["error"] == again_info["log"][-1]["error"]
+    assert not np.array_equal(first["w"], other["w"]) and not np.array_equal(first["w"], plain["w"])

@@ -43,6 +43,7 @@ from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.heads._pdn import PDN, AutoEncoder
 from anomax.parallel import data_mesh, data_parallel, replicate
+from anomax.preprocess.params import PreprocessParams, pixel_scale
 from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
@@ -64,7 +65,11 @@ class EfficientADConfig(HeadConfig):
     distill_images: a folder of generic images the teacher also learns from (null: the
     training images only). generic_penalty: weight of the student's penalty on those images,
     the mean of its squared teacher-channel outputs there (EfficientAD's L_ST = L_hard + L_P;
-    0: off; nothing without distill_images). holdout: fraction of the training images kept back for the map
+    0: off; nothing without distill_images). ae_jitter: EfficientAD's augmentation of the global branch:
+    each step the autoencoder and the student's extra channels see every training image with its
+    brightness, contrast or saturation (one at random) scaled by a factor in [1 - ae_jitter,
+    1 + ae_jitter], and the autoencoder regresses the teacher's output on that image (0: off, the
+    unchanged image). holdout: fraction of the training images kept back for the map
     quantiles when the model has no validation split. border: patch-grid cells at each edge of
     the local and global maps set to 0: the PDN's zero padding makes its edge outputs unreliable
     (the paper's unpadded PDN gives none there and zero-pads its maps)."""
@@ -78,6 +83,7 @@ class EfficientADConfig(HeadConfig):
     distill_learning_rate: float = setting(0.002, gt=0)
     distill_images: str | None = None
     generic_penalty: float = setting(1.0, ge=0)
+    ae_jitter: float = setting(0.2, ge=0, lt=1)
     holdout: float = setting(0.1, gt=0, lt=1)
     border: int = setting(1, ge=0)
 
@@ -139,6 +145,26 @@ def normalise(maps: jax.Array, quantiles: jax.Array) -> jax.Array:
     """Affine: quantiles[0] -> 0, quantiles[1] -> 0.1."""
     low, high = quantiles[0], quantiles[1]
     return 0.1 * (maps - low) / jnp.maximum(high - low, 1e-12)
+
+
+def colour_jitter(key: jax.Array, images: jax.Array, strength: float, scale=1.0, offset=0.0) -> jax.Array:
+    """EfficientAD's autoencoder augmentation of model inputs (B, H, W, C) whose pixels are
+    ``(images - offset) / scale`` in [0, 1] (anomax.preprocess.params.pixel_scale): per image one
+    of brightness, contrast or saturation (torchvision's ColorJitter definitions) with a factor
+    drawn from [1 - strength, 1 + strength], on the pixels clipped to [0, 1]. Grayscale: the luma
+    of RGB, the channel mean otherwise (one channel: saturation changes nothing)."""
+    kind_key, factor_key = jax.random.split(key)
+    batch = images.shape[0]
+    kind = jax.random.randint(kind_key, (batch, 1, 1, 1), 0, 3)
+    factor = jax.random.uniform(factor_key, (batch, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    pixels = (images - offset) / scale
+    if pixels.shape[-1] == 3:
+        gray = jnp.sum(pixels * jnp.asarray([0.299, 0.587, 0.114], pixels.dtype), axis=-1, keepdims=True)
+    else:
+        gray = jnp.mean(pixels, axis=-1, keepdims=True)
+    towards = jnp.where(kind == 1, jnp.mean(gray, axis=(1, 2, 3), keepdims=True), gray)  # contrast | saturation
+    blended = jnp.where(kind == 0, factor * pixels, factor * pixels + (1 - factor) * towards)
+    return jnp.clip(blended, 0.0, 1.0) * scale + offset
 
 
 # ---- the head -------------------------------------------------------------------------------
@@ -238,21 +264,27 @@ class EfficientAD(Head):
 
     # ---- fit ----------------------------------------------------------------------------
     def fit_inputs(self, model) -> dict[str, Any]:
-        """The generic images of ``distill_images`` through the model's preprocessing and backbone."""
+        """The model's preprocessing (the colour jitter works on pixels) and the generic images of
+        ``distill_images`` through its preprocessing and backbone."""
         folder = self.config.distill_images
-        return {"distill": distillation_batches(model, folder)} if folder else {}
+        return {"preprocess": model.preprocess, **({"distill": distillation_batches(model, folder)} if folder else {})}
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None,
             validation: Iterable[Mapping[str, Any]] | None = None,
-            distill: Iterable[Mapping[str, Any]] | None = None, progress: bool = False) -> dict[str, Any]:
+            distill: Iterable[Mapping[str, Any]] | None = None, preprocess: PreprocessParams | None = None,
+            progress: bool = False) -> dict[str, Any]:
         """Distil the teacher, train student and autoencoder (``train``: HALCON's parameters),
         then take the map quantiles on ``validation`` (good images) or, without it, on a
         held-out part of the training images. ``distill``: extra batches {'image', 'features'}
-        of generic images (the model reads ``distill_images`` into them) for the teacher only."""
+        of generic images (the model reads ``distill_images`` into them) for the teacher only.
+        ``preprocess``: how the images were made (PreprocessParams), needed by the colour jitter."""
         config, train = self.config, train or TrainConfig()
         if config.distill_images and distill is None:
             raise ConfigError(f"model.head.distill_images = {config.distill_images!r} but fit() got no distillation "
                               "batches: pass distill=distillation_batches(model, folder) (AnomalyModel.fit does)")
+        if config.ae_jitter and preprocess is None:
+            raise ConfigError(f"model.head.ae_jitter = {config.ae_jitter} jitters pixels, but fit() got no preprocess: "
+                              "pass preprocess=<the images' PreprocessParams> (AnomalyModel.fit does) or set ae_jitter=0")
         images, features = self.in_memory(batches, "the training split", progress)
         height, width = images.shape[1:3]
         stride = height // features.shape[1]
@@ -291,14 +323,23 @@ class EfficientAD(Head):
             order = np.random.default_rng(train.seed).permutation(len(generic))
             inputs["generic"] = generic[np.resize(order, len(images))]
 
-        def error_fn(params, inputs, targets):
+        jitter, teacher = config.ae_jitter, self._teacher.params(state)
+        scale, offset = pixel_scale(preprocess) if jitter else (1.0, 0.0)
+
+        def error_fn(params, inputs, targets, key):
             inputs, targets = data_parallel((inputs, targets))  # several processes: split each batch
             images, dim = inputs["image"], targets.shape[-1]
             student = self._student.apply(params["student"], images)
-            autoencoder = self._ae.apply(params["autoencoder"], images)
             hard = hard_feature_errors(jnp.square(targets - student[..., :dim]), q)
-            reconstruction = jnp.mean(jnp.square(targets - autoencoder), axis=-1)
-            imitation = jnp.mean(jnp.square(autoencoder - student[..., dim:]), axis=-1)
+            if jitter:  # the global branch learns on a jittered copy, against the teacher's output on it
+                seen = colour_jitter(key, images, jitter, scale, offset)
+                seen_targets = (self._teacher.apply(teacher, seen) - state["teacher_mean"]) / state["teacher_std"]
+                student_global = self._student.apply(params["student"], seen)[..., dim:]
+            else:
+                seen, seen_targets, student_global = images, targets, student[..., dim:]
+            autoencoder = self._ae.apply(params["autoencoder"], seen)
+            reconstruction = jnp.mean(jnp.square(seen_targets - autoencoder), axis=-1)
+            imitation = jnp.mean(jnp.square(autoencoder - student_global), axis=-1)
             errors = hard + reconstruction + imitation
             if penalty:  # per position, so that the mean over positions is L_P
                 on_generic = self._student.apply(params["student"], inputs["generic"])[..., :dim]
@@ -315,7 +356,7 @@ class EfficientAD(Head):
         self._state = state
         self.calibrate(val_images, train.batch_size)
         return {**info, "distillation": distill_info, "quantiles_from": quantile_source,
-                "num_train_images": len(images), "generic_penalty": penalty}
+                "num_train_images": len(images), "generic_penalty": penalty, "ae_jitter": jitter}
 
     def calibrate(self, images: np.ndarray, batch_size: int = 8) -> None:
         """Set the map quantiles from good images (B, H, W, C), preprocessed: EfficientAD's
@@ -342,7 +383,7 @@ class EfficientAD(Head):
         std = np.maximum(features.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
         targets = (features - mean) / std
 
-        def error_fn(params, images, targets):
+        def error_fn(params, images, targets, key):
             images, targets = data_parallel((images, targets))  # several processes: split each batch
             return jnp.mean(jnp.square(self._teacher.apply(params, images) - targets), axis=-1)
 

@@ -98,7 +98,7 @@ class StudentHead(Head):
         _, params = nnx.split(StudentNet(images.shape[-1], features.shape[-1], self.config.complexity,
                                          self.config.stride, rngs=nnx.Rngs(train.seed)))
 
-        def error_fn(params, images, targets):
+        def error_fn(params, images, targets, key):
             images, targets = data_parallel((images, targets))  # several processes: split each batch
             return regression_error(nnx.merge(self._graphdef, params)(images), targets)
 

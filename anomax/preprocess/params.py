@@ -77,6 +77,16 @@ def preprocess_image(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
     return normalized.astype(np.float32)
 
 
+def pixel_scale(params: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset), float32 per channel (or one for all): a model input is ``pixels * scale +
+    offset`` with the pixels in [0, 1], as resized (the per-image stretches: as stretched), so that
+    augmentations defined on pixels (efficientad's colour jitter) can work on model inputs."""
+    if params.normalization_type == "constant_values":
+        mean, std = np.asarray(params.mean, np.float32), np.asarray(params.std, np.float32)
+        return 1.0 / std, -mean / std
+    return np.float32(params.range_max - params.range_min), np.float32(params.range_min)
+
+
 def preprocess_mask(params: PreprocessParams, mask: np.ndarray) -> np.ndarray:
     """Ground-truth mask (H, W), nonzero = defect → uint8 {0, 1} (height, width), nearest resize."""
     mask = np.asarray(mask)
