@@ -1,11 +1,13 @@
 """Training speed of the efficientad head before and after the im2col/quantile change, in one process.
 
-    python experiments/efficientad_speed.py D N B [before,conv only,after]
+    python experiments/efficientad_speed.py D N B [before,conv only,after,after+jitter]
 
 EfficientAD.fit on ELPV-sized random inputs: N images 256 x 256 x 3, stride-8 teacher targets
 32 x 32 x D, batch B, 2 distillation + 2 student/autoencoder epochs; prints ms per step of each
 phase's second epoch (compilation excluded). "before" swaps in the code of commit 3f501a5
 (convolution patches from lax.conv_general_dilated_patches, hard-feature quantile from a top-k).
+"after+jitter" is "after" with the autoencoder's colour jitter on (ae_jitter=0.2): the teacher and
+the student run once more per step, on the jittered copy.
 """
 import math
 import sys
@@ -16,6 +18,7 @@ import numpy as np
 
 from anomax.heads import _pdn, efficientad
 from anomax.heads.efficientad import EfficientAD
+from anomax.preprocess.params import create_dl_preprocess_param
 from anomax.training import TrainConfig
 
 
@@ -39,8 +42,8 @@ def old_quantile(values, q):  # anomax/heads/efficientad.py at 3f501a5
 
 
 new_conv, new_quantile = _pdn.Conv.__call__, efficientad.quantile
-VARIANTS = {"before": (old_conv, old_quantile), "conv only": (new_conv, old_quantile),
-            "after": (new_conv, new_quantile)}
+VARIANTS = {"before": (old_conv, old_quantile, 0.0), "conv only": (new_conv, old_quantile, 0.0),
+            "after": (new_conv, new_quantile, 0.0), "after+jitter": (new_conv, new_quantile, 0.2)}
 
 D, N, B = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 names = sys.argv[4].split(",") if len(sys.argv) > 4 else list(VARIANTS)
@@ -50,10 +53,11 @@ features = rng.normal(size=(N, 32, 32, D)).astype(np.float32)
 batches = [{"image": images[i:i + 8], "features": features[i:i + 8]} for i in range(0, N, 8)]
 train = TrainConfig(max_num_epochs=2, batch_size=B, error_threshold=0.0)
 for name in names:
-    _pdn.Conv.__call__, efficientad.quantile = VARIANTS[name]
-    head = EfficientAD(EfficientAD.Config(width=16, ae_width=16, distill_epochs=2))
+    _pdn.Conv.__call__, efficientad.quantile, jitter = VARIANTS[name]
+    head = EfficientAD(EfficientAD.Config(width=16, ae_width=16, distill_epochs=2, ae_jitter=jitter))
     t = time.perf_counter()
-    info = head.fit(batches, train=train, validation=[{"image": images[:8]}])
+    info = head.fit(batches, train=train, validation=[{"image": images[:8]}],
+                    preprocess=create_dl_preprocess_param(width=256, height=256))
     steps = -(-N // B)
     d, s = info["distillation"]["log"][-1]["seconds"], info["log"][-1]["seconds"]
     compile_s = info["distillation"]["compile_seconds"], info["compile_seconds"]

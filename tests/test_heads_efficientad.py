@@ -137,6 +137,22 @@ def test_colour_jitter_is_brightness_contrast_or_saturation_in_pixel_space():
     assert np.array_equal(changed, np.asarray(kinds) != 2)
 
 
+def test_colour_jitter_changes_only_what_the_global_branch_learns_from(trained):
+    """ae_jitter > 0: the same teacher (distillation does not see the jitter), another student and
+    autoencoder, the same seed giving the same result."""
+    head, info = trained
+    jittered = [EfficientAD(**HEAD, ae_jitter=0.2) for _ in range(2)]
+    infos = [j.fit(batches(IMAGES), train=TRAIN, preprocess=MODEL.preprocess) for j in jittered]
+    assert info["ae_jitter"] == 0.0 and infos[0]["ae_jitter"] == 0.2
+    assert [e["error"] for e in infos[0]["log"]] == [e["error"] for e in infos[1]["log"]]
+    for key in head.state:
+        if key.startswith("teacher"):
+            np.testing.assert_array_equal(jittered[0].state[key], head.state[key])
+        if key.startswith("autoencoder"):
+            np.testing.assert_array_equal(jittered[0].state[key], jittered[1].state[key])
+    assert any(not np.array_equal(jittered[0].state[k], head.state[k]) for k in head.state if k.startswith("autoencoder"))
+
+
 def test_fit_reports_halcon_results_and_both_phases(trained):
     head, info = trained
     errors = [entry["error"] for entry in info["log"]]
@@ -247,4 +263,4 @@ def test_registry_and_bad_settings():
     with pytest.raises(InputError, match="times smaller"):
         EfficientAD(**HEAD).fit(bad, train=TRAIN, preprocess=MODEL.preprocess)
     with pytest.raises(ConfigError, match="ae_jitter"):  # the jitter works on pixels: it needs the preprocessing
-        EfficientAD(**HEAD).fit(batches(IMAGES), train=TRAIN)
+        EfficientAD(**HEAD, ae_jitter=0.2).fit(batches(IMAGES), train=TRAIN)

@@ -83,7 +83,7 @@ class EfficientADConfig(HeadConfig):
     distill_learning_rate: float = setting(0.002, gt=0)
     distill_images: str | None = None
     generic_penalty: float = setting(1.0, ge=0)
-    ae_jitter: float = setting(0.2, ge=0, lt=1)
+    ae_jitter: float = setting(0.0, ge=0, lt=1)
     holdout: float = setting(0.1, gt=0, lt=1)
     border: int = setting(1, ge=0)
 
