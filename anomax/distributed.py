@@ -103,7 +103,9 @@ def check_model(model) -> None:
     MULTI_PROCESS_HEADS, tiling, and a score ensemble."""
     if not is_multi_process():
         return
-    if not hasattr(model, "head"):
+    from anomax.ensemble import ScoreEnsemble  # here: the ensemble's modules import this one
+
+    if isinstance(model, ScoreEnsemble):
         raise ConfigError("a score ensemble (ensemble.members) does not run on several processes yet; "
                           "use ensemble=off or distributed=off")
     if model.head.name not in MULTI_PROCESS_HEADS:

@@ -350,3 +350,28 @@ def test_back_to_back_collective_programs_finish():
                 proc.kill()
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0 and "ok" in output, output[-3000:]
+
+
+def test_check_model_refuses_an_ensemble_a_single_process_head_and_tiling(monkeypatch):
+    """Across processes, what does not run there yet is refused before any work, by name."""
+    import dataclasses
+
+    import tiny_models
+    from anomax import distributed
+    from anomax.ensemble import ScoreEnsemble
+
+    model = tiny_models.fitted_model("resnet18", "padim", {}, {}, size=32)
+    distributed.check_model(ScoreEnsemble([model, model]))  # one process: nothing to refuse
+    monkeypatch.setattr(distributed, "is_multi_process", lambda: True)
+    distributed.check_model(model)
+    with pytest.raises(ConfigError, match="score ensemble"):
+        distributed.check_model(ScoreEnsemble([model, model]))
+    monkeypatch.setattr(distributed, "MULTI_PROCESS_HEADS", ("patchcore",))
+    with pytest.raises(ConfigError, match="'padim' does not run on several processes"):
+        distributed.check_model(model)
+    monkeypatch.undo()
+    monkeypatch.setattr(distributed, "is_multi_process", lambda: True)
+    tiled = dataclasses.replace(model.tiling, tile_size=16)
+    model.tiling = tiled
+    with pytest.raises(ConfigError, match="tiling"):
+        distributed.check_model(model)
