@@ -366,12 +366,9 @@ def test_check_model_refuses_an_ensemble_a_single_process_head_and_tiling(monkey
     distributed.check_model(model)
     with pytest.raises(ConfigError, match="score ensemble"):
         distributed.check_model(ScoreEnsemble([model, model]))
+    model.tiling = dataclasses.replace(model.tiling, tile_size=16)
+    with pytest.raises(ConfigError, match="tiling"):
+        distributed.check_model(model)
     monkeypatch.setattr(distributed, "MULTI_PROCESS_HEADS", ("patchcore",))
     with pytest.raises(ConfigError, match="'padim' does not run on several processes"):
-        distributed.check_model(model)
-    monkeypatch.undo()
-    monkeypatch.setattr(distributed, "is_multi_process", lambda: True)
-    tiled = dataclasses.replace(model.tiling, tile_size=16)
-    model.tiling = tiled
-    with pytest.raises(ConfigError, match="tiling"):
         distributed.check_model(model)

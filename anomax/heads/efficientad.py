@@ -232,10 +232,14 @@ class EfficientAD(Head):
         return head
 
     # ---- maps ---------------------------------------------------------------------------
+    def _teacher_output(self, state: Mapping[str, Any], images: jax.Array) -> jax.Array:
+        """The teacher's (B, h, w, D) output, standardised with its training images' statistics."""
+        teacher = self._teacher.apply(self._teacher.params(state), images)
+        return (teacher - state["teacher_mean"]) / state["teacher_std"]
+
     def _raw_maps(self, state: Mapping[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unnormalised (B, h, w) local and global maps."""
-        teacher = self._teacher.apply(self._teacher.params(state), images)
-        teacher = (teacher - state["teacher_mean"]) / state["teacher_std"]
+        teacher = self._teacher_output(state, images)
         student = self._student.apply(self._student.params(state), images)
         autoencoder = self._ae.apply(self._ae.params(state), images)
         dim = teacher.shape[-1]
@@ -323,7 +327,7 @@ class EfficientAD(Head):
             order = np.random.default_rng(train.seed).permutation(len(generic))
             inputs["generic"] = generic[np.resize(order, len(images))]
 
-        jitter, teacher = config.ae_jitter, self._teacher.params(state)
+        jitter = config.ae_jitter
         scale, offset = pixel_scale(preprocess) if jitter else (1.0, 0.0)
 
         def error_fn(params, inputs, targets, key):
@@ -333,7 +337,7 @@ class EfficientAD(Head):
             hard = hard_feature_errors(jnp.square(targets - student[..., :dim]), q)
             if jitter:  # the global branch learns on a jittered copy, against the teacher's output on it
                 seen = colour_jitter(key, images, jitter, scale, offset)
-                seen_targets = (self._teacher.apply(teacher, seen) - state["teacher_mean"]) / state["teacher_std"]
+                seen_targets = self._teacher_output(state, seen)
                 student_global = self._student.apply(params["student"], seen)[..., dim:]
             else:
                 seen, seen_targets, student_global = images, targets, student[..., dim:]
