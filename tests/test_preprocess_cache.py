@@ -86,6 +86,22 @@ def test_cache_round_trip_and_reuse(dataset, tmp_path, monkeypatch):
     assert "tensorflow" not in sys.modules  # TFDS writes and reads the cache without TensorFlow
 
 
+def test_a_split_larger_than_the_tfds_write_buffer_is_stored_in_parts(dataset, tmp_path, monkeypatch):
+    """TFDS spills a split larger than its in-memory buffer to files through TensorFlow (not installed)."""
+    from tensorflow_datasets.core import shuffle as tfds_shuffle
+
+    record_bytes = PARAMS.height * PARAMS.width * (4 * PARAMS.num_channels + 1)
+    monkeypatch.setattr(tfds_shuffle, "MAX_MEM_BUFFER_SIZE", 5 * record_bytes)  # buffer of 5: parts of 2
+    cached = stacked(list(iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path, progress="score")))
+    assert cache.part_names(5, PARAMS) == ["part0", "part1", "part2"]
+    np.testing.assert_array_equal(cached["index"][:5], np.arange(5))
+    np.testing.assert_array_equal(cached["image"][:5], direct(dataset, "test", PARAMS)[0])
+    assert "tensorflow" not in sys.modules
+    huge = create_dl_preprocess_param(**(PARAMS.to_dict() | {"width": 64}))
+    with pytest.raises(ConfigError, match="64 x 12 x 3 makes .* MiB per image"):
+        iterate_batches(dataset, "test", huge, 2, cache_dir=tmp_path)
+
+
 def test_changed_params_or_files_make_a_new_cache(dataset, tmp_path):
     iterate_batches(dataset, "train", PARAMS, 2, cache_dir=tmp_path)
     wider = create_dl_preprocess_param(**(PARAMS.to_dict() | {"width": 20}))

@@ -7,6 +7,10 @@ interrupted write never reads as a cache; one process builds a cache at a time (
 the ``incomplete.*`` folders a killed build left behind are removed. TensorFlow is not needed:
 TFDS encodes the features itself and ``as_data_source`` reads array_record files with random
 access. TFDS's console notes go to the ``anomax`` log at DEBUG.
+
+The samples are stored as TFDS splits ``part0``, ``part1``, ... of at most half TFDS's in-memory
+write buffer each, read back as one: TFDS holds a split in memory until it is written and spills a
+larger one to temporary files through TensorFlow, which anomax does not install.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import log_conversions, read_pair
@@ -33,7 +38,7 @@ from anomax.errors import ConfigError, DatasetError
 from anomax.files import sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
-CACHE_LAYOUT_VERSION = 1  # bump when the stored features change, so old caches are not reused
+CACHE_LAYOUT_VERSION = 2  # bump when the stored features or splits change, so old caches are not reused
 READ_THREADS = max(1, min(8, os.cpu_count() or 1))
 INCOMPLETE_PREFIX = "incomplete."  # TFDS's name for a folder it is still writing
 
@@ -69,16 +74,21 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
-        return {"data": self._generate_examples()}
-
-    def _generate_examples(self):
         from tqdm.auto import tqdm
 
-        records = self._records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
         # TFDS's own bars are off (they print "Downloading and preparing"); this one says what happens.
-        for record in tqdm(records, desc=self.progress, unit="image", total=len(self._records),
-                           disable=self.progress is None):
+        bar = tqdm(desc=self.progress, unit="image", total=len(self._records), disable=self.progress is None)
+        per_part = records_per_part(self._params)
+        return {name: self._generate_examples(self._records[start:start + per_part], bar)
+                for name, start in zip(part_names(len(self._records), self._params),
+                                       range(0, len(self._records), per_part))}
+
+    def _generate_examples(self, records: grain.MapDataset, bar):
+        for record in records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)):
+            bar.update()
             yield int(record["index"]), record
+        if bar.n == bar.total:
+            bar.close()
 
     # TFDS prints these two notes to stdout; they are no business of the user's console
     def _log_download_bytes(self) -> None:
@@ -86,6 +96,24 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
 
     def _log_download_done(self) -> None:
         log.debug("tfds: dataset prepared in %s", self.data_dir)
+
+
+def records_per_part(params: PreprocessParams) -> int:
+    """How many samples one stored split holds: at most half of TFDS's in-memory write buffer."""
+    record_bytes = params.height * params.width * (4 * params.num_channels + 1)  # float32 image + uint8 mask
+    buffer_bytes = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+    if record_bytes > buffer_bytes // 2:
+        raise ConfigError(
+            f"preprocess {params.width} x {params.height} x {params.num_channels} makes "
+            f"{record_bytes / 2**20:.0f} MiB per image, more than the cache can write in one piece "
+            f"({buffer_bytes // 2 / 2**20:.0f} MiB); use a smaller preprocess size or tiling"
+        )
+    return buffer_bytes // 2 // record_bytes
+
+
+def part_names(num_records: int, params: PreprocessParams) -> list[str]:
+    """The stored splits that hold ``num_records`` samples, in sample order."""
+    return [f"part{i}" for i in range(max(1, math.ceil(num_records / records_per_part(params))))]
 
 
 def cache_path(dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path) -> Path:
@@ -130,7 +158,8 @@ def iterate_batches(
         records = _preprocessed_records(dataset.samples_of(split), params)
     else:
         builder = _prepared_builder(dataset, split, params, cache_dir, source, show_progress=progress is not None)
-        records = grain.MapDataset.source(builder.as_data_source(split="data"))
+        parts = part_names(len(dataset.samples_of(split)), params)
+        records = grain.MapDataset.source(builder.as_data_source(split="+".join(parts)))
     return Batches(records, batch_size, shuffle, seed, progress, source)
 
 
