@@ -79,9 +79,14 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
         # TFDS's own bars are off (they print "Downloading and preparing"); this one says what happens.
         bar = tqdm(desc=self.progress, unit="image", total=len(self._records), disable=self.progress is None)
         per_part = records_per_part(self._params)
-        return {name: self._generate_examples(self._records[start:start + per_part], bar)
-                for name, start in zip(part_names(len(self._records), self._params),
-                                       range(0, len(self._records), per_part))}
+        starts = range(0, len(self._records), per_part)
+        return {f"part{i}": self._generate_examples(self._records[start:start + per_part], bar)
+                for i, start in enumerate(starts)}
+
+    def as_one_source(self):
+        """All the stored parts as one random-access source, in sample order."""
+        parts = sorted(self.info.splits, key=lambda name: int(name.removeprefix("part")))
+        return self.as_data_source(split="+".join(parts))
 
     def _generate_examples(self, records: grain.MapDataset, bar):
         for record in records.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)):
@@ -109,11 +114,6 @@ def records_per_part(params: PreprocessParams) -> int:
             f"({buffer_bytes // 2 / 2**20:.0f} MiB); use a smaller preprocess size or tiling"
         )
     return buffer_bytes // 2 // record_bytes
-
-
-def part_names(num_records: int, params: PreprocessParams) -> list[str]:
-    """The stored splits that hold ``num_records`` samples, in sample order."""
-    return [f"part{i}" for i in range(max(1, math.ceil(num_records / records_per_part(params))))]
 
 
 def cache_path(dataset: DLDataset, split: str | None, params: PreprocessParams, cache_dir: str | Path) -> Path:
@@ -158,8 +158,7 @@ def iterate_batches(
         records = _preprocessed_records(dataset.samples_of(split), params)
     else:
         builder = _prepared_builder(dataset, split, params, cache_dir, source, show_progress=progress is not None)
-        parts = part_names(len(dataset.samples_of(split)), params)
-        records = grain.MapDataset.source(builder.as_data_source(split="+".join(parts)))
+        records = grain.MapDataset.source(builder.as_one_source())
     return Batches(records, batch_size, shuffle, seed, progress, source)
 
 
