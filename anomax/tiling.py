@@ -435,6 +435,8 @@ def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
     for sample, other in zip(dataset.samples_of(split), grids):
         PerPositionHeads(proto, {}, grid).check_grid(other, sample.image_file_name)
     infos, fitted = [], []
+    # read once for all cells (e.g. efficientad's generic images, each put through the backbone)
+    inputs = {key: list(value) if isinstance(value, Iterator) else value for key, value in proto.fit_inputs(model).items()}
     with tempfile.TemporaryDirectory(prefix="anomax-tiles-") as folder:  # the tiles, on disk, not in memory
         tiles = _cell_major_tiles(model, dataset, split, grid, folder)
         held_out = validation and _cell_major_tiles(model, *validation, grid, folder)
@@ -442,7 +444,7 @@ def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
             head = _fresh(proto)
             infos.append(head.fit(_cell_feature_batches(model, tiles, cell), train=train, progress=False,
                                   validation=None if held_out is None else _cell_feature_batches(model, held_out, cell),
-                                  **head.fit_inputs(model)))
+                                  **inputs))
             fitted.append(head)
         del tiles, held_out  # the memory maps close before their folder goes
     model.head = PerPositionHeads.of(fitted, grid)

@@ -191,6 +191,22 @@ def test_validation_images_set_the_quantiles_and_distillation_images_teach_the_t
         list(distillation_batches(MODEL, str(tmp_path / "missing")))
 
 
+def test_generic_images_skip_the_region_of_interest_and_come_at_the_tile_size(tmp_path):
+    from anomax.tiling import TilingConfig
+
+    photos = np.random.default_rng(4).integers(0, 256, (2, 20, 24, 3), np.uint8)
+    for index, image in enumerate(photos):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    model = build_model()
+    # the parts' region of interest lies outside these photos: it is not theirs to crop to
+    model.preprocess = model.preprocess.replace(domain_handling="crop_domain", domain=(0, 0, 39, 59))
+    (batch,) = distillation_batches(model, str(tmp_path))
+    np.testing.assert_array_equal(batch["image"][:2], [preprocess_image(MODEL.preprocess, p) for p in photos])
+    model.tiling = TilingConfig(tile_size=64)  # tiled, the teacher learns from 64 x 64 tiles
+    (batch,) = distillation_batches(model, str(tmp_path))
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["features"].shape[1:3] == (8, 8)
+
+
 def test_generic_penalty_pushes_the_student_to_zero_on_generic_images(tmp_path):
     """EfficientAD's L_P: with generic images, the student's teacher channels learn to output 0 there."""
     generic = np.random.default_rng(5).integers(0, 256, (8, SIZE, SIZE, 3), np.uint8)

@@ -196,15 +196,31 @@ def test_per_position_keeps_one_head_per_grid_cell(per_position, dataset):
 
 
 @pytest.mark.parametrize("head_name", ["student", pytest.param("efficientad", marks=pytest.mark.slow)])
-def test_trained_heads_work_per_position(head_name, dataset):
-    """Each cell's head scores its tiles with its own slice of the stacked state (vmapped)."""
+def test_trained_heads_work_per_position(head_name, dataset, tmp_path, monkeypatch):
+    """Each cell's head scores its tiles with its own slice of the stacked state (vmapped);
+    efficientad's generic images are read and put through the backbone once, not once per cell."""
     import dataclasses
 
-    model = build(head_name, TilingConfig(tile_size=TILE, stride=32, mode="per_position"))
+    import anomax.heads.efficientad as efficientad
+
+    reads, original = [], efficientad.distillation_batches
+
+    def counted(model, folder):
+        reads.append(folder)
+        yield from original(model, folder)
+
+    monkeypatch.setattr(efficientad, "distillation_batches", counted)
+    for index, image in enumerate(np.random.default_rng(2).integers(0, 256, (3, 40, 40, 3), np.uint8)):
+        _write(tmp_path / f"{index}.png", image)
+    head = {"distill_images": str(tmp_path)} if head_name == "efficientad" else {}
+    model = build(head_name, TilingConfig(tile_size=TILE, stride=32, mode="per_position"), **head)
     held_out = [dataclasses.replace(s, split="validation") if s.split == "test" and s.anomaly_label == "ok" else s
                 for s in dataset.samples]  # the good test images: efficientad's validation
     info = model.fit(dataclasses.replace(dataset, samples=held_out), train=TRAIN, progress=False)
     assert len(info["cells"]) == 9 and isinstance(model.head, PerPositionHeads)  # rows 0, 32, 48; cols 0, 32, 64
+    assert len(reads) == (head_name == "efficientad")
+    if head_name == "efficientad":
+        assert all(cell["distillation"]["num_images"] == 4 + 3 for cell in info["cells"])
     (result,) = model.apply(images_of(dataset)[-1:])
     assert result["anomaly_image"].shape == (HEIGHT, WIDTH) and np.isfinite(result["anomaly_image"]).all()
 

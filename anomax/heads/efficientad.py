@@ -404,8 +404,10 @@ class EfficientAD(Head):
 def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
     """Batches {'image', 'features', 'valid'} of the images under ``folder`` (recursively), put
     through ``model``'s preprocessing, backbone and adaptor: what ``fit(distill=...)`` takes for
-    the head config's ``distill_images``. Several processes: each reads its own part of the files,
-    in batches of ``batch_size // process_count``, and all yield the same number of batches."""
+    the head config's ``distill_images``. The generic images are not the part, so the region of
+    interest is not applied to them; with tiling the teacher learns from tiles, so they come at
+    the tile size. Several processes: each reads its own part of the files, in batches of
+    ``batch_size // process_count``, and all yield the same number of batches."""
     from anomax.data.images import IMAGE_SUFFIXES, list_files, read_image
     from anomax.preprocess.params import preprocess_image
 
@@ -413,14 +415,17 @@ def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
     if not files:
         raise ConfigError(f"model.head.distill_images = {folder!r}: no images found there; point it to a folder "
                           f"of images ({', '.join(sorted(IMAGE_SUFFIXES))}) or set it to null")
+    preprocess = model.preprocess.replace(domain_handling="full_domain", domain=None)
+    if model.tiling.enabled:
+        preprocess = preprocess.replace(width=model.tiling.tile_size, height=model.tiling.tile_size)
     params = (model.backbone.params, model.adaptor_params)
     size, mine = model.batch_size // jax.process_count(), files[part(len(files))]
     count = -(-(-(-len(files) // jax.process_count())) // size)  # batches of the largest part
-    blank = np.zeros((1, model.preprocess.height, model.preprocess.width, model.preprocess.num_channels), np.float32)
+    blank = np.zeros((1, preprocess.height, preprocess.width, preprocess.num_channels), np.float32)
     for start in range(0, count * size, size):
         names = mine[start:start + size]
         # blank: this process's part has run out, the batch is padding only
-        chunk = np.stack([preprocess_image(model.preprocess, read_image(f)) for f in names]) if names else blank
+        chunk = np.stack([preprocess_image(preprocess, read_image(f)) for f in names]) if names else blank
         valid = np.arange(size) < len(names)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
         yield {"image": padded, "features": np.asarray(model._features(*params, padded)), "valid": valid}
