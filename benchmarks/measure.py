@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anomax.apps.config import compose_train_config
+
 
 def timed(call: Callable[[], object], repeats: int, warmups: int = 2) -> dict[str, float]:
     """{'first_s', 'median_s', 'spread_s'} of a call that blocks until its result is ready; the
@@ -220,7 +222,7 @@ def lever(overrides: tuple[str, ...] = (), dataset: str = "elpv_mono", repeats: 
     from anomax.pipeline import build_model, read_configured_dataset, validate_config
     from benchmarks.apply import measure_apply
 
-    cfg = _compose([f"dataset={dataset}", "cache_dir=null", *overrides])
+    cfg = compose_train_config([f"dataset={dataset}", "cache_dir=null", *overrides])
     settings = validate_config(cfg)
     model = build_model(cfg)
     data = read_configured_dataset(cfg["dataset"], settings.split, settings.run.seed)
@@ -253,7 +255,7 @@ def tiling(head: str = "patchcore", images: int = 50, test_images: int = 20, wid
     overrides = [f"model/head={head}", "model.backbone.pretrained=null", "tiling=default",
                  f"tiling.tile_size={tile_size}", f"tiling.stride={stride}", f"tiling.mode={mode}",
                  f"batch_size={batch}", "cache_dir=null", *(f"model.head.{k}={v}" for k, v in hyperparams.items())]
-    model = build_model(_compose(overrides))
+    model = build_model(compose_train_config(overrides))
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
     began = time.perf_counter()
     info = model.fit(dataset, "train", progress=False)
@@ -292,17 +294,10 @@ def _write_large_images(root: Path, images: int, test_images: int, width: int, h
 
 def _config(head: str, size: int, batch: int, width_multiplier: float, hyperparams: dict) -> dict:
     """The composed config of conf/ for MobileNetV2 (random init) + `head` at size x size."""
-    return _compose([f"model/head={head}", "model.backbone.pretrained=null",
+    return compose_train_config([f"model/head={head}", "model.backbone.pretrained=null",
                      f"model.backbone.width_multiplier={width_multiplier}", f"preprocess.width={size}",
                      f"preprocess.height={size}", f"batch_size={batch}", "cache_dir=null", "train.max_num_epochs=2",
                      *(f"model.head.{k}={v}" for k, v in hyperparams.items())])
-
-
-def _compose(overrides: list[str]) -> dict:
-    """conf/anomax_train.yaml with these overrides, composed and resolved as anomax-train does."""
-    from anomax.apps.config import compose_train_config
-
-    return compose_train_config(overrides)
 
 
 def _feature_batches(images: int, grid: int, dim: int, batch: int):
