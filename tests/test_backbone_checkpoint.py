@@ -253,6 +253,19 @@ def test_damaged_file_raises_weights_error_naming_it(tmp_path, kind):
             load_state_dict(path)
 
 
+@pytest.mark.parametrize("content", [b"S'\\~'\n.", b"(S'\\~'\nS'x'\nd."])
+def test_a_damaged_string_is_refused_without_python_warnings(tmp_path, content):
+    """pickletools decodes a protocol-0 string's escapes; an invalid one is the file's fault."""
+    import warnings
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError, match=str(path)):
+            load_state_dict(path)
+
+
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello")

@@ -25,6 +25,7 @@ import io
 import math
 import pickle
 import pickletools
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -217,13 +218,15 @@ def _check_pickle(stream: io.BytesIO) -> None:
 def _unpickle(stream: io.BytesIO, persistent_load=None):
     """The next pickle in ``stream``, checked, then loaded with only the allowlisted globals."""
     start = stream.tell()
-    try:
-        _check_pickle(stream)
-    except (IndexError, KeyError):
-        raise _Refused("the pickle uses objects it never made; the file is damaged") from None
-    end = stream.tell()
-    stream.seek(start)
-    result = _RestrictedUnpickler(stream, persistent_load).load()
+    with warnings.catch_warnings():  # bad escapes in a damaged string are the file's fault, not a note for the user
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            _check_pickle(stream)
+        except (IndexError, KeyError):
+            raise _Refused("the pickle uses objects it never made; the file is damaged") from None
+        end = stream.tell()
+        stream.seek(start)
+        result = _RestrictedUnpickler(stream, persistent_load).load()
     stream.seek(end)
     return result
 
