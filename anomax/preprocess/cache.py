@@ -78,7 +78,7 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
 
         # TFDS's own bars are off (they print "Downloading and preparing"); this one says what happens.
         bar = tqdm(desc=self.progress, unit="image", total=len(self._records), disable=self.progress is None)
-        per_part = records_per_part(self._params)
+        per_part = _records_per_part(self._params)
         starts = range(0, len(self._records), per_part)
         return {f"part{i}": self._generate_examples(self._records[start:start + per_part], bar)
                 for i, start in enumerate(starts)}
@@ -103,7 +103,7 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
         log.debug("tfds: dataset prepared in %s", self.data_dir)
 
 
-def records_per_part(params: PreprocessParams) -> int:
+def _records_per_part(params: PreprocessParams) -> int:
     """How many samples one stored split holds: at most half of TFDS's in-memory write buffer."""
     record_bytes = params.height * params.width * (4 * params.num_channels + 1)  # float32 image + uint8 mask
     buffer_bytes = tfds_shuffle.MAX_MEM_BUFFER_SIZE
