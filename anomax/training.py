@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from anomax import parallel
 from anomax.errors import AnomaxError, ConfigError
 from anomax.settings import Settings, setting
 
@@ -123,8 +124,10 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
     with tqdm(range(1, config.max_num_epochs + 1), desc=desc, unit="epoch", disable=not progress) as bar:
         for epoch in bar:
             started = time.perf_counter()
-            params, opt_state, error = run_epoch(params, opt_state, inputs, targets,
-                                                 jax.random.fold_in(base_key, epoch))
+            # settled: reading the error waits for one device's copy only; the next epoch's program
+            # must not start beside this one's collectives (see parallel.jit)
+            params, opt_state, error = parallel.settled(run_epoch(params, opt_state, inputs, targets,
+                                                                  jax.random.fold_in(base_key, epoch)))
             error = float(error)
             log.append({"epoch": epoch, "error": error, "seconds": time.perf_counter() - started})
             bar.set_postfix(error=f"{error:.4g}")

@@ -8,6 +8,7 @@ process 0 writes the outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,7 +39,8 @@ HEADS = {"padim": [], "patchcore": ["model.head.coreset_ratio=0.1", "model.head.
 TRAINED = ("student", "efficientad")  # every process holds the whole fitted state
 
 WORKER = r"""
-import hashlib, json, sys
+import faulthandler, hashlib, json, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # finish() asks for the stacks of a hung worker
 import numpy as np
 from hydra import compose, initialize_config_dir
 from anomax import distributed, pipeline
@@ -53,7 +55,7 @@ overrides += [f"dataset.{key}={value}" for key, value in json.loads(dataset).ite
 if processes > 1:
     overrides += ["distributed=manual", f"distributed.coordinator_address=127.0.0.1:{port}",
                   f"distributed.num_processes={processes}", f"distributed.process_id={process}",
-                  "distributed.heartbeat_timeout_s=10", "distributed.initialization_timeout_s=60"]
+                  "distributed.initialization_timeout_s=60"]  # heartbeats: the default 100 s, for a loaded machine
 register_schemas()
 with initialize_config_dir(conf_dir, version_base="1.3"):
     configs = {head: plain(compose("anomax_train", overrides=overrides + [f"model/head={head}",
@@ -110,13 +112,26 @@ def start(script: list[str], devices: int, log: Path) -> subprocess.Popen:
 
 
 def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
+    """Wait for every worker; those still running ``timeout`` s after the wait began are asked for
+    their Python stacks (SIGUSR1, see WORKER) and killed, and the failure shows every log."""
+    deadline = time.monotonic() + timeout
     try:
         for proc in procs:
-            proc.wait(timeout=timeout)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        hung = [log.name for proc, log in zip(procs, logs) if proc.poll() is None]
+        if hung:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGUSR1)
+            time.sleep(5)  # the stacks reach the logs
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    if hung:
+        pytest.fail(f"{', '.join(hung)} still running after {timeout:.0f} s:\n"
+                    + "\n".join(f"--- {log.name} ---\n{log.read_text()[-6000:]}" for log in logs))
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, f"{log.name} failed ({proc.returncode}):\n{log.read_text()[-4000:]}"
 
@@ -319,15 +334,22 @@ def test_sharded_coreset_takes_the_same_rows_with_ties():
 COLLECTIVE_LOOP = r"""
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
 from anomax import distributed, parallel
 
 process, port = int(sys.argv[1]), sys.argv[2]
 distributed.initialize({"mode": "manual", "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
-                        "process_id": process, "heartbeat_timeout_s": 10, "initialization_timeout_s": 60})
+                        "process_id": process, "initialization_timeout_s": 60})
 mesh = parallel.data_mesh()
 rows = parallel.shard_batch(mesh, np.full((4, 8), process + 1, np.float32))  # 2 rows per device
-total = jax.device_put(np.zeros((8, 8), np.float32), NamedSharding(mesh, PartitionSpec()))
+
+
+def gathered(*args, **kwargs):
+    raise AssertionError("replicate ran jax.device_put's cross-process check: a collective per leaf")
+
+
+multihost_utils.assert_equal = gathered
+total = parallel.replicate(mesh, np.zeros((8, 8), np.float32))
 accumulate = parallel.jit(lambda total, rows: total + rows.T @ rows)  # an all-reduce over 4 devices
 for _ in range(300):  # dispatched back to back: the pattern of PaDiM's moments over batches
     total = accumulate(total, rows)
@@ -338,7 +360,8 @@ print("ok")
 
 def test_back_to_back_collective_programs_finish():
     """XLA's gloo collectives deadlock with several programs in flight on several CPU devices per
-    process (this loop with plain jax.jit hung in 6 runs of 6); parallel.jit runs them one at a time."""
+    process (this loop with plain jax.jit hung in 6 runs of 6); parallel.jit runs them one at a time,
+    and parallel.replicate places host values with no collective at all."""
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVE_LOOP, str(p), str(port)], env=environment(2),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
