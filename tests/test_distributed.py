@@ -100,14 +100,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def environment(devices: int) -> dict[str, str]:
+def environment(devices: int, worker: str) -> dict[str, str]:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_NUM_CPU_DEVICES", None)
+    # Each concurrent worker its own compilation cache: JAX writes an entry in place, not atomically,
+    # and two processes compiling the same program could read each other's half-written entries.
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"], f"test_distributed_{worker}")
     return env
 
 
 def start(script: list[str], devices: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *script], env=environment(devices), stdout=log.open("w"),
+    return subprocess.Popen([sys.executable, *script], env=environment(devices, log.stem), stdout=log.open("w"),
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -326,7 +330,7 @@ print("ok")
 def test_sharded_coreset_takes_the_same_rows_with_ties():
     """The sharded greedy coreset (one process, 4 devices, padded blocks) picks the same indices as
     the single-device one, ties going to the lowest global index."""
-    done = subprocess.run([sys.executable, "-c", SHARDED_CORESET], env=environment(4), capture_output=True,
+    done = subprocess.run([sys.executable, "-c", SHARDED_CORESET], env=environment(4, "coreset"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
 
@@ -363,7 +367,7 @@ def test_back_to_back_collective_programs_finish():
     process (this loop with plain jax.jit hung in 6 runs of 6); parallel.jit runs them one at a time,
     and parallel.replicate places host values with no collective at all."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVE_LOOP, str(p), str(port)], env=environment(2),
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVE_LOOP, str(p), str(port)], env=environment(2, f"loop_p{p}"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
     try:
         outputs = [proc.communicate(timeout=180)[0] for proc in procs]
