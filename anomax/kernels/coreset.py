@@ -96,7 +96,7 @@ def sharded_greedy_coreset(local_features: np.ndarray, size: int, start: int, me
     the rows of processes 0, 1, ... in order are the bank. The bank is never gathered: each device
     keeps its block, and per step only the newest centre and one candidate per device travel.
     Returns the same indices (size,) as greedy_coreset on the whole bank, on every process."""
-    from anomax.parallel import gather, shard_batch
+    from anomax.parallel import gather, replicate, shard_batch
 
     processes = [device.process_index for device in mesh.devices.flat]
     if processes != sorted(processes):
@@ -118,7 +118,7 @@ def sharded_greedy_coreset(local_features: np.ndarray, size: int, start: int, me
     owner = int(np.searchsorted(offsets, start, side="right") - 1)
     chosen = np.zeros((size,), np.int32)
     chosen[0] = owner * block + start - offsets[owner]
-    chosen = jax.device_put(chosen, jax.sharding.NamedSharding(mesh, P()))
+    chosen = replicate(mesh, chosen)
     per_chunk = max(1, -(-(size - 1) // max(1, chunks)))
     with tqdm(total=size - 1, desc="coreset", unit="step", disable=not progress) as bar:
         for begin in range(1, size, per_chunk):
