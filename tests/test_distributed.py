@@ -123,18 +123,17 @@ def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        hung = [log.name for proc, log in zip(procs, logs) if proc.poll() is None]
+        hung = [(proc, log) for proc, log in zip(procs, logs) if proc.poll() is None]
+        for proc, _ in hung:
+            proc.send_signal(signal.SIGUSR1)
         if hung:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGUSR1)
             time.sleep(5)  # the stacks reach the logs
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     if hung:
-        pytest.fail(f"{', '.join(hung)} still running after {timeout:.0f} s:\n"
+        pytest.fail(f"{', '.join(log.name for _, log in hung)} still running after {timeout:.0f} s:\n"
                     + "\n".join(f"--- {log.name} ---\n{log.read_text()[-6000:]}" for log in logs))
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, f"{log.name} failed ({proc.returncode}):\n{log.read_text()[-4000:]}"
