@@ -50,3 +50,10 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
         report.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert f"cannot write {tmp_path / 'out' / 'report.md'}: Not a directory" in capsys.readouterr().err
+
+
+def test_output_folder_is_created(tmp_path, capsys):
+    finished_run(tmp_path / "sweep" / "0", "padim", 0.9)
+    report.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "new" / "report")])
+    assert (tmp_path / "new" / "report" / "report.md").read_text() == capsys.readouterr().out
+    assert (tmp_path / "new" / "report" / "report.csv").read_text().splitlines()[1] == "padim,0.9000,1.0"

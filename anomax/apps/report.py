@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from anomax.errors import AnomaxError, DatasetError
-from anomax.files import write_text_atomic
+from anomax.files import output_errors, write_text_atomic
 
 log = logging.getLogger("anomax")
 
@@ -92,8 +92,12 @@ def write_tables(out_dir: str | Path, header: list[str], table: list[list[str]])
                           *("| " + " | ".join(row) + " |" for row in table)]) + "\n"
     comma_separated = io.StringIO(newline="")
     csv.writer(comma_separated).writerows([header, *table])
-    write_text_atomic(Path(out_dir) / "report.md", markdown)
-    write_text_atomic(Path(out_dir) / "report.csv", comma_separated.getvalue())
+    out_dir = Path(out_dir)
+    if not out_dir.exists():  # --out may name a new folder
+        with output_errors(out_dir / "report.md"):
+            out_dir.mkdir(parents=True)
+    write_text_atomic(out_dir / "report.md", markdown)
+    write_text_atomic(out_dir / "report.csv", comma_separated.getvalue())
     return markdown
 
 
