@@ -69,9 +69,10 @@ SUITES = {
         ("apply", {"head": "padim"}),
         ("apply", {"head": "patchcore"}),
         # Issue 14: the trained head runs three small networks instead of the backbone: its
-        # defaults (PDN width 16), and twice as wide
+        # defaults (PDN width 16), two and four times as wide (the widths of the quality/time table)
         ("apply", {"head": "efficientad"}),
         ("apply", {"head": "efficientad", "hyperparams": {"width": 32, "ae_width": 32}}),
+        ("apply", {"head": "efficientad", "hyperparams": {"width": 64, "ae_width": 64}}),
         # PatchCore's bank as in the issue's comparison with anomalib: 3,788 x 128 (ELPV mono, 1 %)
         ("deploy", {"head": "patchcore", "hyperparams": {"coreset_size": 3788}, "repeats": 5}),
         ("deploy", {"head": "padim", "repeats": 5}),
