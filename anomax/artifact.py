@@ -321,6 +321,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with output_errors(root), locked(root.parent):
             _recover(root)
     manifest_path = root / MANIFEST
+    if not root.exists():
+        raise ArtifactError(f"no model artifact at {root}: the folder does not exist")
     if not manifest_path.is_file():
         raise ArtifactError(f"{root} is not an anomax model artifact: {MANIFEST} is missing")
     manifest = _read_json(manifest_path)

@@ -57,3 +57,11 @@ def test_output_folder_is_created(tmp_path, capsys):
     report.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "new" / "report")])
     assert (tmp_path / "new" / "report" / "report.md").read_text() == capsys.readouterr().out
     assert (tmp_path / "new" / "report" / "report.csv").read_text().splitlines()[1] == "padim,0.9000,1.0"
+
+
+def test_a_missing_sweep_directory_is_an_error(tmp_path, capsys):
+    finished_run(tmp_path / "sweep" / "0", "padim", 0.9)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path / "sweep"), str(tmp_path / "swep")])  # a typo must not drop runs silently
+    assert exit_info.value.code == 2
+    assert f"no such sweep directory: {tmp_path / 'swep'}" in capsys.readouterr().err

@@ -125,6 +125,11 @@ def test_missing_file_is_named(copy, name):
         anomax.read_dl_model(copy)
 
 
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(ArtifactError, match=f"no model artifact at {tmp_path / 'modle'}: the folder does not exist"):
+        anomax.read_dl_model(tmp_path / "modle")
+
+
 def test_crash_mid_save_leaves_nothing_loadable(padim, tmp_path, monkeypatch):
     model, existing = padim
     target = tmp_path / "model"

@@ -26,6 +26,9 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
     """One row per finished run under the sweep directories: its overrides, summary metrics and fit time.
     A run whose metrics.json or overrides cannot be read (e.g. truncated by a full disk) is skipped
     with a warning naming the file."""
+    missing = [str(d) for d in sweep_dirs if not Path(d).is_dir()]
+    if missing:  # a mistyped one among several would otherwise drop its runs silently
+        raise DatasetError(f"no such sweep directory: {', '.join(missing)}")
     rows = []
     for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"))]:
         run_dir = metrics_file.parent
