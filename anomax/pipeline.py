@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from anomax.augment import AugmentConfig
-from anomax.backbones import build_backbone
+from anomax.backbones import backbone_requirements, build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
@@ -330,6 +330,8 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     if cfg["model"]["backbone"]["name"] == "concat":
         check_concat_members(cfg["model"]["backbone"].get("members"))
+    else:
+        _check_range_normalisation(cfg["model"]["backbone"]["name"], preprocess)
     settings = RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
@@ -342,6 +344,19 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
         raise ConfigError("export.onnx = true is not available with tiling (tiling.tile_size is set): the ONNX "
                           "runtimes score whole images, not tiles; set export.onnx=false")
     return dataclasses.replace(settings, members=_validate_members(cfg, settings, members))
+
+
+def _check_range_normalisation(backbone: str, preprocess: Mapping[str, Any]) -> None:
+    """A backbone trained on mean/std-normalised inputs, given a range normalisation (none, all_channels,
+    first_channel) without its range, would see HALCON's default [-127, 128]: about 50x the scale it
+    was trained on, silently. The range must then be given."""
+    wanted = backbone_requirements(backbone).get("normalization_type")
+    given = preprocess.get("normalization_type", wanted)
+    if wanted == "constant_values" and given != wanted and not {"range_min", "range_max"} <= set(preprocess):
+        raise ConfigError(f"preprocess.normalization_type={given}: backbone {backbone} expects inputs normalised "
+                          f"by constant mean and std (normalization_type=constant_values); with '{given}' set "
+                          f"preprocess.range_min and preprocess.range_max to the value range it expects (about "
+                          f"-2 and 2.4 for ImageNet's mean and std), or leave preprocess.normalization_type null")
 
 
 def _validate_members(cfg: Mapping[str, Any], settings: RunSettings,

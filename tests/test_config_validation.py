@@ -88,6 +88,23 @@ def test_every_group_has_cases_and_the_defaults_validate():
         validate_config(OmegaConf.to_container(composed(f"model/head={name}"), resolve=True))
 
 
+def test_a_range_normalisation_for_a_mean_std_backbone_needs_its_range():
+    """MobileNetV2 was trained on ImageNet mean/std inputs: all_channels alone would feed it HALCON's
+    default range [-127, 128]. EfficientNet-Lite brings its own range, so there it needs nothing more."""
+    from omegaconf import OmegaConf
+
+    def validated(*overrides):
+        return validate_config(OmegaConf.to_container(composed(*overrides), resolve=True))
+
+    for normalisation in ("all_channels", "first_channel", "none"):
+        with pytest.raises(ConfigError, match=f"normalization_type={normalisation}: backbone mobilenet_v2 .* "
+                                              "preprocess.range_min and preprocess.range_max"):
+            validated("model/backbone=mobilenet_v2", f"preprocess.normalization_type={normalisation}")
+    validated("model/backbone=mobilenet_v2", "preprocess.normalization_type=all_channels",
+              "preprocess.range_min=-2.0", "preprocess.range_max=2.4")
+    validated("model/backbone=efficientnet_lite2", "preprocess.normalization_type=all_channels")
+
+
 def test_bools_are_not_numbers_and_unknown_keys_are_named():
     for override in ("model.head.coreset_ratio=true", "model.head.sigma=false"):
         with pytest.raises((ConfigError, HydraException, OmegaConfBaseException), match=override.split("=")[0][11:]):
