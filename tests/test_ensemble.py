@@ -367,12 +367,19 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
     assert len(validate_config(cfg, members).members) == 3
     with pytest.raises(ConfigError, match="ensemble.members lists 3 members, but 0"):
         validate_config(cfg)
+    # On poly, validation chose the same members with the Lite2 inputs contrast-stretched per image.
+    poly = ["+experiment=elpv_best", "dataset=elpv_poly"]
+    poly_members = ensemble_member_configs(compose_train_config(poly), poly)
+    assert [m["model"] for m in poly_members] == [m["model"] for m in members]
+    assert [m["preprocess"]["normalization_type"] for m in poly_members] == ["all_channels", None, "all_channels"]
+    assert all(m["preprocess"]["normalization_type"] is None for m in members)
 
     def check(*extra):
         cfg = compose_train_config([*TINY_RUN, *extra])
         validate_config(cfg, ensemble_member_configs(cfg, [*TINY_RUN, *extra]))
 
-    for name in ("lite2_mobilenet_v2", "lite2_mobilenet_v2_lite2ms", "lite2_mobilenet_v2_lite2ms_lite1"):
+    for name in ("lite2_mobilenet_v2", "lite2_mobilenet_v2_lite2ms", "lite2_mobilenet_v2_lite2ms_lite1",
+                 "lite2_mobilenet_v2_lite2ms_stretch"):
         check(f"ensemble={name}")
     for overrides, message in [
         (["ensemble.members=[[],['model.head.coreset_ratoi=0.1']]"], r"members\[1\] .* does not compose: .*ratoi"),
