@@ -379,7 +379,7 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
         validate_config(cfg, ensemble_member_configs(cfg, [*TINY_RUN, *extra]))
 
     for name in ("lite2_mobilenet_v2", "lite2_mobilenet_v2_lite2ms", "lite2_mobilenet_v2_lite2ms_lite1",
-                 "lite2_mobilenet_v2_lite2ms_stretch"):
+                 "lite2_mobilenet_v2_lite2ms_stretch", "lite2_mobilenet_v2_lite2ms_stretch_all"):
         check(f"ensemble={name}")
     for overrides, message in [
         (["ensemble.members=[[],['model.head.coreset_ratoi=0.1']]"], r"members\[1\] .* does not compose: .*ratoi"),
