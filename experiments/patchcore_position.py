@@ -34,12 +34,11 @@ def split_features(model, dataset, split: str, cache_dir) -> np.ndarray:
                            for batch in model.feature_batches(dataset, split, cache_dir)])
 
 
-def with_position(features: np.ndarray, scale: float) -> np.ndarray:
-    """(N, h, w, D) -> (N * h * w, D + 2): each patch's row and column centre in [0, 1], times scale."""
-    count, height, width, dim = features.shape
+def grid_positions(features: np.ndarray) -> np.ndarray:
+    """(N, h, w, D) -> (N * h * w, 2): each patch's row and column centre in [0, 1], in the features' order."""
+    count, height, width, _ = features.shape
     rows, columns = np.meshgrid((np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width, indexing="ij")
-    position = np.broadcast_to(np.stack([rows, columns], -1), (count, height, width, 2)) * scale
-    return np.concatenate([features, position.astype(np.float32)], -1).reshape(-1, dim + 2)
+    return np.tile(np.stack([rows, columns], -1).reshape(-1, 2), (count, 1)).astype(np.float32)
 
 
 def main(weights: list[float], overrides: list[str]) -> None:
@@ -59,11 +58,16 @@ def main(weights: list[float], overrides: list[str]) -> None:
     projected = flat @ random_projection(head["seed"], dim, head["projection_dim"])
     start = int(np.random.default_rng(head["seed"]).integers(len(flat)))  # the head's first draw
     size = int(len(flat) * head["coreset_ratio"])
+    # The features stay as they are; only the appended positions change with w (the bank keeps the chosen rows).
+    train_positions, queries = grid_positions(train), validation.reshape(-1, dim)
+    validation_positions = grid_positions(validation)
     for weight in weights:
-        bank_rows = with_position(train, weight * spread)
-        chosen = greedy_coreset(jnp.asarray(np.concatenate([projected, bank_rows[:, dim:]], 1)), size, start)
-        distances, _ = nearest_neighbors(jnp.asarray(with_position(validation, weight * spread)),
-                                         jnp.asarray(bank_rows[np.asarray(chosen)]), k=1, indices=False)
+        scale = np.float32(weight * spread)
+        chosen = np.asarray(greedy_coreset(jnp.asarray(np.concatenate([projected, train_positions * scale], 1)),
+                                           size, start))
+        bank = np.concatenate([flat[chosen], train_positions[chosen] * scale], 1)
+        distances, _ = nearest_neighbors(jnp.asarray(np.concatenate([queries, validation_positions * scale], 1)),
+                                         jnp.asarray(bank), k=1, indices=False)
         scores = np.asarray(distances).reshape(len(validation), -1).max(axis=1)
         print(f"w={weight}: validation image AUROC {roc_auc_score(labels, scores):.4f}", flush=True)
 
