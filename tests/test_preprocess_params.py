@@ -40,6 +40,29 @@ def test_normalization_constant_values():
     np.testing.assert_allclose(imagenet[0, 0, 0], (10 / 255 - 0.485) / 0.229, atol=1e-5)
 
 
+def test_percentile_stretch_takes_its_ends_from_percentiles_and_clips_nothing():
+    ramp = np.arange(100, dtype=np.uint8).reshape(10, 10)  # gray values 0..99
+    square = {"width": 10, "height": 10, "num_channels": 1, "normalization_type": "all_channels",
+              "range_min": -1.0, "range_max": 1.0}
+    out = preprocess_image(params(**square, stretch_percentile=10.0), ramp)[..., 0]
+    # numpy's linear percentiles of 0..99: the 10th is 9.9, the 90th 89.1
+    np.testing.assert_allclose(out, (ramp - 9.9) / (89.1 - 9.9) * 2 - 1, atol=1e-5)
+    assert out.min() < -1.0 and out.max() > 1.0  # the darkest and brightest pixels stay beyond the range
+    halcon = preprocess_image(params(**square), ramp)[..., 0]
+    np.testing.assert_allclose(halcon, ramp / 99.0 * 2 - 1, atol=1e-6)  # p = 0: HALCON's min/max
+
+
+def test_percentile_stretch_resists_a_few_extreme_pixels():
+    image = np.full((10, 10), 100, np.uint8)
+    image[:, 5:] = 140
+    image[0, 0] = 255  # one hot pixel sets HALCON's maximum
+    square = {"width": 10, "height": 10, "num_channels": 1, "normalization_type": "all_channels",
+              "range_min": 0.0, "range_max": 1.0}
+    robust = preprocess_image(params(**square, stretch_percentile=2.0), image)[..., 0]
+    assert robust[1, 0] == pytest.approx(0.0) and robust[1, 9] == pytest.approx(1.0)
+    assert preprocess_image(params(**square), image)[1, 9, 0] == pytest.approx(40 / 155, abs=1e-6)
+
+
 def test_flat_image_maps_to_range_min():
     out = preprocess_image(
         params(normalization_type="all_channels", range_min=-2.0, range_max=2.0), np.full((2, 2, 3), 7, np.uint8)
@@ -134,6 +157,8 @@ def test_mask_resize_stays_binary():
         ("std", (0.1, 0.0, 0.2)),
         ("mean", "abc"),
         ("domain", (0, 0, 1, 1)),
+        ("stretch_percentile", 50.0),
+        ("stretch_percentile", -1.0),
     ],
 )
 def test_invalid_parameter_names_the_key(key, value):
@@ -150,6 +175,9 @@ def test_invalid_domains_and_unknown_keys():
         create_dl_preprocess_param(domain_handling="keep_domain", domain="nothere.png")
     with pytest.raises(ConfigError, match="preprocess.mean"):
         create_dl_preprocess_param(normalization_type="constant_values", num_channels=1)
+    for kind in ("none", "constant_values"):  # only the per-image stretches have ends to choose
+        with pytest.raises(ConfigError, match="preprocess.stretch_percentile .* all_channels or first_channel"):
+            create_dl_preprocess_param(normalization_type=kind, stretch_percentile=1.0)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) preprocess.image_width"):
         create_dl_preprocess_param(image_width=3)
 
@@ -158,3 +186,5 @@ def test_dict_round_trip_is_json_and_hashable():
     original = params(normalization_type="constant_values", domain_handling="crop_domain", domain=[0, 1, 1, 1])
     restored = PreprocessParams.from_dict(json.loads(json.dumps(original.to_dict())))
     assert restored == original and hash(restored) == hash(original)
+    robust = params(normalization_type="all_channels", stretch_percentile=1.0)
+    assert PreprocessParams.from_dict(json.loads(json.dumps(robust.to_dict()))).stretch_percentile == 1.0

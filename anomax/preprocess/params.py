@@ -39,6 +39,9 @@ class PreprocessParams(Settings):
     range_min: float = -127.0
     range_max: float = 128.0
     normalization_type: Literal["none", "all_channels", "first_channel", "constant_values"] = "none"
+    # the per-image stretches' ends: the image's p-th and (100 - p)-th percentile gray values instead of
+    # its darkest and brightest (p = 0, HALCON's); values beyond them stay beyond, not clipped
+    stretch_percentile: float = setting(0.0, ge=0.0, lt=50.0)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     domain_handling: Literal["full_domain", "crop_domain", "keep_domain"] = "full_domain"
@@ -52,6 +55,9 @@ class PreprocessParams(Settings):
             values = getattr(self, key)
             if self.normalization_type == "constant_values" and len(values) not in (1, self.num_channels):
                 self.fail(key, f"1 or num_channels = {self.num_channels} values")
+        if self.stretch_percentile > 0 and self.normalization_type not in ("all_channels", "first_channel"):
+            self.fail("stretch_percentile", f"0 unless normalization_type is all_channels or first_channel "
+                                            f"(the per-image stretches), got normalization_type={self.normalization_type}")
         if any(s <= 0 for s in self.std):
             self.fail("std", "a list of positive numbers")
         object.__setattr__(self, "domain", _checked_domain(self.domain, self.domain_handling))
@@ -166,7 +172,10 @@ def _normalize(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
     if params.normalization_type == "constant_values":
         return (image / 255.0 - np.asarray(params.mean, np.float32)) / np.asarray(params.std, np.float32)
     reference = image if params.normalization_type == "all_channels" else image[..., 0]
-    minimum, maximum = reference.min(), reference.max()
+    if params.stretch_percentile > 0:  # robust ends: a few very bright or dark pixels do not set the scale
+        minimum, maximum = np.percentile(reference, (params.stretch_percentile, 100 - params.stretch_percentile))
+    else:
+        minimum, maximum = reference.min(), reference.max()
     if maximum == minimum:  # a flat image has no contrast to stretch
         return np.full_like(image, low)
     return (image - minimum) / (maximum - minimum) * (high - low) + low
