@@ -367,11 +367,13 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
     assert len(validate_config(cfg, members).members) == 3
     with pytest.raises(ConfigError, match="ensemble.members lists 3 members, but 0"):
         validate_config(cfg)
-    # On poly, validation chose the same members with the Lite2 inputs contrast-stretched per image.
+    # On poly, validation chose the same members with the Lite2 inputs contrast-stretched per image,
+    # from the 1st to the 99th percentile gray value.
     poly = ["+experiment=elpv_best", "dataset=elpv_poly"]
     poly_members = ensemble_member_configs(compose_train_config(poly), poly)
     assert [m["model"] for m in poly_members] == [m["model"] for m in members]
     assert [m["preprocess"]["normalization_type"] for m in poly_members] == ["all_channels", None, "all_channels"]
+    assert [m["preprocess"].get("stretch_percentile") for m in poly_members] == [1, None, 1]
     assert all(m["preprocess"]["normalization_type"] is None for m in members)
 
     def check(*extra):
@@ -379,7 +381,8 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
         validate_config(cfg, ensemble_member_configs(cfg, [*TINY_RUN, *extra]))
 
     for name in ("lite2_mobilenet_v2", "lite2_mobilenet_v2_lite2ms", "lite2_mobilenet_v2_lite2ms_lite1",
-                 "lite2_mobilenet_v2_lite2ms_stretch", "lite2_mobilenet_v2_lite2ms_stretch_all"):
+                 "lite2_mobilenet_v2_lite2ms_stretch", "lite2_mobilenet_v2_lite2ms_stretch_all",
+                 "lite2_mobilenet_v2_lite2ms_robust_stretch", "lite2_mobilenet_v2_lite2ms_robust_stretch_all"):
         check(f"ensemble={name}")
     for overrides, message in [
         (["ensemble.members=[[],['model.head.coreset_ratoi=0.1']]"], r"members\[1\] .* does not compose: .*ratoi"),
