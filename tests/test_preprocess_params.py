@@ -61,6 +61,11 @@ def test_percentile_stretch_resists_a_few_extreme_pixels():
     robust = preprocess_image(params(**square, stretch_percentile=2.0), image)[..., 0]
     assert robust[1, 0] == pytest.approx(0.0) and robust[1, 9] == pytest.approx(1.0)
     assert preprocess_image(params(**square), image)[1, 9, 0] == pytest.approx(40 / 155, abs=1e-6)
+    # a uniform image with one small spot: the percentile ends coincide, so min/max keep the spot
+    spot = np.full((10, 10), 100, np.uint8)
+    spot[4, 4] = 60
+    out = preprocess_image(params(**square, stretch_percentile=2.0), spot)[..., 0]
+    assert out[4, 4] == 0.0 and np.all(np.delete(out.ravel(), 44) == 1.0)
 
 
 def test_flat_image_maps_to_range_min():

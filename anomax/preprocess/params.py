@@ -172,10 +172,11 @@ def _normalize(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
     if params.normalization_type == "constant_values":
         return (image / 255.0 - np.asarray(params.mean, np.float32)) / np.asarray(params.std, np.float32)
     reference = image if params.normalization_type == "all_channels" else image[..., 0]
+    minimum, maximum = reference.min(), reference.max()
     if params.stretch_percentile > 0:  # robust ends: a few very bright or dark pixels do not set the scale
-        minimum, maximum = np.percentile(reference, (params.stretch_percentile, 100 - params.stretch_percentile))
-    else:
-        minimum, maximum = reference.min(), reference.max()
+        low_end, high_end = np.percentile(reference, (params.stretch_percentile, 100 - params.stretch_percentile))
+        if high_end > low_end:  # else a uniform part with a small spot: keep min/max, or the spot is lost
+            minimum, maximum = low_end, high_end
     if maximum == minimum:  # a flat image has no contrast to stretch
         return np.full_like(image, low)
     return (image - minimum) / (maximum - minimum) * (high - low) + low
