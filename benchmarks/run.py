@@ -32,6 +32,8 @@ _LEVERS = (  # experiments/levers.md, in its order: the default, then each lever
     (_LITE2, "model.backbone.taps=[blocks.3,blocks.6,blocks.14]", "model.head.adaptor.grid_tap=blocks.6"),  # multi-scale
     (_LITE2, "augment=fit_flips", "model.head.max_patches_per_image=341"),
     (_LITE2, "augment=flips", "model.head.max_patches_per_image=341"),  # + TTA: 3 maps per image
+    (_LITE2, "preprocess.normalization_type=all_channels"),  # Lever 6: per-image min/max stretch
+    (_LITE2, "preprocess.normalization_type=all_channels", "preprocess.stretch_percentile=1"),  # Lever 7: 1-99 %
 )
 
 _FIVE_MPX = {"images": 50, "test_images": 20, "width": 2592, "height": 1944, "tile_size": 256, "stride": 224}
