@@ -327,11 +327,14 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     if adaptor.taps is None and backbone_taps:  # the taps the features will have: checks grid_tap now
         adaptor.replace(taps=tuple(backbone_taps))
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
-    PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     if cfg["model"]["backbone"]["name"] == "concat":
         check_concat_members(cfg["model"]["backbone"].get("members"))
+        PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     else:
         _check_range_normalisation(cfg["model"]["backbone"]["name"], preprocess)
+        # as build_model will fill them: the backbone's requirements, then the given values
+        wanted = backbone_requirements(cfg["model"]["backbone"]["name"])
+        PreprocessParams.from_dict({**{k: v for k, v in wanted.items() if k != "input_multiple"}, **preprocess})
     settings = RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,

@@ -105,6 +105,21 @@ def test_a_range_normalisation_for_a_mean_std_backbone_needs_its_range():
     validated("model/backbone=efficientnet_lite2", "preprocess.normalization_type=all_channels")
 
 
+def test_preprocess_is_checked_as_the_backbone_fills_it():
+    """A stretch_percentile needs a per-image stretch; left null, the normalisation is the backbone's
+    (MobileNetV2: constant_values, Lite2: none), and the error names that one, before any file is read."""
+    from omegaconf import OmegaConf
+
+    def validated(*overrides):
+        return validate_config(OmegaConf.to_container(composed(*overrides), resolve=True))
+
+    for backbone, normalisation in (("mobilenet_v2", "constant_values"), ("efficientnet_lite2", "none")):
+        with pytest.raises(ConfigError, match=rf"preprocess.stretch_percentile .* normalization_type={normalisation}"):
+            validated(f"model/backbone={backbone}", "preprocess.stretch_percentile=1")
+    validated("model/backbone=efficientnet_lite2", "preprocess.normalization_type=all_channels",
+              "preprocess.stretch_percentile=1")
+
+
 def test_bools_are_not_numbers_and_unknown_keys_are_named():
     for override in ("model.head.coreset_ratio=true", "model.head.sigma=false"):
         with pytest.raises((ConfigError, HydraException, OmegaConfBaseException), match=override.split("=")[0][11:]):
