@@ -105,20 +105,19 @@ def build_model(cfg: Mapping[str, Any]) -> AnomalyModel:
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
     head = head_cls(head_cls.Config.from_dict(head_cfg))
     backbone = build_configured_backbone(cfg["model"]["backbone"])
-    preprocess = {key: value for key, value in backbone.requirements.items() if key != "input_multiple"}
     given = {key: value for key, value in dict(cfg["preprocess"]).items() if value is not None}
     if isinstance(backbone, ConcatBackbone):
         # as arrays: the config gives lists where the requirements hold tuples
         changed = sorted(key for key in NORMALISATION_KEYS
-                         if key in given and not np.array_equal(given[key], preprocess.get(key)))
+                         if key in given and not np.array_equal(given[key], backbone.requirements.get(key)))
         if changed:
             raise ConfigError(f"preprocess.{changed[0]}: a backbone ensemble converts its first member's input "
                               f"normalisation to each other member's, so the normalisation must be the first "
                               f"member's; leave preprocess.{changed[0]} null")
-    preprocess.update(given)
     adaptor = adaptor.replace(taps=adaptor.taps or tuple(backbone.taps))
     tiling = TilingConfig.from_dict(cfg.get("tiling")).for_backbone(backbone)
-    return AnomalyModel(create_dl_preprocess_param(**preprocess), backbone, FeatureAdaptor(adaptor), head,
+    preprocess = create_dl_preprocess_param(**filled_preprocess(backbone.requirements, given))
+    return AnomalyModel(preprocess, backbone, FeatureAdaptor(adaptor), head,
                         batch_size=cfg["batch_size"], augment=AugmentConfig.from_dict(cfg.get("augment")),
                         tiling=tiling)
 
@@ -331,10 +330,9 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
         check_concat_members(cfg["model"]["backbone"].get("members"))
         PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     else:
-        _check_range_normalisation(cfg["model"]["backbone"]["name"], preprocess)
-        # as build_model will fill them: the backbone's requirements, then the given values
-        wanted = backbone_requirements(cfg["model"]["backbone"]["name"])
-        PreprocessParams.from_dict({**{k: v for k, v in wanted.items() if k != "input_multiple"}, **preprocess})
+        requirements = backbone_requirements(cfg["model"]["backbone"]["name"])
+        _check_range_normalisation(cfg["model"]["backbone"]["name"], requirements, preprocess)
+        PreprocessParams.from_dict(filled_preprocess(requirements, preprocess))  # as build_model will fill them
     settings = RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
         split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
@@ -349,11 +347,16 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     return dataclasses.replace(settings, members=_validate_members(cfg, settings, members))
 
 
-def _check_range_normalisation(backbone: str, preprocess: Mapping[str, Any]) -> None:
+def filled_preprocess(requirements: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Preprocess values: the backbone's requirements (HALCON's get_dl_model_param), then the given ones."""
+    return {**{key: value for key, value in requirements.items() if key != "input_multiple"}, **given}
+
+
+def _check_range_normalisation(backbone: str, requirements: Mapping[str, Any], preprocess: Mapping[str, Any]) -> None:
     """A backbone trained on mean/std-normalised inputs, given a range normalisation (none, all_channels,
     first_channel) without its range, would see HALCON's default [-127, 128]: about 50x the scale it
     was trained on, silently. The range must then be given."""
-    wanted = backbone_requirements(backbone).get("normalization_type")
+    wanted = requirements.get("normalization_type")
     given = preprocess.get("normalization_type", wanted)
     if wanted == "constant_values" and given != wanted and not {"range_min", "range_max"} <= set(preprocess):
         raise ConfigError(f"preprocess.normalization_type={given}: backbone {backbone} expects inputs normalised "

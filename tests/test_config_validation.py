@@ -71,6 +71,13 @@ def composed(*overrides):
         return compose("anomax_train", overrides=["dataset=synthetic", *overrides])
 
 
+def validated(*overrides):
+    """validate_config on the composed config, as anomax-train runs it."""
+    from omegaconf import OmegaConf
+
+    return validate_config(OmegaConf.to_container(composed(*overrides), resolve=True))
+
+
 @pytest.mark.parametrize("prefix, name, value, extra", CASES)
 def test_a_wrong_value_fails_at_composition_naming_the_key(prefix, name, value, extra):
     from omegaconf import OmegaConf
@@ -91,11 +98,6 @@ def test_every_group_has_cases_and_the_defaults_validate():
 def test_a_range_normalisation_for_a_mean_std_backbone_needs_its_range():
     """MobileNetV2 was trained on ImageNet mean/std inputs: all_channels alone would feed it HALCON's
     default range [-127, 128]. EfficientNet-Lite brings its own range, so there it needs nothing more."""
-    from omegaconf import OmegaConf
-
-    def validated(*overrides):
-        return validate_config(OmegaConf.to_container(composed(*overrides), resolve=True))
-
     for normalisation in ("all_channels", "first_channel", "none"):
         with pytest.raises(ConfigError, match=f"normalization_type={normalisation}: backbone mobilenet_v2 .* "
                                               "preprocess.range_min and preprocess.range_max"):
@@ -108,11 +110,6 @@ def test_a_range_normalisation_for_a_mean_std_backbone_needs_its_range():
 def test_preprocess_is_checked_as_the_backbone_fills_it():
     """A stretch_percentile needs a per-image stretch; left null, the normalisation is the backbone's
     (MobileNetV2: constant_values, Lite2: none), and the error names that one, before any file is read."""
-    from omegaconf import OmegaConf
-
-    def validated(*overrides):
-        return validate_config(OmegaConf.to_container(composed(*overrides), resolve=True))
-
     for backbone, normalisation in (("mobilenet_v2", "constant_values"), ("efficientnet_lite2", "none")):
         with pytest.raises(ConfigError, match=rf"preprocess.stretch_percentile .* normalization_type={normalisation}"):
             validated(f"model/backbone={backbone}", "preprocess.stretch_percentile=1")
