@@ -75,6 +75,16 @@ def test_bad_value_is_one_clear_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("app,key", [("train", "model:"), ("evaluate", "model_dir:"), ("predict", "inputs:")])
+def test_help_names_the_app_and_lists_only_what_it_takes(app, key, tmp_path):
+    done = run(app, "--help", cwd=tmp_path)
+    assert done.stdout.startswith(f"anomax-{app}: ")
+    assert f"\n{key}" in done.stdout  # the composed config, top-level keys unindented
+    # predict composes no config group, so listing the training groups would only mislead
+    assert ("Configuration groups" in done.stdout) == (app != "predict")
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A small run as a user starts it, through the preprocessed cache (TFDS array_record)."""
