@@ -322,16 +322,16 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     head_cfg = dict(cfg["model"]["head"])
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
-    backbone_taps = cfg["model"]["backbone"].get("taps")
-    if adaptor.taps is None and backbone_taps:  # the taps the features will have: checks grid_tap now
-        adaptor.replace(taps=tuple(backbone_taps))
+    backbone = cfg["model"]["backbone"]
+    if adaptor.taps is None and backbone.get("taps"):  # the taps the features will have: checks grid_tap now
+        adaptor.replace(taps=tuple(backbone["taps"]))
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
-    if cfg["model"]["backbone"]["name"] == "concat":
-        check_concat_members(cfg["model"]["backbone"].get("members"))
+    if backbone["name"] == "concat":
+        check_concat_members(backbone.get("members"))
         PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
     else:
-        requirements = backbone_requirements(cfg["model"]["backbone"]["name"])
-        _check_range_normalisation(cfg["model"]["backbone"]["name"], requirements, preprocess)
+        requirements = backbone_requirements(backbone["name"])
+        _check_range_normalisation(backbone["name"], requirements, preprocess)
         PreprocessParams.from_dict(filled_preprocess(requirements, preprocess))  # as build_model will fill them
     settings = RunSettings(
         run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
