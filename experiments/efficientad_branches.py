@@ -1,6 +1,6 @@
 """Image AUROC per defect type of each map a head returns (combined, local, global), for anomax-train runs.
 
-    python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test] [--recalibrate]
+    python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test] [--recalibrate] [--border N]
 
 Reads each run's saved model and dataset manifest, scores the split once and prints one markdown
 row per run and defect type: AUROC of 'anomaly_score' and, where the head gives them,
@@ -8,10 +8,14 @@ row per run and defect type: AUROC of 'anomaly_score' and, where the head gives 
 --recalibrate: an efficientad model's map quantiles are first taken again, as its fit does, on the
 good validation images or, without a validation split, on the training images fit held out
 (for models saved before a change to how maps are computed).
+--border N: an efficientad model's maps with N grid cells zeroed at each edge instead of its own
+setting, the quantiles taken again (--recalibrate) for them: the border is a map setting, so
+it is compared on the same trained networks without a refit.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,9 +50,13 @@ def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
     return f"{len(images)} {split} images"
 
 
-def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False) -> tuple[str, dict[str, dict[str, float]]]:
+def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False,
+                  border: int | None = None) -> tuple[str, dict[str, dict[str, float]]]:
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
+    if border is not None:
+        model.head.config = dataclasses.replace(model.head.config, border=border)
+        calibrate = True
     if calibrate and hasattr(model.head, "calibrate"):
         print(f"<!-- {run_dir.name}: quantiles again from {recalibrate(model, dataset, run_dir)} -->")
     samples = dataset.samples_of(split)
@@ -77,12 +85,13 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--recalibrate", action="store_true")
+    parser.add_argument("--border", type=int, help="efficientad: map border (grid cells), quantiles taken again")
     args = parser.parse_args()
     print("| run | head | defect type | combined | local | global |")
     print("|---|---|---|---|---|---|")
     everything = {}
     for run in args.runs:
-        head, table = branch_aurocs(run, args.split, args.recalibrate)
+        head, table = branch_aurocs(run, args.split, args.recalibrate, args.border)
         everything[str(run)] = {"head": head, "image_auroc": table}
         for defect, values in table.items():
             cells = [f"{values[key]:.4f}" if key in values else "–" for key in SCORES]
