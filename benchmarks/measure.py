@@ -152,18 +152,19 @@ def patchcore_scale(images: int = 5000, grid: int = 32, dim: int = 128, batch: i
 
 
 def apply(head: str = "patchcore", size: int = 256, images: int = 32, repeats: int = 10,
-          hyperparams: dict | None = None) -> dict:
+          hyperparams: dict | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """images/s of load_model(path).apply at batch 1 and 16, on an artifact fitted and saved here
-    (the head's default settings updated by ``hyperparams``)."""
+    (the head's default settings updated by ``hyperparams``; other config keys by ``overrides``,
+    e.g. the backbone taps that set an efficientad teacher's stride)."""
     from anomax.artifact import save_model
     from anomax.pipeline import build_model, read_configured_dataset
     from benchmarks.apply import measure_apply
 
     dataset = read_configured_dataset({"format": "synthetic", "size": size, "n_train": images, "n_test_good": 1,
                                        "n_test_defect": 1, "validation_from_train": 0.0}, {}, seed=0)
-    model = build_model(_config(head, size, 16, 1.0, hyperparams or {}))
+    model = build_model(_config(head, size, 16, 1.0, hyperparams or {}, overrides))
     model.fit(dataset, progress=False)
-    label = " ".join([head, *(f"{k}={v}" for k, v in (hyperparams or {}).items())])
+    label = " ".join([head, *(f"{k}={v}" for k, v in (hyperparams or {}).items()), *overrides])
     with tempfile.TemporaryDirectory() as folder:
         path = save_model(model, Path(folder) / "model")
         return {"head": label, "size": size, **measure_apply(path, (1, 16), repeats=repeats)}
@@ -292,12 +293,13 @@ def _write_large_images(root: Path, images: int, test_images: int, width: int, h
     (root / "done").touch()
 
 
-def _config(head: str, size: int, batch: int, width_multiplier: float, hyperparams: dict) -> dict:
+def _config(head: str, size: int, batch: int, width_multiplier: float, hyperparams: dict,
+            overrides: tuple[str, ...] = ()) -> dict:
     """The composed config of conf/ for MobileNetV2 (random init) + `head` at size x size."""
     return compose_train_config([f"model/head={head}", "model.backbone.pretrained=null",
                      f"model.backbone.width_multiplier={width_multiplier}", f"preprocess.width={size}",
                      f"preprocess.height={size}", f"batch_size={batch}", "cache_dir=null", "train.max_num_epochs=2",
-                     *(f"model.head.{k}={v}" for k, v in hyperparams.items())])
+                     *(f"model.head.{k}={v}" for k, v in hyperparams.items()), *overrides])
 
 
 def _feature_batches(images: int, grid: int, dim: int, batch: int):

@@ -75,6 +75,8 @@ SUITES = {
         ("apply", {"head": "efficientad"}),
         ("apply", {"head": "efficientad", "hyperparams": {"width": 32, "ae_width": 32}}),
         ("apply", {"head": "efficientad", "hyperparams": {"width": 64, "ae_width": 64}}),
+        # ... and its teacher at stride 4 (a stride-4 tap in the target: 4x the map cells)
+        ("apply", {"head": "efficientad", "overrides": ["model.backbone.taps=[features.3,features.6,features.13]"]}),
         # PatchCore's bank as in the comparison with anomalib: 3,788 x 128 (ELPV mono, 1 %)
         ("deploy", {"head": "patchcore", "hyperparams": {"coreset_size": 3788}, "repeats": 5}),
         ("deploy", {"head": "padim", "repeats": 5}),
