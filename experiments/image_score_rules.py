@@ -18,22 +18,24 @@ import numpy as np
 
 import anomax
 from anomax.data.dataset import DLDataset
+from anomax.evaluation._results import iterate_results
 from anomax.evaluation.metrics import auroc
+from anomax.pipeline import results_of
 
 
 def rule_scores(run_dir: Path, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The three rules' image scores and the labels (1 = defective) of the split's images."""
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
     scores, maxima, medians, labels = [], [], [], []
-    for batch in model.score_split(dataset, split, progress=False):
-        valid = np.asarray(batch["valid"], bool)
-        maps = np.asarray(batch["anomaly_image"], np.float64)[valid].reshape(int(valid.sum()), -1)
-        scores.append(np.asarray(batch["anomaly_score"], np.float64)[valid])
+    for batch in iterate_results(results_of(model, dataset, split, progress=False)):  # padding dropped
+        maps = batch["anomaly_image"].reshape(len(batch["anomaly_image"]), -1)  # one batch of maps at a time
+        scores.append(batch["anomaly_score"])
         maxima.append(maps.max(1))
         medians.append(np.median(maps, 1))
-        labels.append(np.asarray(batch["label"])[valid])
-    maxima, medians = np.concatenate(maxima), np.concatenate(medians)
-    rules = {"score": np.concatenate(scores), "map max": maxima, "max - median": maxima - medians}
+        labels.append(batch["anomaly_label_id"])
+    maxima = np.concatenate(maxima)
+    rules = {"score": np.concatenate(scores), "map max": maxima, "max - median": maxima - np.concatenate(medians)}
     return rules, np.concatenate(labels)
 
 
