@@ -125,3 +125,35 @@ def test_indivisible_batches_are_refused_clearly(four_devices):
     _, errors = four_devices
     assert "multiple of the 4 devices" in errors["padim"]
     assert "6 cannot be split evenly over 4 devices" in errors["shard_batch"]
+
+
+PADIM_WHITENING_LOOP = r"""
+import jax, numpy as np
+from anomax.heads.padim import whitening
+from anomax.kernels.stats import covariance, init_moments, update_moments
+from anomax.parallel import data_mesh, replicate, shard_batch
+
+assert jax.device_count() == 2
+mesh, rng = data_mesh(), np.random.default_rng(0)
+for _ in range(100):  # a fit's last step, many times: computed on every device, this hung within 100
+    moments = update_moments(replicate(mesh, init_moments(256, 64)),
+                             shard_batch(mesh, rng.random((8, 256, 64), np.float32)), shard_batch(mesh, np.ones(8, bool)))
+    w = whitening(moments, 0.01)
+assert w.sharding.device_set == {jax.local_devices()[0]}, w.sharding
+w, cov = np.asarray(w, np.float64), np.asarray(covariance(moments), np.float64) + 0.01 * np.eye(64)
+np.testing.assert_allclose(w @ cov @ np.swapaxes(w, -1, -2), np.broadcast_to(np.eye(64), cov.shape), atol=1e-3)
+print("ok")
+"""
+
+
+def test_padim_whitening_on_several_cpu_devices_finishes():
+    """jaxlib's batched CPU Cholesky waits on the thread pool that runs the devices' programs: with
+    one copy per device on 2 simulated devices (a pool of 2 threads here) PaDiM's fit hung in every
+    run of this loop; computed on one device it cannot."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    try:
+        run = subprocess.run([sys.executable, "-c", PADIM_WHITENING_LOOP], env=env, capture_output=True, text=True,
+                             timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("PaDiM's whitening on 2 CPU devices still running after 240 s (deadlocked)")
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr[-3000:]

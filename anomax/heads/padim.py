@@ -16,10 +16,19 @@ from anomax.registry import HEADS
 from anomax.settings import setting
 
 
+def whitening(moments, eps):
+    """Lower-triangular W with W (cov + eps I) W^T = I, so that the squared Mahalanobis
+    distance is ||W (x - mean)||^2: the inverse of the Cholesky factor.
+
+    Computed on one device: the moments are the same on every device, and jaxlib's batched CPU
+    Cholesky waits on the thread pool that also runs the devices' programs, so with one copy per
+    CPU device, as many as the pool has threads, every thread waited and the fit hung (2 simulated
+    devices: within 100 calls)."""
+    return _whitening(jax.tree.map(lambda array: array.addressable_data(0), moments), eps)
+
+
 @parallel.jit
 def _whitening(moments, eps):
-    """Lower-triangular W with W (cov + eps I) W^T = I, so that the squared Mahalanobis
-    distance is ||W (x - mean)||^2: the inverse of the Cholesky factor."""
     cov = covariance(moments)
     identity = jnp.eye(cov.shape[-1], dtype=cov.dtype)
     cholesky = jnp.linalg.cholesky(cov + eps * identity)
@@ -58,9 +67,8 @@ class Padim(Head):
         count = 0 if moments is None else int(moments.count)
         if count < 2:
             raise DatasetError(f"padim.fit needs at least 2 training images to estimate a covariance, got {count}")
-        whitening = _whitening(moments, self.config.eps)
         state = {"mean": np.asarray(moments.mean).reshape(grid),
-                 "whitening": np.asarray(whitening).reshape(*grid, grid[-1])}
+                 "whitening": np.asarray(whitening(moments, self.config.eps)).reshape(*grid, grid[-1])}
         if not all(np.isfinite(v).all() for v in state.values()):
             raise InputError("padim.fit: the training features contain NaN or inf; check the images and backbone")
         self._state = state
