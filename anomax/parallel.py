@@ -33,7 +33,7 @@ def jit(fun: Callable | None = None, /, **options: Any) -> Callable:
     are in flight at once. Across processes (gloo), a 2-process x 2-device all-reduce loop with async
     dispatch hung in 6 runs of 6 here; in one process (its in-process rendezvous), the sharded coreset
     on 4 devices hung in 6 runs of 24 on a loaded 2-core machine. Waiting after each call never hung
-    (0 of 35), nor did one device per process. Anywhere else (GPUs, TPUs, one CPU device) it is plain
+    (the coreset: 0 of 59), nor did one device per process. Anywhere else (GPUs, TPUs, one CPU device) it is plain
     ``jax.jit`` with asynchronous dispatch."""
     if fun is None:
         return functools.partial(jit, **options)

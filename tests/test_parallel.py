@@ -148,8 +148,8 @@ print("ok")
 
 def test_padim_whitening_on_several_cpu_devices_finishes():
     """jaxlib's batched CPU Cholesky waits on the thread pool that runs the devices' programs: with
-    one copy per device on 2 simulated devices (a pool of 2 threads here) PaDiM's fit hung in every
-    run of this loop; computed on one device it cannot."""
+    one copy per device on 2 simulated devices (a pool of 2 threads here) this loop hung in 2 runs of
+    2 on a loaded machine; computed on one device it cannot."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     try:
         run = subprocess.run([sys.executable, "-c", PADIM_WHITENING_LOOP], env=env, capture_output=True, text=True,

@@ -24,6 +24,8 @@ def whitening(moments, eps):
     Cholesky waits on the thread pool that also runs the devices' programs, so with one copy per
     CPU device, as many as the pool has threads, every thread waited and the fit hung (2 simulated
     devices: within 100 calls)."""
+    if not all(array.sharding.is_fully_replicated for array in moments):
+        raise RuntimeError("padim whitening: the moments must be replicated on every device")  # update_moments' output
     return _whitening(jax.tree.map(lambda array: array.addressable_data(0), moments), eps)
 
 
