@@ -2,6 +2,8 @@
 protocol (HALCON's parameters, early stop, best epoch, seeds), and the maps through apply and an
 artifact round trip. The teacher target is a random-init narrow ResNet-18's adapted features."""
 import dataclasses
+import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +163,14 @@ def test_fit_reports_halcon_results_and_both_phases(trained):
     assert info["quantiles_from"].startswith("1 training images held out") and info["num_train_images"] == 9
     quantiles = head.state["quantiles_local"]
     assert quantiles.shape == (2,) and quantiles[0] < quantiles[1]
+
+
+def test_each_epoch_of_both_phases_is_logged_once_as_it_ends(caplog):
+    with caplog.at_level(logging.INFO, logger="anomax"):
+        fit(max_num_epochs=3)
+    epochs = [re.search(r"(teacher|student).* epoch (\d+)", r.getMessage()) for r in caplog.records]
+    logged = [(m[1], int(m[2])) for m in epochs if m]
+    assert logged == [("teacher", 1), ("teacher", 2), ("student", 1), ("student", 2), ("student", 3)]
 
 
 def test_stops_at_error_threshold_and_is_deterministic_per_seed(trained):

@@ -27,7 +27,6 @@ same state as one process would.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -48,7 +47,6 @@ from anomax.registry import HEADS
 from anomax.settings import setting
 from anomax.training import TrainConfig
 
-log = logging.getLogger(__name__)
 
 STRIDES = (4, 8, 16)
 BRANCHES = ("local", "global")
@@ -352,7 +350,6 @@ class EfficientAD(Head):
 
         params, info = _train(error_fn, params, inputs, targets, train, "train efficientad student+autoencoder",
                               progress)
-        _log_epochs("student+autoencoder", info["log"])
         state.update(self._student.flatten(params["student"]))
         state.update(self._ae.flatten(params["autoencoder"]))
         state["geometry"] = self._geometry
@@ -396,7 +393,6 @@ class EfficientAD(Head):
                                      learning_rate=self.config.distill_learning_rate, schedule="cosine")
         params, info = _train(error_fn, self._teacher.init(train.seed), images, targets, config,
                               "distil efficientad teacher", progress)
-        _log_epochs("teacher distillation", info["log"])
         info["num_images"] = len(images)
         return params, more_images, info
 
@@ -429,12 +425,6 @@ def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
         valid = np.arange(size) < len(names)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
         yield {"image": padded, "features": np.asarray(model._features(*params, padded)), "valid": valid}
-
-
-def _log_epochs(phase: str, epochs: list[dict[str, Any]]) -> None:
-    for entry in epochs:
-        log.info("efficientad %s epoch %d: error %.5g (%.1f s)", phase, entry["epoch"], entry["error"],
-                 entry["seconds"])
 
 
 def _train(error_fn, params, inputs, targets: np.ndarray, config: TrainConfig, desc: str, progress: bool):
