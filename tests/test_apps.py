@@ -75,6 +75,38 @@ def test_bad_value_is_one_clear_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_efficientad_elpv_recipes_are_what_validation_chose(schemas):
+    """experiments/efficientad.md's ELPV recipes, composable with the DATA.md protocol."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        mono, poly = (compose("anomax_train", overrides=[f"+experiment=[elpv_protocol,elpv_efficientad_{cells}]",
+                                                          "model.head.distill_images=/generic"])
+                      for cells in ("mono", "poly"))
+    for cfg, cells in ((mono, "elpv_mono"), (poly, "elpv_poly")):
+        head = cfg.model.head
+        assert (cfg.dataset.name, head.name, head.distill_images, head.generic_penalty, head.distill_epochs,
+                cfg.train.domain_ratio, cfg.dataset.validation_from_test) == (cells, "efficientad", "/generic", 0, 20, 1, 0)
+    assert list(mono.model.backbone.taps) == ["features.3", "features.6", "features.13"]  # the teacher at stride 4
+    assert (mono.preprocess.normalization_type, mono.train.max_num_epochs) == ("all_channels", 60)
+    assert (list(poly.model.backbone.taps), poly.preprocess.normalization_type, poly.train.max_num_epochs) == (
+        ["features.6", "features.13"], None, 30)  # the backbone's default taps: stride 8
+
+
+def test_an_unset_value_is_one_clear_line_naming_its_key(tmp_path):
+    """??? left in a config, or an interpolation that does not resolve, is named before anything
+    reads it (it used to reach the dataset reader as the path '???')."""
+    env = {k: v for k, v in os.environ.items() if k != "ANOMAX_GENERIC_IMAGES"}
+    for app, args, expected in [
+            ("train", ["dataset=mvtec_ad"], "dataset.root has no value (??? in the config); set it"),
+            ("predict", [], "model_dir has no value (??? in the config)"),
+            ("train", ["+experiment=elpv_efficientad_mono"], "model.head.distill_images does not resolve: "),
+            ("train", ["+experiment=elpv_efficientad_mono"], "Environment variable 'ANOMAX_GENERIC_IMAGES' not found")]:
+        script = f"import sys; from anomax.apps.{app} import main; sys.argv[0] = 'anomax-{app}'; main()"
+        done = subprocess.run([sys.executable, "-c", script, *args, f"hydra.run.dir={tmp_path / app}"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2 and done.stderr.startswith(f"anomax-{app}: error: "), done.stderr
+        assert expected in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
 @pytest.mark.parametrize("app,key", [("train", "model:"), ("evaluate", "model_dir:"), ("predict", "inputs:")])
 def test_help_names_the_app_and_lists_only_what_it_takes(app, key, tmp_path):
     done = run(app, "--help", cwd=tmp_path)

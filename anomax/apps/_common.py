@@ -9,15 +9,26 @@ from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from anomax.errors import AnomaxError
+from anomax.errors import AnomaxError, ConfigError
 from anomax.files import check_run_dir_unused
 
 log = logging.getLogger("anomax")
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The config as plain containers, every interpolation resolved. A value left ??? (e.g.
+    dataset.root of mvtec_ad) or one that does not resolve (an unset ${oc.env:...}) is a
+    ConfigError naming its key, before anything reads it as a path."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key} has no value (??? in the config); set it, e.g. "
+                          f"{error.full_key}=...") from None
+    except InterpolationResolutionError as error:
+        reason = error.msg.splitlines()[0]  # the rest repeats the key and the node's type
+        raise ConfigError(f"{error.full_key} does not resolve: {reason}") from None
 
 
 def load_configured_model(config: dict[str, Any]):
