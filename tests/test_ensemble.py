@@ -388,6 +388,8 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
         (["ensemble.members=[[],['model.head.coreset_ratoi=0.1']]"], r"members\[1\] .* does not compose: .*ratoi"),
         (["ensemble.members=[['model.head.coreset_ratio=2'],[]]"], r"members\[0\] .*: model.head.coreset_ratio = 2.0"),
         (["ensemble.members=[[],['batch_size=4']]"], r"members\[1\] .*: batch_size differs from the run's"),
+        (["ensemble.members=[[],['dataset.texture=???']]"],
+         r"members\[1\] .* does not compose: dataset.name does not resolve: .*dataset.texture"),
         (["ensemble.members=[[],[]]"], r"members\[1\] .*: the same model as ensemble.members\[0\]"),
         (["ensemble.members=[[]]"], r"ensemble.members = \(\(\),\) is invalid"),
         (["ensemble=lite2_mobilenet_v2", "tiling=default"], r"tiling.tile_size: not available with a score ensemble"),

@@ -170,11 +170,13 @@ def compose_train_config(overrides: Sequence[str], config_name: str = "anomax_tr
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from anomax.apps._common import plain
+
     register_schemas()
     if GlobalHydra.instance().is_initialized():
-        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
+        return plain(compose(config_name, overrides=list(overrides)))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
+        return plain(compose(config_name, overrides=list(overrides)))
 
 
 def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
@@ -193,7 +195,7 @@ def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
     for number, member in enumerate(EnsembleConfig.from_dict(cfg.get("ensemble")).members):
         try:
             configs.append(compose_train_config([*run, "ensemble=off", *member], config_name))
-        except (HydraException, OmegaConfBaseException) as error:
+        except (HydraException, OmegaConfBaseException, ConfigError) as error:
             raise ConfigError(f"ensemble.members[{number}] ({list(member)}) does not compose: {error}") from None
     return configs
 
