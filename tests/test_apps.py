@@ -86,7 +86,7 @@ def test_efficientad_elpv_recipes_are_what_validation_chose(schemas):
         assert (cfg.dataset.name, head.name, head.distill_images, head.generic_penalty, head.distill_epochs,
                 cfg.train.domain_ratio, cfg.dataset.validation_from_test) == (cells, "efficientad", "/generic", 0, 20, 1, 0)
     assert list(mono.model.backbone.taps) == ["features.3", "features.6", "features.13"]  # the teacher at stride 4
-    assert (mono.preprocess.normalization_type, mono.train.max_num_epochs) == ("all_channels", 60)
+    assert (mono.preprocess.normalization_type, mono.train.max_num_epochs) == ("all_channels", 100)
     assert (list(poly.model.backbone.taps), poly.preprocess.normalization_type, poly.train.max_num_epochs) == (
         ["features.6", "features.13"], None, 30)  # the backbone's default taps: stride 8
 
