@@ -165,7 +165,7 @@ def test_fit_reports_halcon_results_and_both_phases(trained):
     assert quantiles.shape == (2,) and quantiles[0] < quantiles[1]
 
 
-def test_each_epoch_of_both_phases_is_logged_once_as_it_ends(caplog):
+def test_each_epoch_of_both_phases_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="anomax"):
         fit(max_num_epochs=3)
     epochs = [re.search(r"(teacher|student).* epoch (\d+)", r.getMessage()) for r in caplog.records]
