@@ -1,6 +1,7 @@
 """Image AUROC per defect type of each map a head returns (combined, local, global), for anomax-train runs.
 
     python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test] [--recalibrate] [--border N]
+        [--combine mean|max]
 
 Reads each run's saved model and dataset manifest, scores the split once and prints one markdown
 row per run and defect type: AUROC of 'anomaly_score' and, where the head gives them,
@@ -11,6 +12,8 @@ good validation images or, without a validation split, on the training images fi
 --border N: an efficientad model's maps with N grid cells zeroed at each edge instead of its own
 setting, the quantiles taken again (--recalibrate) for them: the border is a map setting, so
 it is compared on the same trained networks without a refit.
+--combine mean|max: an efficientad model's combined map as the branches' mean or pointwise maximum
+instead of its own setting (each branch is normalised on its own, so the quantiles stay).
 """
 from __future__ import annotations
 
@@ -50,10 +53,12 @@ def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
     return f"{len(images)} {split} images"
 
 
-def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False,
-                  border: int | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False, border: int | None = None,
+                  combine: str | None = None) -> tuple[str, dict[str, dict[str, float]]]:
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
+    if combine is not None:
+        model.head.config = dataclasses.replace(model.head.config, combine=combine)
     if border is not None:
         model.head.config = dataclasses.replace(model.head.config, border=border)
         calibrate = True
@@ -86,12 +91,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--recalibrate", action="store_true")
     parser.add_argument("--border", type=int, help="efficientad: map border (grid cells), quantiles taken again")
+    parser.add_argument("--combine", choices=("mean", "max"), help="efficientad: the combined map's rule")
     args = parser.parse_args()
     print("| run | head | defect type | combined | local | global |")
     print("|---|---|---|---|---|---|")
     everything = {}
     for run in args.runs:
-        head, table = branch_aurocs(run, args.split, args.recalibrate, args.border)
+        head, table = branch_aurocs(run, args.split, args.recalibrate, args.border, args.combine)
         everything[str(run)] = {"head": head, "image_auroc": table}
         for defect, values in table.items():
             cells = [f"{values[key]:.4f}" if key in values else "–" for key in SCORES]

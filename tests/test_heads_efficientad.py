@@ -248,6 +248,21 @@ def test_score_gives_local_global_and_combined_maps(trained):
                                atol=1e-5)
 
 
+def test_combine_max_is_the_branches_pointwise_maximum(trained):
+    head, _ = trained
+    state = {key: jnp.asarray(value) for key, value in head.state.items()}
+    # Without smoothing and with nearest upsampling the maps are the grid's values, so the
+    # maximum taken on the grid shows pixel by pixel.
+    sharp = {**head.hyperparams, "sigma": 0.0, "upsample": "nearest"}
+    out = EfficientAD.from_state({**sharp, "combine": "max"}, head.state).score(state, IMAGES[:3], None)
+    both = np.maximum(out["anomaly_image_local"], out["anomaly_image_global"])
+    np.testing.assert_array_equal(out["anomaly_image"], both)
+    mean = EfficientAD.from_state(sharp, head.state).score(state, IMAGES[:3], None)
+    assert not np.allclose(mean["anomaly_image"], both)  # the default is still the paper's mean
+    for key in ("anomaly_image_local", "anomaly_image_global"):
+        np.testing.assert_array_equal(out[key], mean[key])
+
+
 def test_map_borders_are_zero_before_normalisation(trained):
     head, _ = trained
     sharp = EfficientAD.from_state({**head.hyperparams, "sigma": 0.0, "upsample": "nearest"}, head.state)
@@ -285,6 +300,8 @@ def test_registry_and_bad_settings():
         EfficientAD(size="large")
     with pytest.raises(ConfigError, match="hard_quantile"):
         EfficientAD(hard_quantile=1.0)
+    with pytest.raises(ConfigError, match="combine"):
+        EfficientAD(combine="sum")
     bad = [{"image": IMAGES[:4], "features": np.zeros((4, 5, 5, 8), np.float32)}]
     with pytest.raises(InputError, match="times smaller"):
         EfficientAD(**HEAD).fit(bad, train=TRAIN, preprocess=MODEL.preprocess)

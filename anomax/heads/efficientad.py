@@ -16,7 +16,8 @@ Three small networks on the image, none of them the big backbone at inference:
   swapped though each patch looks normal: the global map (HALCON's global context).
 
 Each map is normalised so that its 0.9 quantile on good validation images is 0 and its 0.995
-quantile is 0.1; the combined map is their mean.
+quantile is 0.1; the combined map is their mean (the paper's) or, with ``combine='max'``, their
+pointwise maximum, which does not halve a defect that only one branch sees.
 
 Several processes (anomax.distributed): each reads its own part of every split; every process
 then holds all of it (gathered in the split's order), both phases train data-parallel over the
@@ -70,7 +71,9 @@ class EfficientADConfig(HeadConfig):
     unchanged image). holdout: fraction of the training images kept back for the map
     quantiles when the model has no validation split. border: patch-grid cells at each edge of
     the local and global maps set to 0: the PDN's zero padding makes its edge outputs unreliable
-    (the paper's unpadded PDN gives none there and zero-pads its maps)."""
+    (the paper's unpadded PDN gives none there and zero-pads its maps). combine: how the two
+    normalised maps make the combined one: 'mean' (the paper's) or 'max' (pointwise; a missing
+    part that only the global branch sees is not averaged with a local map at chance there)."""
 
     size: Literal["small", "medium"] = "small"
     width: int = setting(16, ge=1)
@@ -84,6 +87,7 @@ class EfficientADConfig(HeadConfig):
     ae_jitter: float = setting(0.0, ge=0, lt=1)
     holdout: float = setting(0.1, gt=0, lt=1)
     border: int = setting(1, ge=0)
+    combine: Literal["mean", "max"] = "mean"
 
 
 # ---- losses and normalisation (pure, tested against numpy) --------------------------------
@@ -257,8 +261,9 @@ class EfficientAD(Head):
         local, global_ = self._raw_maps(state, images)
         local = normalise(local, state["quantiles_local"])
         global_ = normalise(global_, state["quantiles_global"])
+        combined = jnp.maximum(local, global_) if self.config.combine == "max" else 0.5 * (local + global_)
         out = {}
-        for suffix, patch_scores in (("", 0.5 * (local + global_)), ("_local", local), ("_global", global_)):
+        for suffix, patch_scores in (("", combined), ("_local", local), ("_global", global_)):
             anomaly_image = self.anomaly_map(patch_scores, images.shape[1:3])
             out[f"anomaly_image{suffix}"] = anomaly_image
             out[f"anomaly_score{suffix}"] = anomaly_image.max(axis=(1, 2))
