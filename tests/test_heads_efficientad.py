@@ -16,7 +16,7 @@ import anomax
 from anomax.backbones import backbone_requirements, build_backbone
 from anomax.errors import ConfigError, InputError
 from anomax.features import FeatureAdaptor
-from anomax.heads._pdn import Conv
+from anomax.heads._pdn import Conv, average_pool
 from anomax.heads.efficientad import (EfficientAD, colour_jitter, distillation_batches, hard_feature_errors,
                                      hard_feature_loss, map_quantiles, normalise, order_statistics, quantile)
 from anomax.model import AnomalyModel
@@ -91,6 +91,21 @@ def test_conv_matches_lax_convolution(size, stride, shape):
     reference = jax.lax.conv_general_dilated(x, conv.kernel[...], (stride, stride), "SAME",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
     np.testing.assert_allclose(conv(x), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_pooling_and_its_onnx_export_form_agree(factor):
+    """The PDN's average pooling against a numpy mean of zero-padded blocks, and the grouped
+    convolution the ONNX export traces instead (OpenVINO refuses the 6-D Conv of reduce_window)."""
+    from anomax.deploy.onnx_export import _grouped_strided_average_pool
+
+    x = np.random.default_rng(factor).normal(size=(2, 13, 10, 3)).astype(np.float32)  # sizes not multiples
+    rows, cols = -(-13 // factor), -(-10 // factor)
+    padded = np.zeros((2, rows * factor, cols * factor, 3), np.float32)
+    padded[:, :13, :10] = x
+    expected = padded.reshape(2, rows, factor, cols, factor, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(average_pool(jnp.asarray(x), factor), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_grouped_strided_average_pool(jnp.asarray(x), factor), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_quantile_normalisation_on_known_maps():

@@ -285,7 +285,8 @@ class EfficientAD(Head):
         held-out part of the training images. ``distill``: extra batches {'image', 'features'}
         of generic images (the model reads ``distill_images`` into them) for the teacher only.
         ``preprocess``: how the images were made (PreprocessParams), needed by the colour jitter."""
-        config, train = self.config, train or TrainConfig()
+        config = self.config
+        train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)  # a mapping, as student takes
         if config.distill_images and distill is None:
             raise ConfigError(f"model.head.distill_images = {config.distill_images!r} but fit() got no distillation "
                               "batches: pass distill=distillation_batches(model, folder) (AnomalyModel.fit does)")
