@@ -167,9 +167,7 @@ def _grouped_strided_average_pool(x: jax.Array, factor: int) -> jax.Array:
         return x
     height, width, channels = x.shape[1:]
     kernel = np.full((factor, factor, 1, channels), 1.0 / (factor * factor), np.float32)
-    return jax.lax.conv_general_dilated(x, jnp.asarray(kernel), (factor, factor),
-                                        [(0, -height % factor), (0, -width % factor)],
-                                        feature_group_count=channels, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _grouped_depthwise_conv(x, jnp.asarray(kernel), factor, [(0, -height % factor), (0, -width % factor)])
 
 
 def _check_opset(proto, opset: int) -> None:
