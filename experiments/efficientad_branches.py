@@ -1,7 +1,7 @@
 """Image AUROC per defect type of each map a head returns (combined, local, global), for anomax-train runs.
 
     python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test] [--recalibrate] [--border N]
-        [--combine mean|max]
+        [--combine mean|max] [--sigma S]
 
 Reads each run's saved model and dataset manifest, scores the split once and prints one markdown
 row per run and defect type: AUROC of 'anomaly_score' and, where the head gives them,
@@ -14,6 +14,8 @@ setting, the quantiles taken again (--recalibrate) for them: the border is a map
 it is compared on the same trained networks without a refit.
 --combine mean|max: an efficientad model's combined map as the branches' mean or pointwise maximum
 instead of its own setting (each branch is normalised on its own, so the quantiles stay).
+--sigma S: the maps' Gaussian smoothing (input pixels) instead of the model's own; a map setting
+applied after the quantile normalisation, so the quantiles stay.
 """
 from __future__ import annotations
 
@@ -54,11 +56,13 @@ def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
 
 
 def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False, border: int | None = None,
-                  combine: str | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+                  combine: str | None = None, sigma: float | None = None) -> tuple[str, dict[str, dict[str, float]]]:
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
     if combine is not None:
         model.head.config = dataclasses.replace(model.head.config, combine=combine)
+    if sigma is not None:
+        model.head.config = dataclasses.replace(model.head.config, sigma=sigma)
     if border is not None:
         model.head.config = dataclasses.replace(model.head.config, border=border)
         calibrate = True
@@ -92,12 +96,14 @@ def main() -> None:
     parser.add_argument("--recalibrate", action="store_true")
     parser.add_argument("--border", type=int, help="efficientad: map border (grid cells), quantiles taken again")
     parser.add_argument("--combine", choices=("mean", "max"), help="efficientad: the combined map's rule")
+    parser.add_argument("--sigma", type=float, help="the maps' Gaussian smoothing in input pixels")
     args = parser.parse_args()
     print("| run | head | defect type | combined | local | global |")
     print("|---|---|---|---|---|---|")
     everything = {}
     for run in args.runs:
-        head, table = branch_aurocs(run, args.split, args.recalibrate, args.border, args.combine)
+        head, table = branch_aurocs(run, args.split, args.recalibrate, args.border, args.combine,
+                                   args.sigma)
         everything[str(run)] = {"head": head, "image_auroc": table}
         for defect, values in table.items():
             cells = [f"{values[key]:.4f}" if key in values else "–" for key in SCORES]
