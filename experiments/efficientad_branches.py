@@ -59,13 +59,10 @@ def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False, border: in
                   combine: str | None = None, sigma: float | None = None) -> tuple[str, dict[str, dict[str, float]]]:
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
-    if combine is not None:
-        model.head.config = dataclasses.replace(model.head.config, combine=combine)
-    if sigma is not None:
-        model.head.config = dataclasses.replace(model.head.config, sigma=sigma)
-    if border is not None:
-        model.head.config = dataclasses.replace(model.head.config, border=border)
-        calibrate = True
+    settings = {key: value for key, value in (("combine", combine), ("sigma", sigma), ("border", border))
+                if value is not None}
+    model.head.config = dataclasses.replace(model.head.config, **settings)
+    calibrate = calibrate or border is not None  # a new border changes the maps the quantiles come from
     if calibrate and hasattr(model.head, "calibrate"):
         print(f"<!-- {run_dir.name}: quantiles again from {recalibrate(model, dataset, run_dir)} -->")
     samples = dataset.samples_of(split)
