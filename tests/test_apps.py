@@ -92,6 +92,16 @@ def test_efficientad_elpv_recipes_are_what_validation_chose(schemas):
         ["features.6", "features.13"], None)  # the backbone's default taps: stride 8
 
 
+def test_efficientad_logical_recipe_is_what_validation_chose(schemas):
+    """experiments/efficientad.md's recipe for logical rules on the synthetic parts."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("anomax_train", overrides=["+experiment=efficientad_logical", "model.head.distill_images=/generic"])
+    head = cfg.model.head
+    assert (cfg.dataset.name, cfg.preprocess.width, cfg.preprocess.height, head.name, head.distill_images,
+            head.width, head.ae_width, head.combine, head.sigma, cfg.train.domain_ratio) == (
+        "synthetic_parts", 128, 128, "efficientad", "/generic", 32, 32, "max", 8, 1)
+
+
 def test_an_unset_value_is_one_clear_line_naming_its_key(tmp_path):
     """??? left in a config, or an interpolation that does not resolve, is named before anything
     reads it (it used to reach the dataset reader as the path '???')."""
