@@ -1,7 +1,7 @@
 """Image AUROC per defect type of each map a head returns (combined, local, global), for anomax-train runs.
 
     python experiments/efficientad_branches.py RUN_DIR [RUN_DIR ...] [--split test] [--recalibrate] [--border N]
-        [--combine mean|max] [--sigma S]
+        [--combine mean|max] [--sigma S] [--image-score max|branches]
 
 Reads each run's saved model and dataset manifest, scores the split once and prints one markdown
 row per run and defect type: AUROC of 'anomaly_score' and, where the head gives them,
@@ -16,6 +16,9 @@ it is compared on the same trained networks without a refit.
 instead of its own setting (each branch is normalised on its own, so the quantiles stay).
 --sigma S: the maps' Gaussian smoothing (input pixels) instead of the model's own; a map setting
 applied after the quantile normalisation, so the quantiles stay.
+--image-score max|branches: an efficientad model's image score rule instead of its own ('branches':
+the local map's maximum and the global map's mean, standardised on the good validation images, so
+the model is calibrated again, which also takes the quantiles again: the same ones, from the same images).
 """
 from __future__ import annotations
 
@@ -56,13 +59,16 @@ def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
 
 
 def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False, border: int | None = None,
-                  combine: str | None = None, sigma: float | None = None) -> tuple[str, dict[str, dict[str, float]]]:
+                  combine: str | None = None, sigma: float | None = None,
+                  image_score: str | None = None) -> tuple[str, dict[str, dict[str, float]]]:
     model = anomax.load_model(run_dir / "model")
     dataset = DLDataset.from_json(run_dir / "dataset.json")
-    settings = {key: value for key, value in (("combine", combine), ("sigma", sigma), ("border", border))
-                if value is not None}
+    settings = {key: value for key, value in (("combine", combine), ("sigma", sigma), ("border", border),
+                                              ("image_score", image_score)) if value is not None}
     model.head.config = dataclasses.replace(model.head.config, **settings)
-    calibrate = calibrate or border is not None  # a new border changes the maps the quantiles come from
+    # a new border changes the maps the quantiles come from; the branch scores' statistics depend on
+    # every map setting
+    calibrate = calibrate or border is not None or model.head.config.image_score == "branches"
     if calibrate and hasattr(model.head, "calibrate"):
         print(f"<!-- {run_dir.name}: quantiles again from {recalibrate(model, dataset, run_dir)} -->")
     samples = dataset.samples_of(split)
@@ -94,13 +100,14 @@ def main() -> None:
     parser.add_argument("--border", type=int, help="efficientad: map border (grid cells), quantiles taken again")
     parser.add_argument("--combine", choices=("mean", "max"), help="efficientad: the combined map's rule")
     parser.add_argument("--sigma", type=float, help="the maps' Gaussian smoothing in input pixels")
+    parser.add_argument("--image-score", choices=("max", "branches"), help="efficientad: the image score's rule")
     args = parser.parse_args()
     print("| run | head | defect type | combined | local | global |")
     print("|---|---|---|---|---|---|")
     everything = {}
     for run in args.runs:
         head, table = branch_aurocs(run, args.split, args.recalibrate, args.border, args.combine,
-                                   args.sigma)
+                                   args.sigma, args.image_score)
         everything[str(run)] = {"head": head, "image_auroc": table}
         for defect, values in table.items():
             cells = [f"{values[key]:.4f}" if key in values else "–" for key in SCORES]

@@ -98,8 +98,8 @@ def test_efficientad_logical_recipe_is_what_validation_chose(schemas):
         cfg = compose("anomax_train", overrides=["+experiment=efficientad_logical", "model.head.distill_images=/generic"])
     head = cfg.model.head
     assert (cfg.dataset.name, cfg.preprocess.width, cfg.preprocess.height, head.name, head.distill_images,
-            head.width, head.ae_width, head.combine, head.sigma, cfg.train.domain_ratio) == (
-        "synthetic_parts", 128, 128, "efficientad", "/generic", 32, 32, "max", 8, 1)
+            head.width, head.ae_width, head.combine, head.sigma, head.image_score, cfg.train.domain_ratio) == (
+        "synthetic_parts", 128, 128, "efficientad", "/generic", 32, 32, "max", 8, "branches", 1)
 
 
 def test_an_unset_value_is_one_clear_line_naming_its_key(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import anomax
 from anomax.backbones import backbone_requirements, build_backbone
-from anomax.errors import ConfigError, InputError
+from anomax.errors import ArtifactError, ConfigError, InputError
 from anomax.features import FeatureAdaptor
 from anomax.heads._pdn import Conv, average_pool
 from anomax.heads.efficientad import (EfficientAD, colour_jitter, distillation_batches, hard_feature_errors,
@@ -22,6 +22,7 @@ from anomax.heads.efficientad import (EfficientAD, colour_jitter, distillation_b
 from anomax.model import AnomalyModel
 from anomax.preprocess.params import create_dl_preprocess_param, pixel_scale, preprocess_image
 from anomax.registry import HEADS
+from anomax.tiling import TilingConfig
 from anomax.training import TrainConfig
 
 SIZE = 32
@@ -278,6 +279,47 @@ def test_combine_max_is_the_branches_pointwise_maximum(trained):
         np.testing.assert_array_equal(out[key], mean[key])
 
 
+def test_branch_image_scores_are_standardised_on_the_calibration_images(trained, tmp_path):
+    head, _ = trained
+    plain, branches = (EfficientAD.from_state(head.hyperparams, head.state) for _ in range(2))
+    assert "score_stats" not in branches.state_keys
+    branches.config = dataclasses.replace(branches.config, image_score="branches")  # as if fitted so
+    good = IMAGES[:6]
+    for each in (plain, branches):
+        each.calibrate(good, batch_size=4)
+    state = {key: jnp.asarray(value) for key, value in branches.state.items()}
+    out = jax.jit(branches.score)(state, IMAGES, None)
+    maxima = jax.jit(plain.score)({key: jnp.asarray(v) for key, v in plain.state.items()}, IMAGES, None)
+    for key in KEYS:  # the maps are those of the image_score='max' head
+        np.testing.assert_array_equal(out[key], maxima[key])
+    local = np.asarray(out["anomaly_image_local"]).max(axis=(1, 2))
+    global_ = np.asarray(out["anomaly_image_global"]).mean(axis=(1, 2))
+    np.testing.assert_allclose(out["anomaly_score_local"], local)
+    np.testing.assert_allclose(out["anomaly_score_global"], global_, rtol=1e-6)
+    # numpy reference: each branch score standardised on the 6 calibration images, then the larger
+    z = [(s - s[:6].mean()) / s[:6].std() for s in (local, global_)]
+    np.testing.assert_allclose(out["anomaly_score"], np.maximum(*z), rtol=1e-4, atol=1e-4)
+    for branch in z:
+        assert abs(branch[:6].mean()) < 1e-4 and abs(branch[:6].std() - 1) < 1e-4
+    # the statistics travel with the artifact; an artifact without them is refused
+    model = build_model(image_score="branches")
+    model.head = branches
+    raw = list(np.random.default_rng(3).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
+    loaded = anomax.load_model(anomax.save_model(model, tmp_path / "model"))
+    for before, after in zip(model.apply(raw), loaded.apply(raw)):
+        for key in before:
+            np.testing.assert_array_equal(before[key], after[key])
+    incomplete = {key: value for key, value in branches.state.items() if key != "score_stats"}
+    with pytest.raises(ArtifactError, match="score_stats"):
+        EfficientAD.from_state(branches.hyperparams, incomplete)
+
+
+def test_branch_image_scores_refuse_tiling():
+    with pytest.raises(ConfigError, match="image_score"):
+        AnomalyModel(MODEL.preprocess, MODEL.backbone, MODEL.adaptor, EfficientAD(**HEAD, image_score="branches"),
+                     tiling=TilingConfig(tile_size=SIZE))
+
+
 def test_map_borders_are_zero_before_normalisation(trained):
     head, _ = trained
     sharp = EfficientAD.from_state({**head.hyperparams, "sigma": 0.0, "upsample": "nearest"}, head.state)
@@ -317,6 +359,8 @@ def test_registry_and_bad_settings():
         EfficientAD(hard_quantile=1.0)
     with pytest.raises(ConfigError, match="combine"):
         EfficientAD(combine="sum")
+    with pytest.raises(ConfigError, match="image_score"):
+        EfficientAD(image_score="mean")
     bad = [{"image": IMAGES[:4], "features": np.zeros((4, 5, 5, 8), np.float32)}]
     with pytest.raises(InputError, match="times smaller"):
         EfficientAD(**HEAD).fit(bad, train=TRAIN, preprocess=MODEL.preprocess)

@@ -17,7 +17,10 @@ Three small networks on the image, none of them the big backbone at inference:
 
 Each map is normalised so that its 0.9 quantile on good validation images is 0 and its 0.995
 quantile is 0.1; the combined map is their mean (the paper's) or, with ``combine='max'``, their
-pointwise maximum, which does not halve a defect that only one branch sees.
+pointwise maximum, which does not halve a defect that only one branch sees. The image score is
+the combined map's maximum (the paper's) or, with ``image_score='branches'``, each branch read where
+its evidence lies: the local map's maximum (a defect is a spot) and the global map's mean (a broken
+rule moves the whole reconstruction), each standardised on the same good images, and their maximum.
 
 Several processes (anomax.distributed): each reads its own part of every split; every process
 then holds all of it (gathered in the split's order), both phases train data-parallel over the
@@ -73,7 +76,13 @@ class EfficientADConfig(HeadConfig):
     the local and global maps set to 0: the PDN's zero padding makes its edge outputs unreliable
     (the paper's unpadded PDN gives none there and zero-pads its maps). combine: how the two
     normalised maps make the combined one: 'mean' (the paper's) or 'max' (pointwise; a missing
-    part that only the global branch sees is not averaged with a local map at chance there)."""
+    part that only the global branch sees is not averaged with a local map at chance there).
+    image_score: 'max', the combined map's maximum (the paper's), or 'branches': the local map's
+    maximum and the global map's mean (a missing or extra part leaves no single peak; the
+    autoencoder's error spreads over the image), each standardised with its mean and standard
+    deviation on the good images the quantiles come from, and the larger of the two; the
+    branch scores are then those two readings. Untiled models only: tiling reads every
+    image's score from its stitched map."""
 
     size: Literal["small", "medium"] = "small"
     width: int = setting(16, ge=1)
@@ -88,6 +97,7 @@ class EfficientADConfig(HeadConfig):
     holdout: float = setting(0.1, gt=0, lt=1)
     border: int = setting(1, ge=0)
     combine: Literal["mean", "max"] = "mean"
+    image_score: Literal["max", "branches"] = "max"
 
 
 # ---- losses and normalisation (pure, tested against numpy) --------------------------------
@@ -217,8 +227,9 @@ class EfficientAD(Head):
 
     @property
     def state_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        by_branch = ("score_stats",) if self.config.image_score == "branches" else ()
         return (*self._teacher.keys, *self._student.keys, *self._ae.keys, "teacher_mean", "teacher_std",
-                "quantiles_local", "quantiles_global", "geometry")
+                "quantiles_local", "quantiles_global", *by_branch, "geometry")
 
     @classmethod
     def from_state(cls, hyperparams: Mapping[str, Any], state: Mapping[str, Any]) -> EfficientAD:
@@ -257,7 +268,7 @@ class EfficientAD(Head):
 
     def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None = None,
               mesh=None) -> dict[str, jax.Array]:
-        """Pure: combined, local and global maps (B, H, W) and their maxima as image scores."""
+        """Pure: combined, local and global maps (B, H, W) and their image scores (``image_score``)."""
         local, global_ = self._raw_maps(state, images)
         local = normalise(local, state["quantiles_local"])
         global_ = normalise(global_, state["quantiles_global"])
@@ -267,6 +278,11 @@ class EfficientAD(Head):
             anomaly_image = self.anomaly_map(patch_scores, images.shape[1:3])
             out[f"anomaly_image{suffix}"] = anomaly_image
             out[f"anomaly_score{suffix}"] = anomaly_image.max(axis=(1, 2))
+        if self.config.image_score == "branches":
+            out["anomaly_score_global"] = out["anomaly_image_global"].mean(axis=(1, 2))
+            branch_scores = jnp.stack([out["anomaly_score_local"], out["anomaly_score_global"]], axis=-1)
+            mean, std = state["score_stats"][0], state["score_stats"][1]
+            out["anomaly_score"] = jnp.max((branch_scores - mean) / std, axis=-1)
         return out
 
     # ---- fit ----------------------------------------------------------------------------
@@ -367,12 +383,22 @@ class EfficientAD(Head):
 
     def calibrate(self, images: np.ndarray, batch_size: int = 8) -> None:
         """Set the map quantiles from good images (B, H, W, C), preprocessed: EfficientAD's
-        normalisation (fit does this on the validation or held-out images)."""
+        normalisation (fit does this on the validation or held-out images); with
+        ``image_score='branches'`` also the two branch scores' mean and standard deviation there."""
         state = {**self.state, **{f"quantiles_{branch}": np.zeros(2, np.float32) for branch in BRANCHES}}
         raw = jax.jit(self._raw_maps)
         maps = [raw(state, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
         for index, branch in enumerate(BRANCHES):
             state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index]) for m in maps]))
+        if self.config.image_score == "branches":
+            state["score_stats"] = np.asarray([[0.0, 0.0], [1.0, 1.0]], np.float32)  # identity while measured
+            scored = jax.jit(self.score)
+            scores = np.concatenate([np.stack([np.asarray(out["anomaly_score_local"]),
+                                               np.asarray(out["anomaly_score_global"])], axis=-1)
+                                     for out in (scored(state, images[i:i + batch_size])
+                                                 for i in range(0, len(images), batch_size))])
+            state["score_stats"] = np.stack([scores.mean(0, dtype=np.float64),
+                                             np.maximum(scores.std(0, dtype=np.float64), 1e-6)]).astype(np.float32)
         self._state = state
 
     def _distil(self, images: np.ndarray, features: np.ndarray, extra, train: TrainConfig, progress: bool):
