@@ -9,8 +9,10 @@
   different scales, so each member's map is z-normalised with the mean and standard deviation of
   its own map pixels on the validation split's good images (its image scores likewise with their
   own statistics), then the normalised maps and scores are averaged. Only validation good images
-  enter the statistics: the test split and every defective image stay unseen. ``ensemble=...``
-  configs (``EnsembleConfig``) train one in anomax-train; save_model / load_model store it.
+  enter the statistics: the test split and every defective image stay unseen. Further map and
+  score pairs that every member gives (efficientad's ``anomaly_image_local`` / ``anomaly_score_local``
+  and ``_global``) are normalised and averaged the same way, each with its own statistics.
+  ``ensemble=...`` configs (``EnsembleConfig``) train one in anomax-train; save_model / load_model store it.
 """
 from __future__ import annotations
 
@@ -137,6 +139,13 @@ class EnsembleConfig(Settings):
 
 
 STAT_KEYS = ("map_mean", "map_std", "score_mean", "score_std")
+BRANCH_MAP = "anomaly_image_"  # a further output: anomaly_image_<branch> with anomaly_score_<branch>
+
+
+def branches_of(outputs: Mapping[str, Any]) -> tuple[str, ...]:
+    """The further map and score pairs of one result batch or dict: ('global', 'local') for efficientad."""
+    return tuple(sorted(key[len(BRANCH_MAP):] for key in outputs
+                        if key.startswith(BRANCH_MAP) and f"anomaly_score_{key[len(BRANCH_MAP):]}" in outputs))
 
 
 def good_images(dataset: DLDataset, split: str = "validation") -> DLDataset:
@@ -211,21 +220,30 @@ class ScoreEnsemble:
 
     def normalise(self, dataset: DLDataset, split: str = "validation", cache_dir: str | None = None) -> list[dict]:
         """Each member's mean and std of its map pixels and of its image scores over ``split``'s good
-        images only (the defective ones are dropped before anything is scored)."""
+        images only (the defective ones are dropped before anything is scored); for its further
+        outputs (``branches_of``) the same, under the entry's 'branches'."""
         good = good_images(dataset, split)
         self.stats = []
         for member in self.members:
-            pixels = _Moments()
-            scores = []
+            moments: dict[str, tuple[_Moments, list]] = {}  # output suffix ('', '_local', ...) -> pixels, scores
             for batch in member.score_split(good, split, cache_dir=cache_dir, progress=False):
                 valid = np.asarray(batch["valid"], bool)
-                pixels.add(np.asarray(batch["anomaly_image"], np.float64)[valid])
-                scores.append(np.asarray(batch["anomaly_score"], np.float64)[valid])
-            scores = np.concatenate(scores)
-            # a constant map (std 0) is only shifted: it carries no evidence either way
-            self.stats.append({"map_mean": pixels.mean, "map_std": pixels.std or 1.0,
-                               "score_mean": float(scores.mean()), "score_std": float(scores.std()) or 1.0})
+                for suffix in ("", *(f"_{branch}" for branch in branches_of(batch))):
+                    pixels, scores = moments.setdefault(suffix, (_Moments(), []))
+                    pixels.add(np.asarray(batch[f"anomaly_image{suffix}"], np.float64)[valid])
+                    scores.append(np.asarray(batch[f"anomaly_score{suffix}"], np.float64)[valid])
+            entries = {suffix: _stat_entry(pixels, np.concatenate(scores)) for suffix, (pixels, scores) in moments.items()}
+            entry = entries.pop("")
+            self.stats.append({**entry, "branches": {suffix[1:]: value for suffix, value in entries.items()}}
+                              if entries else entry)
         return self.stats
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The further outputs every member gives (normalised by ``normalise``), averaged like the main ones."""
+        self._check_normalised()
+        shared = set.intersection(*(set(stats.get("branches", {})) for stats in self.stats))
+        return tuple(sorted(shared))
 
     def score_split(self, dataset: DLDataset, split: str, *, cache_dir: str | None = None,
                     progress: bool = False) -> Iterator[dict[str, np.ndarray]]:
@@ -237,10 +255,9 @@ class ScoreEnsemble:
             indices = [np.asarray(b["index"]) for b in batches]
             if any(not np.array_equal(i, indices[0]) for i in indices[1:]):
                 raise InputError("the ensemble's members batch the split differently; give them one batch_size")
-            maps, scores = self._combined([b["anomaly_image"] for b in batches], [b["anomaly_score"] for b in batches])
             first = batches[0]
-            yield {key: first[key] for key in ("mask", "label", "index", "valid") if key in first} | {
-                "anomaly_image": maps, "anomaly_score": scores}
+            yield {key: first[key] for key in ("mask", "label", "index", "valid") if key in first} | self._combined(
+                batches)
 
     def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Raw images -> one result dict per image as AnomalyModel.apply gives them: the ensemble's
@@ -249,40 +266,69 @@ class ScoreEnsemble:
         self._check_normalised()
         if not len(images):
             return []
+        keys = [f"anomaly_{kind}{suffix}" for suffix in ("", *(f"_{b}" for b in self.branches))
+                for kind in ("image", "score")]
         outputs = [member.apply(images) for member in self.members]
-        maps, scores = self._combined([np.stack([r["anomaly_image"] for r in out]) for out in outputs],
-                                      [np.asarray([r["anomaly_score"] for r in out], np.float32) for out in outputs])
-        return classified([{"anomaly_image": m, "anomaly_score": float(s)} for m, s in zip(maps, scores)],
-                          self.thresholds)
+        combined = self._combined([{key: np.stack([r[key] for r in out]) for key in keys} for out in outputs])
+        results = [{key: combined[key][i] if key.startswith("anomaly_image") else float(combined[key][i])
+                    for key in keys} for i in range(len(images))]
+        return classified(results, self.thresholds)
 
-    def _combined(self, maps: Sequence[np.ndarray], scores: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The mean of the members' normalised maps (resized to map_size) and scores: one formula for
-        score_split and apply."""
-        maps = [(_resized(m, self.map_size) - s["map_mean"]) / s["map_std"] for m, s in zip(maps, self.stats)]
-        scores = [(np.asarray(x) - s["score_mean"]) / s["score_std"] for x, s in zip(scores, self.stats)]
-        return np.mean(maps, axis=0).astype(np.float32), np.mean(scores, axis=0).astype(np.float32)
+    def _combined(self, outputs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The mean of the members' normalised maps (resized to map_size) and scores, for the main
+        output and each shared branch: one formula for score_split and apply."""
+        combined = {}
+        for branch in ("", *self.branches):
+            suffix = f"_{branch}" if branch else ""
+            stats = [s["branches"][branch] if branch else s for s in self.stats]
+            maps = [(_resized(out[f"anomaly_image{suffix}"], self.map_size) - s["map_mean"]) / s["map_std"]
+                    for out, s in zip(outputs, stats)]
+            scores = [(np.asarray(out[f"anomaly_score{suffix}"]) - s["score_mean"]) / s["score_std"]
+                      for out, s in zip(outputs, stats)]
+            combined[f"anomaly_image{suffix}"] = np.mean(maps, axis=0).astype(np.float32)
+            combined[f"anomaly_score{suffix}"] = np.mean(scores, axis=0).astype(np.float32)
+        return combined
 
     def _check_normalised(self) -> None:
         if self.stats is None:
             raise InputError("a ScoreEnsemble scores after normalise(): call normalise(dataset) first")
 
 
-def _checked_stats(stats: Any, count: int) -> list[dict[str, float]]:
-    """One {map_mean, map_std, score_mean, score_std} per member: finite numbers, standard deviations > 0."""
+def _stat_entry(pixels: _Moments, scores: np.ndarray) -> dict[str, float]:
+    # a constant map (std 0) is only shifted: it carries no evidence either way
+    return {"map_mean": pixels.mean, "map_std": pixels.std or 1.0,
+            "score_mean": float(scores.mean()), "score_std": float(scores.std()) or 1.0}
+
+
+def _checked_stats(stats: Any, count: int) -> list[dict[str, Any]]:
+    """One {map_mean, map_std, score_mean, score_std} per member: finite numbers, standard deviations > 0;
+    optionally 'branches': {name: the same four} for the member's further outputs."""
     if not isinstance(stats, Sequence) or len(stats) != count:
         raise ConfigError(f"a score ensemble's stats need one entry per member ({count}), got {stats!r}")
     checked = []
     for entry in stats:
-        if not isinstance(entry, Mapping) or sorted(entry) != sorted(STAT_KEYS):
-            raise ConfigError(f"a score ensemble's stats entry must have exactly the keys {list(STAT_KEYS)}, "
-                              f"got {entry!r}")
-        for key, value in entry.items():
-            number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-            if not (number and math.isfinite(value)) or (key.endswith("_std") and value <= 0):
-                raise ConfigError(f"a score ensemble's stats '{key}' must be a finite number"
-                                  f"{' > 0' if key.endswith('_std') else ''}, got {value!r}")
-        checked.append({key: float(entry[key]) for key in STAT_KEYS})
+        if not isinstance(entry, Mapping):
+            _checked_entry(entry)  # raises, naming what an entry holds
+        branches = entry.get("branches", {})
+        if not isinstance(branches, Mapping) or not all(isinstance(name, str) for name in branches):
+            raise ConfigError(f"a score ensemble's stats 'branches' must map output names to statistics, got {entry!r}")
+        main = {key: value for key, value in entry.items() if key != "branches"}
+        checked.append({**_checked_entry(main), **({"branches": {name: _checked_entry(value)
+                                                                 for name, value in branches.items()}}
+                                                   if branches else {})})
     return checked
+
+
+def _checked_entry(entry: Any) -> dict[str, float]:
+    if not isinstance(entry, Mapping) or sorted(entry) != sorted(STAT_KEYS):
+        raise ConfigError(f"a score ensemble's stats entry must have exactly the keys {list(STAT_KEYS)} "
+                          f"(and 'branches'), got {entry!r}")
+    for key, value in entry.items():
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value)) or (key.endswith("_std") and value <= 0):
+            raise ConfigError(f"a score ensemble's stats '{key}' must be a finite number"
+                              f"{' > 0' if key.endswith('_std') else ''}, got {value!r}")
+    return {key: float(entry[key]) for key in STAT_KEYS}
 
 
 class _Moments:

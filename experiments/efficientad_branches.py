@@ -19,6 +19,7 @@ applied after the quantile normalisation, so the quantiles stay.
 --image-score max|branches: an efficientad model's image score rule instead of its own ('branches':
 the local map's maximum and the global map's mean, standardised on the good validation images, so
 the model is calibrated again, which also takes the quantiles again: the same ones, from the same images).
+A score ensemble's run (ensemble=...) is scored as saved: the members' normalised maps and scores averaged.
 """
 from __future__ import annotations
 
@@ -65,12 +66,18 @@ def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False, border: in
     dataset = DLDataset.from_json(run_dir / "dataset.json")
     settings = {key: value for key, value in (("combine", combine), ("sigma", sigma), ("border", border),
                                               ("image_score", image_score)) if value is not None}
-    model.head.config = dataclasses.replace(model.head.config, **settings)
-    # a new border changes the maps the quantiles come from; the branch scores' statistics depend on
-    # every map setting
-    calibrate = calibrate or border is not None or model.head.config.image_score == "branches"
-    if calibrate and hasattr(model.head, "calibrate"):
-        print(f"<!-- {run_dir.name}: quantiles again from {recalibrate(model, dataset, run_dir)} -->")
+    ensemble = not hasattr(model, "head")  # a score ensemble: its members' maps and scores, averaged
+    if ensemble and (settings or calibrate):
+        raise SystemExit(f"{run_dir}: a score ensemble; --recalibrate, --border, --combine, --sigma and "
+                         "--image-score change one model")
+    if not ensemble:
+        model.head.config = dataclasses.replace(model.head.config, **settings)
+        # a new border changes the maps the quantiles come from; the branch scores' statistics depend
+        # on every map setting
+        branch_scores = getattr(model.head.config, "image_score", "max") == "branches"
+        calibrate = calibrate or border is not None or (branch_scores and bool(settings))
+        if calibrate and hasattr(model.head, "calibrate"):
+            print(f"<!-- {run_dir.name}: quantiles again from {recalibrate(model, dataset, run_dir)} -->")
     samples = dataset.samples_of(split)
     scores: dict[str, list[float]] = {}
     types: list[str] = []
@@ -88,7 +95,7 @@ def branch_aurocs(run_dir: Path, split: str, calibrate: bool = False, border: in
         chosen = (types_arr == "good") | (types_arr == defect)
         labels = (types_arr[chosen] == defect).astype(int)
         table[defect] = {key: auroc(np.asarray(values)[chosen], labels) for key, values in scores.items()}
-    return model.head.name, table
+    return ("score ensemble: " + ", ".join(m.head.name for m in model.members)) if ensemble else model.head.name, table
 
 
 def main() -> None:

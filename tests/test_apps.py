@@ -100,6 +100,8 @@ def test_efficientad_logical_recipe_is_what_validation_chose(schemas):
     assert (cfg.dataset.name, cfg.preprocess.width, cfg.preprocess.height, head.name, head.distill_images,
             head.width, head.ae_width, head.combine, head.sigma, head.image_score, cfg.train.domain_ratio) == (
         "synthetic_parts", 128, 128, "efficientad", "/generic", 32, 32, "max", 8, "branches", 1)
+    # three training seeds of that model as a score ensemble
+    assert [list(member) for member in cfg.ensemble.members] == [[], ["train.seed=1001"], ["train.seed=1002"]]
 
 
 def test_an_unset_value_is_one_clear_line_naming_its_key(tmp_path):

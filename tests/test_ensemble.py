@@ -376,6 +376,17 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
     assert [m["preprocess"].get("stretch_percentile") for m in poly_members] == [1, None, 1]
     assert all(m["preprocess"]["normalization_type"] is None for m in members)
 
+    # the logical-parts recipe: its own model trained with three training seeds, nothing else changed
+    logical = ["+experiment=efficientad_logical", "model.head.distill_images=/generic"]
+    cfg = compose_train_config(logical)
+    members = ensemble_member_configs(cfg, logical)
+    assert [m["train"]["seed"] for m in members] == [0, 1001, 1002]
+    assert all({**m, "train": None} == {**cfg, "train": None, "ensemble": m["ensemble"]} for m in members)
+    assert len(validate_config(cfg, members).members) == 3
+    clash = [*logical, "seed=1001"]  # the run's own training seed is a member's
+    with pytest.raises(ConfigError, match=r"members\[1\] .*: the same model as ensemble.members\[0\]"):
+        validate_config(compose_train_config(clash), ensemble_member_configs(compose_train_config(clash), clash))
+
     def check(*extra):
         cfg = compose_train_config([*TINY_RUN, *extra])
         validate_config(cfg, ensemble_member_configs(cfg, [*TINY_RUN, *extra]))
@@ -409,3 +420,52 @@ def test_an_ensemble_without_validation_good_images_fails_before_any_fit(tmp_pat
                                            r"good images, and the dataset has none"):
         train_and_evaluate(cfg, tmp_path / "run", members=ensemble_member_configs(cfg, overrides))
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_training_seeds_ensemble_averages_each_branch_with_its_own_statistics(tmp_path):
+    """efficientad members trained with different seeds: the ensemble gives 'anomaly_image_local' /
+    '_global' and their scores too, each member's z-normalised with that output's own statistics
+    on the validation good images; they travel with the artifact. A member without the branches
+    (PatchCore) leaves the ensemble with the main output only."""
+    import anomax
+    from anomax.heads.efficientad import EfficientAD
+    from anomax.training import TrainConfig
+
+    dataset = write_dataset(tmp_path, 5, {("train", "ok"): 4, ("validation", "ok"): 4, ("test", "ok"): 2,
+                                          ("test", "nok"): 2})
+    head = dict(width=2, ae_width=2, latent=4, distill_epochs=1, sigma=1.0, image_score="branches")
+    members = [member("resnet18", EfficientAD(**head)) for _ in range(2)]
+    ensemble = ScoreEnsemble(members)
+    ensemble.fit(dataset, train=[TrainConfig(max_num_epochs=2, batch_size=4, seed=seed) for seed in (0, 1001)],
+                 progress=False)
+    assert ensemble.branches == ("global", "local")
+    keys = [f"anomaly_{kind}{suffix}" for suffix in ("", "_local", "_global") for kind in ("image", "score")]
+    out = list(ensemble.score_split(dataset, "test"))
+    per_member = [list(m.score_split(dataset, "test", progress=False)) for m in members]
+    assert not np.array_equal(per_member[0][0]["anomaly_image_local"], per_member[1][0]["anomaly_image_local"])
+    for suffix, branch in (("", None), ("_local", "local"), ("_global", "global")):
+        stats = [s["branches"][branch] if branch else s for s in ensemble.stats]
+        for index, batch in enumerate(out):
+            for kind, prefix in (("image", "map"), ("score", "score")):
+                key = f"anomaly_{kind}{suffix}"
+                expected = np.mean([(m[index][key] - s[f"{prefix}_mean"]) / s[f"{prefix}_std"]
+                                    for m, s in zip(per_member, stats)], axis=0)
+                np.testing.assert_allclose(batch[key], expected, rtol=1e-4, atol=1e-5)
+    # the statistics of each branch are its own: the global map's pixels are not the local map's
+    assert ensemble.stats[0]["branches"]["local"] != ensemble.stats[0]["branches"]["global"]
+    loaded = anomax.load_model(anomax.save_model(ensemble, tmp_path / "model"))
+    assert loaded.stats == ensemble.stats
+    images = list(np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
+    for want, have in zip(ensemble.apply(images), loaded.apply(images)):
+        assert set(keys) <= set(have)
+        for key in keys:
+            np.testing.assert_array_equal(have[key], want[key])
+    mixed = ScoreEnsemble([members[0], member("resnet18", PatchCore(coreset_ratio=0.5, projection_dim=None))])
+    mixed.members[1].fit(dataset, progress=False)
+    mixed.normalise(dataset)
+    assert mixed.branches == () and not any(key.endswith(("_local", "_global")) for key in mixed.apply(images)[0])
+    with pytest.raises(ConfigError, match="'branches' must map output names"):
+        ScoreEnsemble(members, [{**ensemble.stats[0], "branches": [1]}, ensemble.stats[1]])
+    with pytest.raises(ConfigError, match="'map_std' must be a finite number > 0"):
+        broken = {**ensemble.stats[0], "branches": {"local": {**ensemble.stats[0]["branches"]["local"], "map_std": 0.0}}}
+        ScoreEnsemble(members, [broken, ensemble.stats[1]])
