@@ -49,7 +49,8 @@ class AnomalyModel:
         self.tiling = tiling or TilingConfig()  # large images scored tile by tile (anomax.tiling)
         if self.tiling.enabled and getattr(head.config, "image_score", "max") != "max":
             raise ConfigError(f"model.head.image_score = {head.config.image_score!r} needs tiling off: a tiled image's "
-                              "score is its stitched map's maximum (anomax.tiling); set image_score=max or tiling.enabled=false")
+                              "score is its stitched map's maximum (anomax.tiling); set model.head.image_score=max "
+                              "or tiling=off")
         self.device = jax.devices()[0]  # where apply and score_split run
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
         self._features = parallel.jit(self.features)
