@@ -269,20 +269,27 @@ class EfficientAD(Head):
     def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None = None,
               mesh=None) -> dict[str, jax.Array]:
         """Pure: combined, local and global maps (B, H, W) and their image scores (``image_score``)."""
-        local, global_ = self._raw_maps(state, images)
+        out = self._maps(state, *self._raw_maps(state, images), images.shape[1:3])
+        if self.config.image_score == "branches":
+            branch_scores = jnp.stack([out["anomaly_score_local"], out["anomaly_score_global"]], axis=-1)
+            mean, std = state["score_stats"][0], state["score_stats"][1]
+            out["anomaly_score"] = jnp.max((branch_scores - mean) / std, axis=-1)
+        return out
+
+    def _maps(self, state: Mapping[str, Any], local: jax.Array, global_: jax.Array,
+              out_hw: tuple[int, int]) -> dict[str, jax.Array]:
+        """Raw (B, h, w) maps -> the normalised, upsampled, smoothed combined / local / global maps
+        and each one's maximum; with image_score='branches' the global map's score is its mean."""
         local = normalise(local, state["quantiles_local"])
         global_ = normalise(global_, state["quantiles_global"])
         combined = jnp.maximum(local, global_) if self.config.combine == "max" else 0.5 * (local + global_)
         out = {}
         for suffix, patch_scores in (("", combined), ("_local", local), ("_global", global_)):
-            anomaly_image = self.anomaly_map(patch_scores, images.shape[1:3])
+            anomaly_image = self.anomaly_map(patch_scores, out_hw)
             out[f"anomaly_image{suffix}"] = anomaly_image
             out[f"anomaly_score{suffix}"] = anomaly_image.max(axis=(1, 2))
         if self.config.image_score == "branches":
             out["anomaly_score_global"] = out["anomaly_image_global"].mean(axis=(1, 2))
-            branch_scores = jnp.stack([out["anomaly_score_local"], out["anomaly_score_global"]], axis=-1)
-            mean, std = state["score_stats"][0], state["score_stats"][1]
-            out["anomaly_score"] = jnp.max((branch_scores - mean) / std, axis=-1)
         return out
 
     # ---- fit ----------------------------------------------------------------------------
@@ -390,13 +397,12 @@ class EfficientAD(Head):
         maps = [raw(state, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
         for index, branch in enumerate(BRANCHES):
             state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index]) for m in maps]))
-        if self.config.image_score == "branches":
-            state["score_stats"] = np.asarray([[0.0, 0.0], [1.0, 1.0]], np.float32)  # identity while measured
-            scored = jax.jit(self.score)
+        if self.config.image_score == "branches":  # the branch scores of the same raw maps
+            read = jax.jit(self._maps, static_argnums=3)
             scores = np.concatenate([np.stack([np.asarray(out["anomaly_score_local"]),
                                                np.asarray(out["anomaly_score_global"])], axis=-1)
-                                     for out in (scored(state, images[i:i + batch_size])
-                                                 for i in range(0, len(images), batch_size))])
+                                     for out in (read(state, local, global_, images.shape[1:3])
+                                                 for local, global_ in maps)])
             state["score_stats"] = np.stack([scores.mean(0, dtype=np.float64),
                                              np.maximum(scores.std(0, dtype=np.float64), 1e-6)]).astype(np.float32)
         self._state = state
