@@ -55,7 +55,12 @@ def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
         seed = json.loads((run_dir / "model" / "config.json").read_text())["train"]["seed"]
         order = np.random.default_rng(seed).permutation(len(images))
         images = images[np.sort(order[:max(1, round(model.head.config.holdout * len(images)))])]
-    model.head.calibrate(images)
+    features = None
+    if model.head.uses_backbone:  # teacher='backbone': the quantiles' maps need the images' features
+        features = np.concatenate([np.asarray(model.features(model.backbone.params, model.adaptor_params,
+                                                             images[i:i + model.batch_size]))
+                                   for i in range(0, len(images), model.batch_size)])
+    model.head.calibrate(images, model.batch_size, features)
     return f"{len(images)} {split} images"
 
 

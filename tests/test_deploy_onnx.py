@@ -31,14 +31,18 @@ HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: PatchCore with k > 1 exerci
     # the branch image scores the standardisation saved with the head
     "efficientad": ({"width": 2, "ae_width": 2, "latent": 4, "distill_epochs": 1, "combine": "max",
                      "image_score": "branches"}, {"projection_dim": 8}),
+    # the backbone as the teacher: MobileNetV2 runs in the graph again, feeding the head's maps
+    "efficientad-backbone": ({"teacher": "backbone", "width": 2, "ae_width": 2, "latent": 4},
+                             {"projection_dim": 8}),
 }
 RUNTIMES = ("onnxruntime", "openvino")
 TOLERANCE = 1e-4  # relative to the largest value of the compared map or scores
 
 
-def fitted_model(head_name: str) -> AnomalyModel:
-    """A tiny random-init MobileNetV2 (width 0.25) model whose head is fitted on random images."""
-    return tiny_models.fitted_model("mobilenet_v2", head_name, *HEAD_SETUPS[head_name], size=SIZE)
+def fitted_model(setup: str) -> AnomalyModel:
+    """A tiny random-init MobileNetV2 (width 0.25) model whose head ('<head>' or '<head>-<variant>') is
+    fitted on random images."""
+    return tiny_models.fitted_model("mobilenet_v2", setup.split("-")[0], *HEAD_SETUPS[setup], size=SIZE)
 
 
 def raw_images(count: int, seed: int = 1) -> list[np.ndarray]:
@@ -142,7 +146,7 @@ def test_graph_has_the_forms_the_runtimes_run_fast(exported):
     graph = onnx.load(str(path / "model.onnx")).graph
     producer = {output: node for node in graph.node for output in node.output}
     ops = [node.op_type for node in graph.node]
-    if model.head.uses_backbone:  # efficientad's distilled teacher replaces MobileNetV2 at inference
+    if model.head.uses_backbone:  # efficientad's distilled PDN teacher replaces MobileNetV2 at inference
         assert "Clip" in ops
     assert not [n for n in graph.node if n.op_type == "Min" and any(producer.get(i, n).op_type == "Max" for i in n.input)]
     weights = {w.name: list(w.dims) for w in graph.initializer}

@@ -366,3 +366,42 @@ def test_registry_and_bad_settings():
         EfficientAD(**HEAD).fit(bad, train=TRAIN, preprocess=MODEL.preprocess)
     with pytest.raises(ConfigError, match="ae_jitter"):  # the jitter works on pixels: it needs the preprocessing
         EfficientAD(**HEAD, ae_jitter=0.2).fit(batches(IMAGES), train=TRAIN)
+
+
+def test_backbone_teacher_regresses_the_features_themselves(tmp_path):
+    """teacher='backbone': no distillation, no PDN teacher in the state; the local map is the student's
+    error against the standardised features, and the model runs the backbone at apply."""
+    head = EfficientAD(**HEAD, teacher="backbone")
+    train = dataclasses.replace(TRAIN, max_num_epochs=2)
+    info = head.fit(batches(IMAGES), train=train, preprocess=MODEL.preprocess)
+    assert info["distillation"] is None and head.uses_backbone and not EfficientAD(**HEAD).uses_backbone
+    assert not any(key.startswith("teacher/") for key in head.state)
+    features = np.concatenate([b["features"][b["valid"]] for b in batches(IMAGES)])
+    held = np.random.default_rng(train.seed).permutation(10)[:1]  # the quantiles' image
+    kept = features[np.setdiff1d(np.arange(10), held)]
+    np.testing.assert_allclose(head.state["teacher_mean"], kept.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+
+    state = {key: jnp.asarray(value) for key, value in head.state.items()}
+    local, _ = head._raw_maps(state, IMAGES[:3], features[:3])
+    student = np.asarray(head._student.apply(head._student.params(state), IMAGES[:3]))[..., :features.shape[-1]]
+    teacher = (features[:3] - head.state["teacher_mean"]) / head.state["teacher_std"]
+    reference = np.square(teacher - student).mean(-1)
+    reference[:, [0, -1]], reference[:, :, [0, -1]] = 0.0, 0.0  # the border ring
+    np.testing.assert_allclose(local, reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="backbone features"):
+        head.score(state, IMAGES[:3], None)
+
+    model = build_model(teacher="backbone")
+    model.head = head
+    raw = list(np.random.default_rng(6).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
+    results = model.apply(raw)
+    loaded = anomax.load_model(anomax.save_model(model, tmp_path / "model"))
+    for before, after in zip(results, loaded.apply(raw)):
+        for key in before:
+            np.testing.assert_array_equal(before[key], after[key])
+
+    with pytest.raises(ConfigError, match="ae_jitter"):
+        EfficientAD(teacher="backbone", ae_jitter=0.2)
+    # generic images only feed the penalty: without it they are not read
+    unused = build_model(teacher="backbone", distill_images=str(tmp_path / "none"), generic_penalty=0.0)
+    assert "distill" not in unused.head.fit_inputs(unused)

@@ -77,6 +77,12 @@ class EfficientADConfig(HeadConfig):
     (the paper's unpadded PDN gives none there and zero-pads its maps). combine: how the two
     normalised maps make the combined one: 'mean' (the paper's) or 'max' (pointwise; a missing
     part that only the global branch sees is not averaged with a local map at chance there).
+    teacher: 'pdn', the distilled PDN (the paper's; apply runs no backbone), or 'backbone': the
+    backbone's standardised adapted features themselves, undistilled (as in student-teacher
+    feature matching, STPM): the student and the autoencoder regress what the backbone sees, not a
+    small network's copy of it, and apply runs the backbone. No distillation then; generic
+    images (``distill_images``) only feed the student's penalty (none with generic_penalty 0), and
+    ae_jitter is not available (its target is the teacher's output on the jittered copy).
     image_score: 'max', the combined map's maximum (the paper's), or 'branches': the local map's
     maximum and the global map's mean (a missing or extra part leaves no single peak; the
     autoencoder's error spreads over the image), each standardised with its mean and standard
@@ -84,6 +90,7 @@ class EfficientADConfig(HeadConfig):
     branch scores are then those two readings. Untiled models only: tiling reads every
     image's score from its stitched map."""
 
+    teacher: Literal["pdn", "backbone"] = "pdn"
     size: Literal["small", "medium"] = "small"
     width: int = setting(16, ge=1)
     ae_width: int = setting(16, ge=1)
@@ -98,6 +105,11 @@ class EfficientADConfig(HeadConfig):
     border: int = setting(1, ge=0)
     combine: Literal["mean", "max"] = "mean"
     image_score: Literal["max", "branches"] = "max"
+
+    def check(self) -> None:
+        if self.teacher == "backbone" and self.ae_jitter:
+            self.fail("ae_jitter", "needs model.head.teacher=pdn: the jittered copy's target is the teacher's "
+                                   "output on it, and a backbone teacher is not part of the head; set ae_jitter=0")
 
 
 # ---- losses and normalisation (pure, tested against numpy) --------------------------------
@@ -208,8 +220,19 @@ class _Layout:
 class EfficientAD(Head):
     name = "efficientad"
     Config = EfficientADConfig
-    uses_backbone = False  # the distilled teacher replaces the backbone at inference
     wants_validation = True  # map quantiles come from good validation images
+
+    @property
+    def uses_backbone(self) -> bool:  # type: ignore[override]
+        """The distilled teacher replaces the backbone at inference; teacher='backbone' is the backbone."""
+        return self.config.teacher == "backbone"
+
+    @property
+    def _reads_generic(self) -> bool:
+        """Whether fit needs the generic images: the PDN teacher learns from them, the student's penalty
+        uses them; a backbone teacher with no penalty has no use for them."""
+        config = self.config
+        return bool(config.distill_images) and (config.teacher == "pdn" or config.generic_penalty > 0)
 
     # ---- structure ----------------------------------------------------------------------
     def _build(self, geometry: np.ndarray) -> None:
@@ -219,7 +242,8 @@ class EfficientAD(Head):
         config = self.config
         pdn = dict(size=config.size, width=config.width, stride=stride)
         self._geometry = np.asarray(geometry, np.int32)
-        self._teacher = _Layout("teacher", lambda rngs: PDN(channels, dim, **pdn, rngs=rngs))
+        self._teacher = (_Layout("teacher", lambda rngs: PDN(channels, dim, **pdn, rngs=rngs))
+                         if config.teacher == "pdn" else None)
         self._student = _Layout("student", lambda rngs: PDN(channels, 2 * dim, **pdn, rngs=rngs))
         self._ae = _Layout("autoencoder", lambda rngs: AutoEncoder(channels, dim, image_hw=(height, width),
                                                                    grid_hw=grid, width=config.ae_width,
@@ -228,7 +252,8 @@ class EfficientAD(Head):
     @property
     def state_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         by_branch = ("score_stats",) if self.config.image_score == "branches" else ()
-        return (*self._teacher.keys, *self._student.keys, *self._ae.keys, "teacher_mean", "teacher_std",
+        teacher = self._teacher.keys if self._teacher is not None else ()
+        return (*teacher, *self._student.keys, *self._ae.keys, "teacher_mean", "teacher_std",
                 "quantiles_local", "quantiles_global", *by_branch, "geometry")
 
     @classmethod
@@ -245,14 +270,20 @@ class EfficientAD(Head):
         return head
 
     # ---- maps ---------------------------------------------------------------------------
-    def _teacher_output(self, state: Mapping[str, Any], images: jax.Array) -> jax.Array:
-        """The teacher's (B, h, w, D) output, standardised with its training images' statistics."""
-        teacher = self._teacher.apply(self._teacher.params(state), images)
+    def _teacher_output(self, state: Mapping[str, Any], images: jax.Array,
+                        features: jax.Array | None = None) -> jax.Array:
+        """The teacher's (B, h, w, D) output (the PDN's on ``images``, or the backbone's ``features``),
+        standardised with its training images' statistics."""
+        teacher = features if self._teacher is None else self._teacher.apply(self._teacher.params(state), images)
         return (teacher - state["teacher_mean"]) / state["teacher_std"]
 
-    def _raw_maps(self, state: Mapping[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Unnormalised (B, h, w) local and global maps."""
-        teacher = self._teacher_output(state, images)
+    def _raw_maps(self, state: Mapping[str, Any], images: jax.Array,
+                  features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Unnormalised (B, h, w) local and global maps; ``features``: the backbone teacher's."""
+        if self._teacher is None and features is None:
+            raise InputError("efficientad with teacher='backbone' scores images with their backbone features; "
+                             "got none")
+        teacher = self._teacher_output(state, images, features)
         student = self._student.apply(self._student.params(state), images)
         autoencoder = self._ae.apply(self._ae.params(state), images)
         dim = teacher.shape[-1]
@@ -269,7 +300,7 @@ class EfficientAD(Head):
     def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array | None = None,
               mesh=None) -> dict[str, jax.Array]:
         """Pure: combined, local and global maps (B, H, W) and their image scores (``image_score``)."""
-        out = self._maps(state, *self._raw_maps(state, images), images.shape[1:3])
+        out = self._maps(state, *self._raw_maps(state, images, features), images.shape[1:3])
         if self.config.image_score == "branches":
             branch_scores = jnp.stack([out["anomaly_score_local"], out["anomaly_score_global"]], axis=-1)
             mean, std = state["score_stats"][0], state["score_stats"][1]
@@ -297,7 +328,8 @@ class EfficientAD(Head):
         """The model's preprocessing (the colour jitter works on pixels) and the generic images of
         ``distill_images`` through its preprocessing and backbone."""
         folder = self.config.distill_images
-        return {"preprocess": model.preprocess, **({"distill": distillation_batches(model, folder)} if folder else {})}
+        return {"preprocess": model.preprocess,
+                **({"distill": distillation_batches(model, folder)} if self._reads_generic else {})}
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None,
             validation: Iterable[Mapping[str, Any]] | None = None,
@@ -310,7 +342,7 @@ class EfficientAD(Head):
         ``preprocess``: how the images were made (PreprocessParams), needed by the colour jitter."""
         config = self.config
         train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train)  # a mapping, as student takes
-        if config.distill_images and distill is None:
+        if self._reads_generic and distill is None:
             raise ConfigError(f"model.head.distill_images = {config.distill_images!r} but fit() got no distillation "
                               "batches: pass distill=distillation_batches(model, folder) (AnomalyModel.fit does)")
         if config.ae_jitter and preprocess is None:
@@ -332,15 +364,23 @@ class EfficientAD(Head):
                 raise DatasetError(f"efficientad needs at least 2 training images to hold some out for the map "
                                    f"quantiles, got {len(images)}; add images or a validation split")
             held, order = np.sort(order[:keep]), np.sort(order[keep:])
-            val_images, images, features = images[held], images[order], features[order]
+            val_images, val_features = images[held], features[held] if self.uses_backbone else None
+            images, features = images[order], features[order]
             quantile_source = f"{keep} training images held out (no validation split)"
         else:
-            val_images, _ = self.in_memory(validation, "the validation split", progress, need_features=False)
+            val_images, val_features = self.in_memory(validation, "the validation split", progress,
+                                                      need_features=self.uses_backbone)
             quantile_source = f"{len(val_images)} validation images"
 
-        teacher_params, generic, distill_info = self._distil(images, features, distill, train, progress)
-        state = self._teacher.flatten(teacher_params)
-        teacher_out = _batched(jax.jit(self._teacher.apply), self._teacher.params(state), images, train.batch_size)
+        if self._teacher is None:  # the backbone's features are the teacher's output
+            state, teacher_out, distill_info = {}, features, None
+            generic = (self.in_memory(distill, "the generic images", progress, need_features=False)[0]
+                       if self._reads_generic else None)
+        else:
+            teacher_params, generic, distill_info = self._distil(images, features, distill, train, progress)
+            state = self._teacher.flatten(teacher_params)
+            teacher_out = _batched(jax.jit(self._teacher.apply), self._teacher.params(state), images,
+                                   train.batch_size)
         state["teacher_mean"] = teacher_out.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
         state["teacher_std"] = np.maximum(teacher_out.std(axis=(0, 1, 2), dtype=np.float64), 1e-6).astype(np.float32)
         targets = (teacher_out - state["teacher_mean"]) / state["teacher_std"]
@@ -384,17 +424,19 @@ class EfficientAD(Head):
         state["geometry"] = self._geometry
 
         self._state = state
-        self.calibrate(val_images, train.batch_size)
+        self.calibrate(val_images, train.batch_size, val_features)
         return {**info, "distillation": distill_info, "quantiles_from": quantile_source,
                 "num_train_images": len(images), "generic_penalty": penalty, "ae_jitter": jitter}
 
-    def calibrate(self, images: np.ndarray, batch_size: int = 8) -> None:
-        """Set the map quantiles from good images (B, H, W, C), preprocessed: EfficientAD's
-        normalisation (fit does this on the validation or held-out images); with
-        ``image_score='branches'`` also the two branch scores' mean and standard deviation there."""
+    def calibrate(self, images: np.ndarray, batch_size: int = 8, features: np.ndarray | None = None) -> None:
+        """Set the map quantiles from good images (B, H, W, C), preprocessed (and, with
+        teacher='backbone', their adapted ``features``): EfficientAD's normalisation (fit does this on
+        the validation or held-out images); with ``image_score='branches'`` also the two branch
+        scores' mean and standard deviation there."""
         state = {**self.state, **{f"quantiles_{branch}": np.zeros(2, np.float32) for branch in BRANCHES}}
         raw = jax.jit(self._raw_maps)
-        maps = [raw(state, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        maps = [raw(state, images[i:i + batch_size], None if features is None else features[i:i + batch_size])
+                for i in range(0, len(images), batch_size)]
         for index, branch in enumerate(BRANCHES):
             state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index]) for m in maps]))
         if self.config.image_score == "branches":  # the branch scores of the same raw maps
