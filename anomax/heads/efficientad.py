@@ -1,9 +1,10 @@
 """EfficientAD (Batzner et al., WACV 2024): a local student-teacher pair plus a global autoencoder.
 
-Three small networks on the image, none of them the big backbone at inference:
+Three small networks on the image, none of them the big backbone at inference (but see ``teacher``):
 
 - the teacher, a patch description network (PDN) distilled from the frozen backbone's
-  adapted features on the training images (and, optionally, a folder of generic images);
+  adapted features on the training images (and, optionally, a folder of generic images); or,
+  with ``teacher='backbone'``, those features themselves (the backbone then runs at inference);
 - the student, the same PDN with twice the output channels. Its first half regresses the
   teacher with the hard-feature loss (only the errors above their q-quantile count), so it
   stays poor wherever the image is unlike the training set: the local map. With generic
