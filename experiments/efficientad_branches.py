@@ -43,23 +43,23 @@ def recalibrate(model, dataset: DLDataset, run_dir: Path) -> str:
 
     split = "validation" if any(s.split == "validation" and s.anomaly_label == "ok" for s in dataset.samples) \
         else "train"
-    images, labels = [], []
+    images, features, labels = [], [], []
     for batch in iterate_batches(dataset, split, model.preprocess, model.batch_size):
         valid = np.asarray(batch["valid"], bool)
         images.append(np.asarray(batch["image"])[valid])
         labels.append(np.asarray(batch["label"])[valid])
+        if model.head.uses_backbone:  # teacher='backbone': the quantiles' maps need the images' features
+            features.append(np.asarray(model._features(model.backbone.params, model.adaptor_params,
+                                                       batch["image"]))[valid])
     images, labels = np.concatenate(images), np.concatenate(labels)
+    features = np.concatenate(features) if features else None
     if split == "validation":
-        images = images[labels == 0]
+        keep = labels == 0
     else:
         seed = json.loads((run_dir / "model" / "config.json").read_text())["train"]["seed"]
         order = np.random.default_rng(seed).permutation(len(images))
-        images = images[np.sort(order[:max(1, round(model.head.config.holdout * len(images)))])]
-    features = None
-    if model.head.uses_backbone:  # teacher='backbone': the quantiles' maps need the images' features
-        features = np.concatenate([np.asarray(model.features(model.backbone.params, model.adaptor_params,
-                                                             images[i:i + model.batch_size]))
-                                   for i in range(0, len(images), model.batch_size)])
+        keep = np.sort(order[:max(1, round(model.head.config.holdout * len(images)))])
+    images, features = images[keep], None if features is None else features[keep]
     model.head.calibrate(images, model.batch_size, features)
     return f"{len(images)} {split} images"
 

@@ -22,6 +22,7 @@ import anomax
 from anomax.data.dataset import DLDataset
 from anomax.distributed import local_batches
 from anomax.evaluation.metrics import auroc
+from anomax.kernels.neighbors import nearest_neighbors
 
 SPACES = ("backbone", "teacher", "student")
 
@@ -54,17 +55,10 @@ def nearest_neighbour_scores(train: np.ndarray, query: np.ndarray, bank_size: in
     flat = train.reshape(-1, train.shape[-1])
     mean, std = flat.mean(0), flat.std(0) + 1e-6
     bank = (flat - mean) / std
-    bank = jnp.asarray(bank[np.random.default_rng(seed).choice(len(bank), min(bank_size, len(bank)), replace=False)])
-
-    @jax.jit
-    def distances(patches):
-        squared = jnp.sum(patches ** 2, 1)[:, None] - 2 * patches @ bank.T + jnp.sum(bank ** 2, 1)[None]
-        return jnp.sqrt(jnp.maximum(jnp.min(squared, 1), 0))
-
-    images = (query - mean) / std
-    patches = images.shape[1] * images.shape[2]
-    return np.concatenate([np.asarray(distances(jnp.asarray(chunk.reshape(-1, chunk.shape[-1])))).reshape(-1, patches)
-                           .max(1) for chunk in np.array_split(images, max(1, len(images) // 8))])
+    bank = bank[np.random.default_rng(seed).choice(len(bank), min(bank_size, len(bank)), replace=False)]
+    patches = ((query - mean) / std).reshape(-1, query.shape[-1])
+    distances, _ = nearest_neighbors(jnp.asarray(patches), jnp.asarray(bank), indices=False)
+    return np.asarray(distances).reshape(len(query), -1).max(1)
 
 
 def main() -> None:
