@@ -405,3 +405,11 @@ def test_backbone_teacher_regresses_the_features_themselves(tmp_path):
     # generic images only feed the penalty: without it they are not read
     unused = build_model(teacher="backbone", distill_images=str(tmp_path / "none"), generic_penalty=0.0)
     assert "distill" not in unused.head.fit_inputs(unused)
+    # with the penalty they are read, and not put through the backbone (only the PDN teacher learns from its features)
+    for index, image in enumerate(np.random.default_rng(7).integers(0, 256, (3, SIZE, SIZE, 3), np.uint8)):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    penalised = build_model(teacher="backbone", distill_images=str(tmp_path), generic_penalty=1.0)
+    (generic,) = penalised.head.fit_inputs(penalised)["distill"]
+    assert "features" not in generic and generic["valid"].sum() == 3
+    info = penalised.head.fit(batches(IMAGES), train=train, distill=[generic], preprocess=MODEL.preprocess)
+    assert info["generic_penalty"] == 1.0

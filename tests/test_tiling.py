@@ -205,9 +205,9 @@ def test_trained_heads_work_per_position(head_name, dataset, tmp_path, monkeypat
 
     reads, original = [], efficientad.distillation_batches
 
-    def counted(model, folder):
+    def counted(model, folder, **options):
         reads.append(folder)
-        yield from original(model, folder)
+        yield from original(model, folder, **options)
 
     monkeypatch.setattr(efficientad, "distillation_batches", counted)
     for index, image in enumerate(np.random.default_rng(2).integers(0, 256, (3, 40, 40, 3), np.uint8)):

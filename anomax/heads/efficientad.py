@@ -327,10 +327,11 @@ class EfficientAD(Head):
     # ---- fit ----------------------------------------------------------------------------
     def fit_inputs(self, model) -> dict[str, Any]:
         """The model's preprocessing (the colour jitter works on pixels) and the generic images of
-        ``distill_images`` through its preprocessing and backbone."""
-        folder = self.config.distill_images
-        return {"preprocess": model.preprocess,
-                **({"distill": distillation_batches(model, folder)} if self._reads_generic else {})}
+        ``distill_images`` through its preprocessing, and through its backbone when the PDN teacher
+        learns from them (the student's penalty needs only the images)."""
+        config = self.config
+        batches = distillation_batches(model, config.distill_images, features=config.teacher == "pdn")
+        return {"preprocess": model.preprocess, **({"distill": batches} if self._reads_generic else {})}
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None,
             validation: Iterable[Mapping[str, Any]] | None = None,
@@ -478,13 +479,14 @@ class EfficientAD(Head):
         return params, more_images, info
 
 
-def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
+def distillation_batches(model, folder: str, *, features: bool = True) -> Iterable[dict[str, Any]]:
     """Batches {'image', 'features', 'valid'} of the images under ``folder`` (recursively), put
-    through ``model``'s preprocessing, backbone and adaptor: what ``fit(distill=...)`` takes for
-    the head config's ``distill_images``. The generic images are not the part, so the region of
-    interest is not applied to them; with tiling the teacher learns from tiles, so they come at
-    the tile size. Several processes: each reads its own part of the files, in batches of
-    ``batch_size // process_count``, and all yield the same number of batches."""
+    through ``model``'s preprocessing, backbone and adaptor (``features=False``: preprocessing only,
+    no 'features'): what ``fit(distill=...)`` takes for the head config's ``distill_images``. The
+    generic images are not the part, so the region of interest is not applied to them; with tiling
+    the teacher learns from tiles, so they come at the tile size. Several processes: each reads its
+    own part of the files, in batches of ``batch_size // process_count``, and all yield the same
+    number of batches."""
     from anomax.data.images import IMAGE_SUFFIXES, list_files, read_image
     from anomax.preprocess.params import preprocess_image
 
@@ -505,7 +507,8 @@ def distillation_batches(model, folder: str) -> Iterable[dict[str, Any]]:
         chunk = np.stack([preprocess_image(preprocess, read_image(f)) for f in names]) if names else blank
         valid = np.arange(size) < len(names)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
-        yield {"image": padded, "features": np.asarray(model._features(*params, padded)), "valid": valid}
+        yield {"image": padded, "valid": valid,
+               **({"features": np.asarray(model._features(*params, padded))} if features else {})}
 
 
 def _train(error_fn, params, inputs, targets: np.ndarray, config: TrainConfig, desc: str, progress: bool):
