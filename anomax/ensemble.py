@@ -223,19 +223,26 @@ class ScoreEnsemble:
         images only (the defective ones are dropped before anything is scored); for its further
         outputs (``branches_of``) the same, under the entry's 'branches'."""
         good = good_images(dataset, split)
-        self.stats = []
-        for member in self.members:
+        stats = []
+        for number, member in enumerate(self.members):
             moments: dict[str, tuple[_Moments, list]] = {}  # output suffix ('', '_local', ...) -> pixels, scores
             for batch in member.score_split(good, split, cache_dir=cache_dir, progress=False):
                 valid = np.asarray(batch["valid"], bool)
                 for suffix in ("", *(f"_{branch}" for branch in branches_of(batch))):
                     pixels, scores = moments.setdefault(suffix, (_Moments(), []))
-                    pixels.add(np.asarray(batch[f"anomaly_image{suffix}"], np.float64)[valid])
+                    # at the size the ensemble averages maps at (_combined resizes before normalising)
+                    pixels.add(_resized(batch[f"anomaly_image{suffix}"], self.map_size)[valid])
                     scores.append(np.asarray(batch[f"anomaly_score{suffix}"], np.float64)[valid])
             entries = {suffix: _stat_entry(pixels, np.concatenate(scores)) for suffix, (pixels, scores) in moments.items()}
+            for suffix, entry in entries.items():
+                if not all(math.isfinite(value) for value in entry.values()):
+                    raise InputError(f"ensemble member {number} ({member.description}) gives non-finite "
+                                     f"anomaly_image{suffix} or anomaly_score{suffix} values on the '{split}' split's "
+                                     f"good images ({entry}); check that member's inputs and weights")
             entry = entries.pop("")
-            self.stats.append({**entry, "branches": {suffix[1:]: value for suffix, value in entries.items()}}
-                              if entries else entry)
+            stats.append({**entry, "branches": {suffix[1:]: value for suffix, value in entries.items()}}
+                         if entries else entry)
+        self.stats = stats  # only once every member's statistics are whole
         return self.stats
 
     @property

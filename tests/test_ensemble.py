@@ -6,7 +6,7 @@ from PIL import Image
 from anomax.backbones import backbone_requirements, build_backbone
 from anomax.data.dataset import DLDataset, Sample
 from anomax.ensemble import ConcatBackbone, ScoreEnsemble
-from anomax.errors import ConfigError, DatasetError
+from anomax.errors import ConfigError, DatasetError, InputError
 from anomax.features import FeatureAdaptor
 from anomax.registry import HEADS
 from anomax.heads.patchcore import PatchCore
@@ -80,10 +80,10 @@ def test_a_feature_ensemble_model_round_trips_bit_identically(tmp_path):
         np.testing.assert_array_equal(have["anomaly_image"], want["anomaly_image"])
 
 
-def member(backbone_name: str, head) -> AnomalyModel:
+def member(backbone_name: str, head, size: int = SIZE) -> AnomalyModel:
     backbone = tiny_backbone(backbone_name)
     requirements = {k: v for k, v in backbone_requirements(backbone_name).items() if k != "input_multiple"}
-    preprocess = create_dl_preprocess_param(width=SIZE, height=SIZE, **requirements)
+    preprocess = create_dl_preprocess_param(width=size, height=size, **requirements)
     return AnomalyModel(preprocess, backbone, FeatureAdaptor(backbone.taps, pool_size=1), head, batch_size=4)
 
 
@@ -178,6 +178,40 @@ def test_ensemble_scores_are_the_mean_of_z_normalised_members(fitted):
     single.normalise(dataset)
     maps = np.concatenate([b["anomaly_image"][b["valid"]] for b in single.score_split(validation_good, "validation")])
     assert maps.mean() == pytest.approx(0, abs=1e-4) and maps.std() == pytest.approx(1, rel=1e-4)
+
+
+def test_a_member_of_another_input_size_is_normalised_at_the_ensembles_map_size(fitted):
+    """The ensemble averages maps at the first member's size, so a member's map statistics are taken
+    there too: resized, each member's normalised map has mean 0 and std 1 on the normalising images."""
+    from anomax.ensemble import _resized
+
+    dataset, _ = fitted
+    larger = member("mobilenet_v2", HEADS.get("padim")(eps=0.01), size=2 * SIZE)
+    larger.fit(dataset, progress=False)
+    ensemble = ScoreEnsemble([member("resnet18", PatchCore(coreset_ratio=0.5, projection_dim=None)), larger])
+    ensemble.members[0].fit(dataset, progress=False)
+    stats = ensemble.normalise(dataset)
+    good = DLDataset([s for s in dataset.samples if s.split == "validation" and s.anomaly_label == "ok"], "test")
+    maps = np.concatenate([_resized(b["anomaly_image"], (SIZE, SIZE))[b["valid"]]
+                           for b in larger.score_split(good, "validation", progress=False)]).astype(np.float64)
+    assert maps.shape[1:] == (SIZE, SIZE)
+    normalised_maps = (maps - stats[1]["map_mean"]) / stats[1]["map_std"]
+    assert normalised_maps.mean() == pytest.approx(0, abs=1e-5) and normalised_maps.std() == pytest.approx(1, rel=1e-5)
+
+
+def test_a_member_with_non_finite_maps_is_named_and_the_statistics_are_kept(fitted, monkeypatch):
+    dataset, ensemble = fitted
+    before = ensemble.normalise(dataset)
+    scored = ensemble.members[1].score_split
+
+    def with_nan(*args, **kwargs):
+        for batch in scored(*args, **kwargs):
+            yield {**batch, "anomaly_image": np.full_like(batch["anomaly_image"], np.nan)}
+
+    monkeypatch.setattr(ensemble.members[1], "score_split", with_nan)
+    with pytest.raises(InputError, match=r"member 1 \(.*\) gives non-finite anomaly_image"):
+        ensemble.normalise(dataset)
+    assert ensemble.stats == before
 
 
 def test_normalise_needs_validation_good_images(fitted):
