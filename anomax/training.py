@@ -4,8 +4,8 @@ A head hands over what it regresses (inputs and targets held in memory) and a pu
 ``error_fn(params, inputs, targets, key) -> per-position errors (B, ...)``; ``inputs`` may be a
 pytree of arrays that share their first axis (one sample = one row of each); ``key`` is a PRNG
 key of the step's own, for what the error draws at random (efficientad's colour jitter). Each epoch is
-one compiled ``lax.scan`` over fixed-shape batches; padding of the last batch is
-masked out, so nothing recompiles between epochs.
+one compiled ``lax.scan`` over fixed-shape batches, so nothing recompiles between epochs: the last batch
+is filled up with the epoch's first samples (distinct, real rows), whose errors are masked out.
 """
 from __future__ import annotations
 
@@ -81,10 +81,12 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
 
     def epoch_fn(params, opt_state, inputs, targets, key):
         order_key, step_key = jax.random.split(key)
-        order = jnp.arange(steps * batch_size)
-        valid = order < num_samples
-        order = jnp.where(valid, jnp.pad(jax.random.permutation(order_key, num_samples),
-                                         (0, steps * batch_size - num_samples)), 0)
+        # the last batch is filled up with the epoch's first samples, masked out of the loss: real and
+        # distinct images, so an error that looks across its batch (efficientad's hard-feature quantile)
+        # sees a batch like any other there
+        order = jnp.pad(jax.random.permutation(order_key, num_samples), (0, steps * batch_size - num_samples),
+                        mode="wrap")
+        valid = jnp.arange(steps * batch_size) < num_samples
         xs = (order.reshape(steps, batch_size), valid.reshape(steps, batch_size), jax.random.split(step_key, steps))
 
         def step(carry, batch):

@@ -63,6 +63,21 @@ def test_epoch_error_is_the_mean_over_all_samples_without_padding():
     np.testing.assert_allclose(info["best_error"], expected, rtol=1e-5)
 
 
+def test_every_batch_holds_distinct_real_samples():
+    """An error that looks across its batch (efficientad's hard-feature quantile) sees real, distinct
+    samples in every batch: the last batch is filled up with other samples, not copies of one."""
+    indices = np.arange(13, dtype=np.float32)[:, None]  # each sample is its own index
+
+    def all_distinct(params, inputs, targets, key=None):
+        distinct = jnp.sum(inputs[:, None, 0] == inputs[None, :, 0]) == len(inputs)
+        return jnp.broadcast_to(distinct.astype(jnp.float32) + 0 * params["w"].sum(), (len(inputs), 1))
+
+    config = TrainConfig(max_num_epochs=3, batch_size=4, domain_ratio=1.0, regularization_noise=0.0,
+                         error_threshold=0.0)
+    _, info = train(all_distinct, {"w": jnp.zeros(1)}, indices, indices, config, progress=False)
+    assert [entry["error"] for entry in info["log"]] == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("key, value", [
     ("domain_ratio", 0.0), ("domain_ratio", 1.5), ("regularization_noise", -1.0), ("max_num_epochs", 0),
     ("error_threshold", -0.1), ("learning_rate", 0.0), ("batch_size", 0), ("optimizer", "lion"),
