@@ -333,6 +333,22 @@ def test_map_borders_are_zero_before_normalisation(trained):
         assert np.abs(np.asarray(out[f"anomaly_image_{branch}"])[:, 8:-8, 8:-8] - edge).max() > 0
 
 
+def test_map_quantiles_come_from_the_cells_inside_the_border(trained):
+    """The zeroed border ring is not part of the good images' map distribution (the paper's unpadded
+    PDN has no cells there): the quantiles are numpy's over the inner cells only."""
+    head, _ = trained
+    calibrated = EfficientAD.from_state(head.hyperparams, head.state)
+    calibrated.calibrate(IMAGES[:6], batch_size=4)
+    local, global_ = head._raw_maps({key: jnp.asarray(value) for key, value in head.state.items()}, IMAGES[:6])
+    for branch, raw in (("local", local), ("global", global_)):
+        inner = np.asarray(raw, np.float64)[:, 1:-1, 1:-1]
+        np.testing.assert_allclose(calibrated.state[f"quantiles_{branch}"], np.quantile(inner, [0.9, 0.995]),
+                                   rtol=1e-5)
+    # a border that leaves no inner cell is refused, naming the key
+    with pytest.raises(ConfigError, match="model.head.border = 2 zeroes every cell of the 4x4 patch grid"):
+        EfficientAD(**HEAD, border=2).fit(batches(IMAGES), train=TRAIN, preprocess=MODEL.preprocess)
+
+
 def test_apply_and_artifact_round_trip_are_bit_identical(trained, tmp_path):
     model = build_model()
     model.head = trained[0]

@@ -75,7 +75,8 @@ class EfficientADConfig(HeadConfig):
     unchanged image). holdout: fraction of the training images kept back for the map
     quantiles when the model has no validation split. border: patch-grid cells at each edge of
     the local and global maps set to 0: the PDN's zero padding makes its edge outputs unreliable
-    (the paper's unpadded PDN gives none there and zero-pads its maps). combine: how the two
+    (the paper's unpadded PDN gives none there and zero-pads its maps); the map quantiles come from
+    the cells inside it, and a border that leaves none is refused. combine: how the two
     normalised maps make the combined one: 'mean' (the paper's) or 'max' (pointwise; a missing
     part that only the global branch sees is not averaged with a local map at chance there).
     teacher: 'pdn', the distilled PDN (the paper's; apply runs no backbone), or 'backbone': the
@@ -241,6 +242,9 @@ class EfficientAD(Head):
         height, width, channels, dim, stride = (int(v) for v in geometry)
         grid = (height // stride, width // stride)
         config = self.config
+        if 2 * config.border >= min(grid):
+            raise ConfigError(f"model.head.border = {config.border} zeroes every cell of the {grid[0]}x{grid[1]} "
+                              f"patch grid ({height}x{width} images at stride {stride}); lower it or use larger images")
         pdn = dict(size=config.size, width=config.width, stride=stride)
         self._geometry = np.asarray(geometry, np.int32)
         self._teacher = (_Layout("teacher", lambda rngs: PDN(channels, dim, **pdn, rngs=rngs))
@@ -439,8 +443,12 @@ class EfficientAD(Head):
         raw = jax.jit(self._raw_maps)
         maps = [raw(state, images[i:i + batch_size], None if features is None else features[i:i + batch_size])
                 for i in range(0, len(images), batch_size)]
+        # the quantiles of the cells the networks score: the zeroed border ring is not part of the maps'
+        # distribution (the paper's unpadded PDN has no cells there)
+        inner = slice(self.config.border, -self.config.border or None)
         for index, branch in enumerate(BRANCHES):
-            state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index]) for m in maps]))
+            state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index])[:, inner, inner]
+                                                                         for m in maps]))
         if self.config.image_score == "branches":  # the branch scores of the same raw maps
             read = jax.jit(self._maps, static_argnums=3)
             scores = np.concatenate([np.stack([np.asarray(out["anomaly_score_local"]),
