@@ -47,6 +47,10 @@ class AnomalyModel:
         self.augment = augment or AugmentConfig()  # fit-time and test-time transforms (anomax.augment)
         self.augment.check_input(preprocess.height, preprocess.width)
         self.tiling = tiling or TilingConfig()  # large images scored tile by tile (anomax.tiling)
+        if self.tiling.enabled and (self.augment.fit or self.augment.tta):
+            raise ConfigError(f"augment.fit = {list(self.augment.fit)}, augment.tta = {list(self.augment.tta)}: a tiled "
+                              "model fits and scores tile by tile without them (anomax.tiling); set augment=none "
+                              "or tiling=off")
         if self.tiling.enabled and getattr(head.config, "image_score", "max") != "max":
             raise ConfigError(f"model.head.image_score = {head.config.image_score!r} needs tiling off: a tiled image's "
                               "score is its stitched map's maximum (anomax.tiling); set model.head.image_score=max "
@@ -126,6 +130,12 @@ class AnomalyModel:
             good_only = [s for s in dataset.samples if s.split != validation_split or s.anomaly_label == "ok"]
             validation = self.feature_batches(dataclasses.replace(dataset, samples=good_only), validation_split,
                                               cache_dir)
+        elif self.head.wants_validation and self.augment.fit:
+            # the head would hold out some of the augmented rows, whose other transforms it trains on
+            raise ConfigError(f"augment.fit = {list(self.augment.fit)} with model.head={self.head.name} needs good "
+                              f"images in the '{validation_split}' split: without them the head holds out training "
+                              "images for its map normalisation, and their transformed copies would be trained on; "
+                              "add a validation split (e.g. dataset.validation_from_train=0.1) or set augment.fit=[]")
         return self.head.fit(self.feature_batches(dataset, split, cache_dir, self.augment.fit), train=train,
                              validation=validation, progress=progress, **self.head.fit_inputs(self))
 

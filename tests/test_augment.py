@@ -1,4 +1,6 @@
 """Fit-time augmentation and test-time augmentation (anomax.augment) on tiny shapes."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,6 +134,34 @@ def test_model_tta_is_the_mean_of_the_undone_maps(tmp_path):
     assert reloaded.augment == tta.augment
     np.testing.assert_array_equal(np.asarray(reloaded.infer(reloaded.params, images)["anomaly_image"]),
                                   np.asarray(out["anomaly_image"]))
+
+
+def test_a_tiled_model_refuses_augmentation_it_would_not_apply():
+    from anomax.tiling import TilingConfig
+
+    model = tiny_model(AugmentConfig())
+    for augment in (AugmentConfig(fit=("hflip",)), AugmentConfig(tta=("vflip",))):
+        with pytest.raises(ConfigError, match="augment.fit = .*tiling=off"):
+            AnomalyModel(model.preprocess, model.backbone, model.adaptor, model.head, augment=augment,
+                         tiling=TilingConfig(tile_size=SIZE))
+
+
+def test_fit_augmentation_with_a_held_out_normalisation_needs_a_validation_split(tmp_path):
+    """efficientad normalises its maps on good validation images, or else on training images it holds
+    out; with augment.fit those would have transformed copies in training, so it needs the former."""
+    from anomax.heads.efficientad import EfficientAD
+
+    model = tiny_model(AugmentConfig(fit=("hflip",)))
+    model.head = EfficientAD(width=2, ae_width=2, latent=4, distill_epochs=1)
+    dataset = good_images(tmp_path, count=3)
+    with pytest.raises(ConfigError, match="augment.fit = \\['hflip'\\] with model.head=efficientad needs good images "
+                                          "in the 'validation' split"):
+        model.fit(dataset, progress=False)
+    fitted = []
+    model.head.fit = lambda batches, **kwargs: fitted.append(kwargs["validation"]) or {}
+    held_out = [dataclasses.replace(s, split="validation") if i == 0 else s for i, s in enumerate(dataset.samples)]
+    model.fit(dataclasses.replace(dataset, samples=held_out), progress=False)
+    assert fitted and fitted[0] is not None  # with one, the head is fitted and normalises on it
 
 
 @pytest.mark.parametrize("option", ["none", "flips", "fit_flips", "dihedral"])
