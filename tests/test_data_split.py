@@ -65,6 +65,20 @@ def test_every_requested_split_gets_an_ok_image():
     }
 
 
+def test_percentages_that_float_arithmetic_rounds_down_keep_their_images():
+    # 29 / 100 * 100 is 28.999... in floats: train still gets 29 and no test split appears unasked
+    assert counts(split_dl_dataset(make(100, 0), 29, 71)) == {("train", "ok"): 29, ("validation", "ok"): 71}
+    assert counts(split_dl_dataset(make(100, 0), 57, 43)) == {("train", "ok"): 57, ("validation", "ok"): 43}
+    train = split_dl_dataset(make(100, 0), 100, 0)
+    assert counts(hold_out_validation(train, 0.29))[("validation", "ok")] == 29
+
+
+def test_one_good_image_cannot_serve_two_splits():
+    # train and validation both ask for one: the split is refused, not left without a good validation image
+    with pytest.raises(DatasetError, match="1 'ok' images, too few"):
+        split_dl_dataset(make(1, 2), 50, 50)
+
+
 def test_resplit_needs_overwrite_and_bad_percentages():
     split = split_dl_dataset(make(10, 2), 60, 20)
     with pytest.raises(DatasetError, match="overwrite=True"):

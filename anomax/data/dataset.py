@@ -191,14 +191,15 @@ def split_dl_dataset(
     order = np.random.default_rng(seed).permutation(len(ok))
     counts = {}
     for split, percent in (("train", training_percent), ("validation", validation_percent)):
-        counts[split] = max(1, math.floor(percent / 100 * len(ok))) if percent > 0 else 0
+        # + 1e-9: 29 / 100 * 100 is 28.999...; the floor must not lose that image
+        counts[split] = max(1, math.floor(percent / 100 * len(ok) + 1e-9)) if percent > 0 else 0
     counts["test"] = len(ok) - counts["train"] - counts["validation"]
     wanted = {
         "train": training_percent > 0,
         "validation": validation_percent > 0,
         "test": training_percent + validation_percent < 100,
     }
-    if any(wanted[s] and counts[s] < 1 for s in SPLITS):
+    if counts["test"] < 0 or any(wanted[s] and counts[s] < 1 for s in SPLITS):
         raise DatasetError(
             f"the dataset from {dataset.image_dir} has {len(ok)} 'ok' images, too few to give each of "
             f"{[s for s in SPLITS if wanted[s]]} at least one; add 'ok' images or ask for fewer splits"
@@ -258,7 +259,7 @@ def hold_out_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> D
     if fraction == 0:
         return dataset
     train = [i for i, s in enumerate(dataset.samples) if s.split == "train"]
-    n_validation = max(1, math.floor(fraction * len(train)))
+    n_validation = max(1, math.floor(fraction * len(train) + 1e-9))  # as split_dl_dataset rounds
     if n_validation >= len(train):
         raise DatasetError(f"the train split has {len(train)} images, too few to hold out a validation split")
     held_out = {train[i] for i in np.random.default_rng(seed).permutation(len(train))[:n_validation]}
