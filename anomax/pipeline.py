@@ -263,7 +263,8 @@ def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir
             return None
         sample = samples[listed["index"]]
         anomaly_image = entry["anomaly_image"]
-        region = anomaly_image >= model.thresholds["segmentation"] if "segmentation" in model.thresholds else None
+        region = (anomaly_image >= np.float64(model.thresholds["segmentation"])  # as threshold_dl_anomaly_results
+                  if "segmentation" in model.thresholds else None)
         return {"image": read_image(sample.image_file_name), "anomaly_image": anomaly_image,
                 "anomaly_score": listed["anomaly_score"], "anomaly_ground_truth": entry["anomaly_ground_truth"],
                 "anomaly_region": region,

@@ -65,6 +65,16 @@ def test_largest_good_keeps_float32_good_images_ok():
     assert (scores < np.float32(thresholds.largest_good)).all()  # also when a model compares in float32
 
 
+def test_segmentation_compares_in_float64_like_the_classification():
+    """A float32 pixel just below a float64 threshold stays out of the region (comparing in float32
+    would round the threshold onto it)."""
+    pixel = np.float32(0.3)
+    threshold = float(pixel) + 1e-10
+    assert np.float32(threshold) == pixel  # what a float32 comparison would see
+    (result,) = threshold_dl_anomaly_results(np.full((1, 2, 2), pixel), np.array([pixel]), threshold, threshold)
+    assert not result["anomaly_region"]["mask"].any() and result["anomaly_class"] == "ok"
+
+
 def test_f1_pixel_threshold_is_the_best_pixel_sweep():
     rng = np.random.default_rng(0)
     masks = np.zeros((4, 6, 6), np.uint8)
