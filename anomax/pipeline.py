@@ -145,6 +145,9 @@ def results_of(model: AnomalyModel, dataset: DLDataset, split: str, cache_dir: s
             ground_truth = [native_mask(model.preprocess, samples[i]) for i in batch["index"]]
         yield {"anomaly_image": batch["anomaly_image"], "anomaly_score": batch["anomaly_score"],
                "anomaly_ground_truth": ground_truth, "anomaly_label_id": batch["label"],
+               # a defective image without a mask file: its all-zero mask is no ground truth
+               "has_ground_truth": np.array([samples[i].anomaly_label == "ok" or samples[i].anomaly_file_name is not None
+                                             for i in batch["index"]], bool),
                "defect_type": np.array([samples[i].defect_type for i in batch["index"]]),
                "index": batch["index"], "valid": batch["valid"], **extra}
 
@@ -241,8 +244,12 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
     if not is_main():  # with several processes, process 0 writes the pictures and the report
         return metrics
     notes = []
+    unmasked = sum(s.split == split and s.anomaly_label == "nok" and s.anomaly_file_name is None for s in dataset.samples)
     if not dataset.has_pixel_ground_truth:
         notes.append("The defective images have no ground-truth masks: only image-level metrics exist.")
+    elif unmasked:
+        notes.append(f"{unmasked} defective images of the '{split}' split have no ground-truth mask: they are left "
+                     "out of the pixel metrics.")
     with tqdm(total=2, desc="report", unit="step", disable=not progress) as bar:
         pictures = write_evaluation_pictures(run_dir, metrics, named)
         pictures.update(_example_pictures(model, dataset, split, worst, metrics, run_dir, evaluate_cfg.colormap))

@@ -124,6 +124,31 @@ def test_evaluation_exact_matches_references_and_streamed_is_close():
         roc_auc_score(masks[crack].ravel(), maps[crack].ravel()), abs=1e-9)
 
 
+def test_defective_images_without_masks_are_left_out_of_the_pixel_metrics():
+    """A defective image without a mask file comes with an all-zero mask that is no ground truth:
+    flagged by 'has_ground_truth', its pixels count neither as defect nor as defect-free."""
+    from anomax.evaluation import compute_dl_anomaly_thresholds
+
+    maps, masks, scores, labels, defect_types = _random_run()
+    unmasked = np.flatnonzero(labels)[:3]
+    masks[unmasked] = False  # what the reader gives them
+    maps[unmasked] += 3.0    # defects that score high, with nothing to say where they are
+    has = np.ones(len(labels), bool)
+    has[unmasked] = False
+    batches = _batches(maps, masks, scores, labels, defect_types, 5)
+    for start, batch in zip(range(0, len(labels), 5), batches):
+        batch["has_ground_truth"] = has[start:start + 5]
+    metrics = evaluate_dl_model(batches, exact=True)
+    assert metrics["pixel"]["auroc"] == pytest.approx(roc_auc_score(masks[has].ravel(), maps[has].ravel()), abs=1e-9)
+    assert metrics["pixel"]["aupro"] == pytest.approx(aupro(maps[has], masks[has]), abs=1e-12)
+    assert metrics["image"]["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)  # images all count
+    thresholds = compute_dl_anomaly_thresholds(batches, split="validation", exact=True)
+    expected = compute_dl_anomaly_thresholds(
+        _batches(maps[has], masks[has], scores[has], labels[has], defect_types[has], 5), split="validation",
+        exact=True)
+    assert thresholds.f1_pixel == expected.f1_pixel
+
+
 def test_halcon_measures_at_given_thresholds():
     scores = np.array([0.1, 0.2, 0.6, 0.4, 0.5, 0.9])
     labels = np.array([0, 0, 0, 1, 1, 1])

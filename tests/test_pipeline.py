@@ -27,6 +27,30 @@ def test_only_classification_thresholds_can_be_chosen(name):
         EvaluateConfig(classification_threshold=name)
 
 
+def test_results_flag_defective_images_without_a_mask():
+    """Their all-zero masks are no ground truth: results_of says so, and evaluation leaves them out."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from anomax.pipeline import results_of
+
+    dataset = synthetic(validation_from_test=0.0)
+    test = [i for i, s in enumerate(dataset.samples) if s.split == "test"]
+    unmasked = next(i for i in test if dataset.samples[i].anomaly_label == "nok")
+    samples = list(dataset.samples)
+    samples[unmasked] = dataclasses.replace(samples[unmasked], anomaly_file_name=None)
+    dataset = dataclasses.replace(dataset, samples=samples)
+    count = len(test)
+    batch = {"anomaly_image": np.zeros((count, 4, 4), np.float32), "anomaly_score": np.zeros(count, np.float32),
+             "mask": np.zeros((count, 4, 4), np.uint8), "label": np.array([s.anomaly_label == "nok" for s in
+                                                                          dataset.samples_of("test")], np.int32),
+             "index": np.arange(count), "valid": np.ones(count, bool)}
+    model = SimpleNamespace(score_split=lambda *args, **kwargs: iter([batch]), tiling=SimpleNamespace(enabled=False))
+    (results,) = results_of(model, dataset, "test", progress=False)
+    expected = [s.image_file_name != samples[unmasked].image_file_name for s in dataset.samples_of("test")]
+    assert results["has_ground_truth"].tolist() == expected and not all(expected)
+
+
 def test_streamed_evaluation_keeps_only_the_maps_the_pictures_need():
     worst = _WorstMaps(count=2)  # keeps 4 per class: a margin over the 2 shown
     rng = np.random.default_rng(0)

@@ -2,7 +2,9 @@
 
 A batch is a mapping with 'anomaly_score' (B,) and 'anomaly_label_id' (B,) 0 ok / 1 nok, and optionally
 'anomaly_image' (B,H,W), 'anomaly_ground_truth' (B,H,W) {0,1} (or, at native resolution, B masks of any
-size), 'defect_type' (B,) strings, 'index' (B,) and 'valid' (B,) bool (False marks padding).
+size), 'has_ground_truth' (B,) bool (False: a defective image without a mask, whose all-zero
+'anomaly_ground_truth' is no ground truth; it is left out of the pixel metrics), 'defect_type' (B,)
+strings, 'index' (B,) and 'valid' (B,) bool (False marks padding).
 """
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -56,6 +58,10 @@ def _checked(batch: Mapping, where: str, native_resolution: bool, position: int)
     if batch.get("anomaly_ground_truth") is not None:
         checked["anomaly_ground_truth"] = _ground_truth(batch["anomaly_ground_truth"], checked, keep, where,
                                                         native_resolution)
+        has = _sized(np.asarray(batch.get("has_ground_truth", np.ones(size, bool))), size, where, "has_ground_truth")
+        if has.dtype != bool:
+            raise InputError(f"{where} 'has_ground_truth' has dtype {has.dtype}; expected bool, one per image")
+        checked["has_ground_truth"] = has[keep]
     return checked
 
 

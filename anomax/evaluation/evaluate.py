@@ -29,7 +29,8 @@ def evaluate_dl_model(
     """Evaluate results (batches under HALCON's keys, see `_results`) into a JSON-serialisable dict.
 
     Results are read once (a generator of batches is fine). Image metrics are exact. Pixel metrics need
-    'anomaly_image' and 'anomaly_ground_truth'; they are streamed through num_bins bins over
+    'anomaly_image' and 'anomaly_ground_truth' (images whose 'has_ground_truth' is False, defective
+    images without a mask, are left out of them); they are streamed through num_bins bins over
     pixel_range (None: bins that widen with the data, see PixelAccumulator), or exact=True keeps
     every pixel. native_resolution=True resizes each map
     bilinearly to the size of its ground-truth mask (the caller hands the original masks) before counting.
@@ -47,7 +48,8 @@ def evaluate_dl_model(
         if "anomaly_image" in batch and "anomaly_ground_truth" in batch:
             for defect_type in np.unique(batch["defect_type"]):
                 accumulator = pixels.setdefault(defect_type, PixelAccumulator(pixel_range, num_bins, exact=exact))
-                for maps, masks in _pixel_pairs(batch, batch["defect_type"] == defect_type, native_resolution):
+                chosen = (batch["defect_type"] == defect_type) & batch["has_ground_truth"]
+                for maps, masks in _pixel_pairs(batch, chosen, native_resolution):
                     accumulator.add(maps, masks)
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     defect_types, indices = np.concatenate(defect_types), np.concatenate(indices)

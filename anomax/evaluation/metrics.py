@@ -139,6 +139,8 @@ class PixelAccumulator:
 
     def add(self, anomaly_images: np.ndarray, masks: np.ndarray) -> None:
         """Add maps (B,H,W) and boolean ground truth (B,H,W); regions are 8-connected per image."""
+        if not len(masks):  # e.g. a batch whose defective images all lack masks
+            return
         regions, num_regions = label_regions(masks)
         areas = np.bincount(regions.ravel())
         areas[0] = 1

@@ -85,7 +85,8 @@ def compute_dl_anomaly_thresholds(
         if "anomaly_ground_truth" in batch:
             if pixels is None:
                 pixels = PixelAccumulator(pixel_range, num_bins, exact=exact)
-            pixels.add(batch["anomaly_image"], batch["anomaly_ground_truth"])
+            has = batch["has_ground_truth"]  # a defective image without a mask has no pixel ground truth
+            pixels.add(batch["anomaly_image"][has], batch["anomaly_ground_truth"][has])
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     good, defective = scores[labels == 0], scores[labels == 1]
     if len(good) == 0:
