@@ -393,13 +393,20 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
     meta = read_metadata(root)
     ensemble = "stats" in meta  # ensemble.json's, never model.json's
     model = (_build_ensemble if ensemble else _build_model)(root, meta)
-    if runtime == "jax" and not options:
+    if runtime == "jax":
+        if options:
+            raise ConfigError(f"runtime 'jax' takes no options, got {sorted(options)}; they are for "
+                              "runtime='onnxruntime' or 'openvino'")
         return model
     if ensemble:
         raise ConfigError(f"{root} is a score ensemble: it runs with runtime='jax' only (no model.onnx)")
     from anomax.deploy.runtimes import load_runtime
 
-    return load_runtime(root / ONNX_FILE, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
+    if ONNX_FILE not in meta["files"]:  # a model.onnx the manifest does not list is no part of this artifact
+        raise ArtifactError(f"{root} was saved without {ONNX_FILE}: runtime '{runtime}' needs the exported model; "
+                            f"save the model with anomax.save_model(..., onnx=True) (anomax-train ... export.onnx=true)")
+    onnx_file = _member(root, ONNX_FILE, root / MANIFEST, f"files.{ONNX_FILE}")  # checked by read_metadata
+    return load_runtime(onnx_file, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
 
 
 MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size", "tiling", "augment")

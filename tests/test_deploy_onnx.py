@@ -191,9 +191,19 @@ def test_export_refuses_an_opset_it_cannot_honour(tmp_path):
 def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     model = exported[0]
     path = anomax.save_model(model, tmp_path / "plain")  # no onnx=True
-    with pytest.raises(ArtifactError, match="model.onnx is missing"):
+    with pytest.raises(ArtifactError, match="was saved without model.onnx"):
         anomax.load_model(path, runtime="openvino")
+    # another model's graph dropped in beside the manifest is not part of this artifact
+    shutil.copy(exported[1] / "model.onnx", path / "model.onnx")
+    with pytest.raises(ArtifactError, match="was saved without model.onnx"):
+        anomax.load_model(path, runtime="onnxruntime")
     with pytest.raises(ConfigError, match="runtime must be one of"):
         anomax.load_model(exported[1], runtime="tensorrt")
     with pytest.raises(ConfigError, match="has no option"):
         anomax.load_model(exported[1], runtime="onnxruntime", precision="bf16")
+    with pytest.raises(ConfigError, match="runtime 'jax' takes no options, got \\['threads'\\]"):
+        anomax.load_model(exported[1], runtime="jax", threads=1)
+    deployed = anomax.load_model(exported[1], runtime="onnxruntime")
+    for bad in ({"segmentation": float("nan"), "classification": 0.5}, {"segmentation": "high", "classification": 1}):
+        with pytest.raises(ConfigError, match="model parameter 'thresholds'"):
+            deployed.set_params(thresholds=bad)  # the same rule as AnomalyModel.set_params

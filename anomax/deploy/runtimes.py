@@ -54,10 +54,9 @@ class DeployedModel:
                 raise ConfigError(f"model parameter 'batch_size' must be an integer >= 1, got {batch_size!r}")
             self.batch_size = int(batch_size)
         if thresholds is not None:
-            if set(thresholds) not in (set(), {"segmentation", "classification"}):
-                raise ConfigError(f"model parameter 'thresholds' must be {{}} or 'segmentation' and "
-                                  f"'classification' values, got {thresholds!r}")
-            self.thresholds = {key: float(value) for key, value in thresholds.items()}
+            from anomax.model import checked_thresholds
+
+            self.thresholds = checked_thresholds(thresholds)  # the same rule as AnomalyModel.set_params
 
     def _refused(self, error: Exception) -> ArtifactError:
         return ArtifactError(f"{self.onnx_file} is not a loadable ONNX model ({type(error).__name__}: "
