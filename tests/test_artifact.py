@@ -386,6 +386,30 @@ def test_loader_validates_a_rehashed_model_json(copy, edit, message):
         anomax.load_model(copy)
 
 
+def _rehashed_arrays(path: Path, name: str, edit) -> None:
+    """Apply ``edit`` to the arrays of the safetensors file ``name`` and rehash it in the manifest."""
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(path / name)
+    edit(arrays)
+    save_file(arrays, path / name)
+    _rehashed(path, "manifest.json", lambda manifest: manifest["files"].update({name: sha256_file(path / name)}))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a["mean"].__setitem__((0, 0, 0), np.nan), r"head 'padim' state \['mean'\] holds NaN"),
+    (lambda a: a.update(whitening=np.full_like(a["whitening"], np.inf)), r"\['whitening'\] holds NaN, infinite"),
+    (lambda a: a.update(mean=a["mean"][:1]), r"'mean' \(1, .*\) and 'whitening' .* do not fit together"),
+    (lambda a: a.pop("whitening"), r"head 'padim' state lacks \['whitening'\]"),
+], ids=["nan", "inf", "shapes", "missing"])
+def test_loader_validates_rehashed_head_arrays(copy, edit, message):
+    """Refused when the artifact loads, naming the array, not later in apply as a NaN score or a
+    broadcasting error."""
+    _rehashed_arrays(copy, "head.safetensors", edit)
+    with pytest.raises(ArtifactError, match=message):
+        anomax.load_model(copy)
+
+
 @pytest.mark.parametrize("version", [0, -7, True, "2", 1.5, None])
 def test_format_version_must_be_a_known_integer(copy, version):
     _rehashed(copy, "manifest.json", lambda manifest: manifest.update(format_version=version))

@@ -108,3 +108,14 @@ def test_upsampling_is_a_map_setting():
     assert 0 < float(bilinear[0, 1, 2]) < 1  # interpolated between the hot and a cold cell
     with pytest.raises(ConfigError, match="model.head.upsample"):
         HEADS.get("patchcore")(upsample="cubic")
+
+
+def test_a_stored_memory_bank_must_be_a_finite_patches_by_dim_matrix():
+    PatchCore = HEADS.get("patchcore")
+    hyperparams = PatchCore(coreset_ratio=1.0).hyperparams
+    PatchCore.from_state(hyperparams, {"memory_bank": np.zeros((3, 4), np.float32)})
+    for bank, message in ((np.zeros(3, np.float32), r"shape \(3,\), expected \(patches, D\)"),
+                          (np.zeros((0, 4), np.float32), r"shape \(0, 4\)"),
+                          (np.full((3, 4), np.nan, np.float32), r"\['memory_bank'\] holds NaN")):
+        with pytest.raises(ArtifactError, match=message):
+            PatchCore.from_state(hyperparams, {"memory_bank": bank})

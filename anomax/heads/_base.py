@@ -79,12 +79,13 @@ class Head:
     @classmethod
     def from_state(cls, hyperparams: Mapping[str, Any], state: Mapping[str, Any]) -> "Head":
         head = cls(cls.Config.from_dict(hyperparams))
-        missing = sorted(set(cls.state_keys) - set(state))
-        if missing:
-            raise ArtifactError(f"head '{cls.name}' state lacks {missing}; the artifact is incomplete or "
-                                f"from another head — refit the model")
-        head._state = {key: np.asarray(state[key]) for key in cls.state_keys}
+        head._state = stored_state(cls.name, state, cls.state_keys)
+        head.check_state(head._state)
         return head
+
+    @staticmethod
+    def check_state(state: Mapping[str, np.ndarray]) -> None:
+        """Raise ArtifactError where a stored state's arrays do not fit together (from_state calls it)."""
 
     # ---- fit and score -----------------------------------------------------------------
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train=None, validation=None,
@@ -148,3 +149,19 @@ class Head:
         if not rows or not len(rows[0]):
             raise DatasetError(f"{self.name}.fit got no valid images in {what}; check that split")
         return rows[0], (rows[1] if need_features else None)
+
+
+def stored_state(head: str, state: Mapping[str, Any], keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a stored head state, each present and finite: a corrupt or modified
+    artifact is refused when it loads, naming the key, instead of scoring NaN or failing in apply."""
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise ArtifactError(f"head '{head}' state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}; the "
+                            "artifact is incomplete or from another head — refit the model")
+    arrays = {key: np.asarray(state[key]) for key in keys}
+    broken = [key for key, value in arrays.items()
+              if not (np.issubdtype(value.dtype, np.number) and np.isfinite(value).all())]
+    if broken:
+        raise ArtifactError(f"head '{head}' state {broken[:5]} holds NaN, infinite or non-numeric values; the "
+                            "artifact is corrupt or was modified — save the model again")
+    return arrays

@@ -44,7 +44,7 @@ from flax import nnx
 from anomax import training
 from anomax.distributed import part
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
-from anomax.heads._base import Head, HeadConfig
+from anomax.heads._base import Head, HeadConfig, stored_state
 from anomax.heads._pdn import PDN, AutoEncoder
 from anomax.parallel import data_mesh, data_parallel, replicate
 from anomax.preprocess.params import PreprocessParams, pixel_scale
@@ -267,11 +267,7 @@ class EfficientAD(Head):
         if "geometry" not in state:
             raise ArtifactError("the efficientad head state lacks 'geometry'; the artifact is incomplete — re-train")
         head._build(np.asarray(state["geometry"]))
-        missing = sorted(set(head.state_keys) - set(state))
-        if missing:
-            raise ArtifactError(f"the efficientad head state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                                "the artifact is incomplete or from other settings — re-train")
-        head._state = {key: np.asarray(state[key]) for key in head.state_keys}
+        head._state = stored_state(cls.name, state, head.state_keys)
         return head
 
     # ---- maps ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anomax import parallel
-from anomax.errors import DatasetError, InputError
+from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig
 from anomax.kernels.stats import covariance, init_moments, update_moments
 from anomax.registry import HEADS
@@ -50,6 +50,13 @@ class Padim(Head):
     name = "padim"
     Config = PadimConfig
     state_keys = ("mean", "whitening")
+
+    @staticmethod
+    def check_state(state):
+        mean, whitening = state["mean"].shape, state["whitening"].shape
+        if len(mean) != 3 or whitening != (*mean, mean[-1]):
+            raise ArtifactError(f"head 'padim' state: 'mean' {mean} and 'whitening' {whitening} do not fit together "
+                                "(expected (h, w, D) and (h, w, D, D)); the artifact was modified — save the model again")
 
     def fit(self, batches, *, train=None, validation=None, progress=False):
         moments = None

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from anomax.errors import ConfigError, DatasetError, InputError
+from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.features import random_projection
 from anomax.heads._base import Head, HeadConfig
 from anomax.kernels.coreset import greedy_coreset, sharded_greedy_coreset
@@ -91,6 +91,13 @@ class PatchCore(Head):
     name = "patchcore"
     Config = PatchCoreConfig
     state_keys = ("memory_bank",)
+
+    @staticmethod
+    def check_state(state):
+        bank = state["memory_bank"].shape
+        if len(bank) != 2 or 0 in bank:
+            raise ArtifactError(f"head 'patchcore' state: 'memory_bank' has shape {bank}, expected (patches, D) "
+                                "with both > 0; the artifact was modified — save the model again")
 
     def fit(self, batches, *, train=None, validation=None, progress=False):
         config = self.config

@@ -18,7 +18,7 @@ from flax import nnx
 
 from anomax import training
 from anomax.errors import ArtifactError, ConfigError, InputError
-from anomax.heads._base import Head, HeadConfig
+from anomax.heads._base import Head, HeadConfig, stored_state
 from anomax.parallel import data_mesh, data_parallel, replicate
 from anomax.registry import HEADS
 from anomax.settings import setting
@@ -118,10 +118,7 @@ class StudentHead(Head):
                                 "re-train the model")
         head._build(state["student/layers/0/kernel"].shape[2], state["teacher_mean"].shape[0])
         keys = [f"student/{key}" for key in head._keys] + ["teacher_mean", "teacher_std"]
-        missing = sorted(set(keys) - set(state))
-        if missing:
-            raise ArtifactError(f"the student head state lacks {missing}; re-train the model")
-        head._state = {key: np.asarray(state[key]) for key in keys}
+        head._state = stored_state(cls.name, state, keys)
         return head
 
     def score(self, state: Mapping[str, jax.Array], images: jax.Array, features: jax.Array, mesh=None):
