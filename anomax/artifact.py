@@ -223,7 +223,7 @@ def _write_model(folder: Path, model, thresholds, config, onnx: bool) -> None:
     if onnx:
         from anomax.deploy.onnx_export import export_onnx
 
-        export_onnx(model, folder / ONNX_FILE)
+        export_onnx(model, folder / ONNX_FILE, domain_file=domain_file)  # the mask's copy beside model.onnx
 
 
 def _write_ensemble(folder: Path, ensemble, thresholds, config) -> None:

@@ -136,6 +136,22 @@ def test_file_is_self_describing_for_programs_without_anomax(exported):
 
 
 @pytest.mark.slow
+def test_the_metadata_names_the_domain_mask_beside_the_graph(tmp_path):
+    """A program without anomax follows model.onnx's metadata to the mask copied into the artifact,
+    not to the path it had on the training machine."""
+    import onnx
+    from PIL import Image
+
+    model = fitted_model("padim")
+    Image.fromarray(np.full((SIZE + 8, SIZE), 255, np.uint8)).save(tmp_path / "roi.png")
+    model.preprocess = model.preprocess.replace(domain_handling="crop_domain", domain=str(tmp_path / "roi.png"))
+    path = anomax.save_model(model, tmp_path / "model", onnx=True)
+    meta = {prop.key: prop.value for prop in onnx.load(str(path / "model.onnx")).metadata_props}
+    domain = json.loads(meta["anomax.preprocess"])["domain"]
+    assert domain == "domain.png" and (path / domain).is_file()
+
+
+@pytest.mark.slow
 def test_graph_has_the_forms_the_runtimes_run_fast(exported):
     """relu6 as one Clip (fused into the convolution before it), not Max then Min; the map's
     upsampling and smoothing as MatMuls, no one-channel blur Conv; PatchCore's search over all

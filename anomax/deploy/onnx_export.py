@@ -43,13 +43,15 @@ BYPASSED_SHIMS = ("jax.image.resize", "jax.numpy.full")  # jax2onnx shims that n
 
 
 def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None, height: int | None = None,
-                width: int | None = None, opset: int | None = None) -> Path:
+                width: int | None = None, opset: int | None = None, domain_file: str | None = None) -> Path:
     """Write ``model``'s inference (an AnomalyModel with a fitted head) as an ONNX file at ``path``.
 
     batch_size: None gives a symbolic batch dimension (any batch at run time), an integer fixes it.
     height, width: the input size, default the model's preprocess size (the size it was fitted on).
     opset: the ONNX opset, default 18; an opset the converter cannot honour is an error, never
-    silently another one. Needs ``pip install anomax[deploy]`` (jax2onnx). Returns ``path``.
+    silently another one. domain_file: the name of the domain mask file beside ``path``, for the
+    metadata (save_model copies the mask in); None: the path the model's preprocess names. Needs
+    ``pip install anomax[deploy]`` (jax2onnx). Returns ``path``.
     """
     to_onnx = _converter()
     opset = DEFAULT_OPSET if opset is None else opset
@@ -81,7 +83,8 @@ def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None
         "anomax.version": _version(),
         "anomax.head": model.head.name,
         "anomax.backbone": model.backbone.name,
-        "anomax.preprocess": json.dumps({**preprocess.to_dict(), "height": height, "width": width}),
+        "anomax.preprocess": json.dumps({**preprocess.to_dict(), "height": height, "width": width,
+                                         **({"domain": domain_file} if domain_file is not None else {})}),
         "anomax.thresholds": json.dumps({key: float(value) for key, value in model.thresholds.items()}),
         "anomax.outputs": json.dumps(outputs),
     }
