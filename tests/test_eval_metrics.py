@@ -104,6 +104,28 @@ def _random_run(seed=0, count=24, size=32):
     return maps.astype(np.float32), masks, scores, labels, defect_types
 
 
+@pytest.mark.parametrize("scores, labels, message", [
+    ([0.1, np.nan, 0.3], [0, 1, 1], "finite scores"),
+    ([0.1, 0.2, 0.3], [0, 2, 1], "must be 0 \\(good\\) or 1"),
+    ([0.1, 0.2, 0.3], ["ok", "nok", "nok"], "must be 0 \\(good\\) or 1"),
+    ([0.1, 0.2, 0.3], [1, 1, 1], "only one class"),
+    ([0.1, 0.2, 0.3], [0, 1], "one score and one label per image"),
+])
+def test_image_metrics_refuse_what_scikit_learn_refuses(scores, labels, message):
+    """NaN scores, labels other than 0/1 and a single class are errors, not a number (sklearn raises too)."""
+    for metric in (auroc, average_precision, f1_max):
+        with pytest.raises(InputError, match=message):
+            metric(np.asarray(scores), np.asarray(labels))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_pixel_metrics_refuse_non_finite_maps(exact):
+    maps, masks = np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool)
+    maps[0, 1, 1] = np.nan
+    with pytest.raises(InputError, match="NaN or inf"):
+        PixelAccumulator(exact=exact).add(maps, masks)
+
+
 def test_evaluation_exact_matches_references_and_streamed_is_close():
     maps, masks, scores, labels, defect_types = _random_run()
     exact = evaluate_dl_model(_batches(maps, masks, scores, labels, defect_types, 5), exact=True)

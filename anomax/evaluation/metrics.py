@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from anomax.errors import InputError
+
 # 8-connectivity inside each image and none across the batch axis, so one label() call serves a batch.
 _EIGHT_CONNECTED = np.zeros((3, 3, 3), bool)
 _EIGHT_CONNECTED[1] = True
@@ -89,9 +91,19 @@ def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def image_curve(scores, labels) -> Curve:
-    """Exact curve of image scores against labels (1 = anomalous)."""
-    values, inverse = np.unique(np.asarray(scores), return_inverse=True)
-    anomalous = np.asarray(labels).astype(bool)
+    """Exact curve of image scores against labels (1 = anomalous, 0 = good; both needed)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise InputError(f"image metrics need one score and one label per image, got scores {scores.shape} "
+                         f"and labels {labels.shape}")
+    if not (np.issubdtype(scores.dtype, np.number) and np.isfinite(scores).all()):
+        raise InputError("image metrics need finite scores; the scores hold NaN, infinite or non-numeric values")
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == bool) or not np.isin(labels, (0, 1)).all():
+        raise InputError(f"image labels must be 0 (good) or 1 (anomalous), got {np.unique(labels)[:5]}")
+    if not (labels == 0).any() or not (labels == 1).any():
+        raise InputError("image metrics need good (0) and anomalous (1) images; the labels hold only one class")
+    values, inverse = np.unique(scores, return_inverse=True)
+    anomalous = labels.astype(bool)
     return Curve.from_counts(values, np.bincount(inverse, ~anomalous, len(values)),
                              np.bincount(inverse, anomalous, len(values)))
 
@@ -146,14 +158,14 @@ class PixelAccumulator:
         areas[0] = 1
         weights = np.where(masks, 1.0 / areas[regions], 0.0).ravel()
         scores, anomalous = np.asarray(anomaly_images, np.float64).ravel(), np.asarray(masks, bool).ravel()
+        if not np.isfinite(scores).all():
+            raise InputError("anomaly maps hold NaN or inf; pixel metrics need finite scores")
         self.num_regions += num_regions
         if self.exact:
             self._scores.append(scores)
             self._anomalous.append(anomalous)
             self._weights.append(weights)
             return
-        if not np.isfinite(scores).all():
-            raise ValueError("anomaly maps hold NaN or inf; pixel metrics need finite scores")
         if self.pixel_range is not None:
             low, high = self.pixel_range
             bins = np.clip(((scores - low) * (self.num_bins / (high - low))).astype(np.int64), 0, self.num_bins - 1)
