@@ -59,6 +59,15 @@ def test_labels_and_mask_matching(folders):
     assert dataset.class_names == ["ok", "nok"] and dataset.class_ids == [0, 1] and not dataset.has_split
 
 
+def test_images_outside_a_label_folder_are_left_out_with_a_warning(folders, caplog):
+    images, masks = folders
+    write(images / "loose.png")
+    with caplog.at_level("WARNING", logger="anomax"):
+        dataset = read_dl_dataset_anomaly(images, masks)
+    assert "loose.png" not in by_name(dataset) and len(dataset.samples) == 5
+    assert any("1 images lie directly in" in r.getMessage() and "loose.png" in r.getMessage() for r in caplog.records)
+
+
 def test_exact_stem_wins_and_leftover_mask_is_an_error(folders):
     images, masks = folders
     write(masks / "scratch" / "c_mask.png", 255)  # c.png already matched by exact stem

@@ -84,6 +84,9 @@ def test_visa_csv(synthetic, tmp_path):
         read_dataset("visa", root=synthetic, split_csv="bad.csv")
     with pytest.raises(DatasetError, match="nothere.csv does not exist"):
         read_dataset("visa", root=synthetic, split_csv="nothere.csv")
+    (synthetic / "short.csv").write_text("object,split,label,image,mask\nbrick,train,normal\n")
+    with pytest.raises(DatasetError, match="short.csv line 2 has fewer fields than the header"):
+        read_dataset("visa", root=synthetic, split_csv="short.csv")
 
 
 @pytest.mark.realdata

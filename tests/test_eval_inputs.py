@@ -48,6 +48,15 @@ def test_padding_is_dropped_before_checks():
     assert evaluate_dl_model(batch, exact=True)["num_images"] == 3
 
 
+def test_default_indices_count_images_not_padding():
+    from anomax.evaluation._results import iterate_results
+
+    padded = {"anomaly_score": np.array([0.1, 0.2, 0.3]), "anomaly_label_id": np.array([0, 1, 0]),
+              "valid": np.array([True, False, True])}
+    whole = {"anomaly_score": np.array([0.4, 0.5]), "anomaly_label_id": np.array([1, 0])}
+    assert [batch["index"].tolist() for batch in iterate_results([padded, whole])] == [[0, 1], [2, 3]]
+
+
 def test_results_are_read_once_and_streamed_metrics_match_exact_ones():
     exact = evaluate_dl_model([_batch()], exact=True)["pixel"]
     for pixel_range in (None, (0.0, 2.0)):  # adaptive bins, fixed bins: one pass over a one-shot iterator

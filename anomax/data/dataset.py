@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -20,6 +21,8 @@ import numpy as np
 from anomax.data.images import IMAGE_SUFFIXES, list_files, read_mask
 from anomax.errors import ConfigError, DatasetError
 from anomax.registry import DATASET_FORMATS
+
+log = logging.getLogger("anomax")
 
 GOOD_FOLDER_NAMES = ("good", "ok")
 SPLITS = ("train", "validation", "test")
@@ -136,7 +139,12 @@ def read_dl_dataset_anomaly(
         raise DatasetError(f"image directory {image_dir} does not exist; check the dataset path")
     if anomaly_dir is not None and not Path(anomaly_dir).is_dir():
         raise DatasetError(f"anomaly directory {anomaly_dir} does not exist; check the dataset path")
-    images = sorted(p for p in _image_files(image_dir) if p.parent != image_dir)
+    images = sorted(_image_files(image_dir))
+    loose = [p for p in images if p.parent == image_dir]
+    if loose:  # HALCON's semantics: the folder an image sits in is its label
+        log.warning("%d images lie directly in %s, not in a label folder (good/ok or a defect class); they are "
+                    "left out, e.g. %s", len(loose), image_dir, loose[0].name)
+        images = [p for p in images if p.parent != image_dir]
     if not any(_label_folder(p, image_dir).lower() in GOOD_FOLDER_NAMES for p in images):
         raise DatasetError(
             f"image directory {image_dir} has no folder named 'good' or 'ok' with images; "

@@ -19,10 +19,10 @@ Results = Mapping | Iterable[Mapping]
 def iterate_results(results: Results, *, native_resolution: bool = False) -> Iterator[dict]:
     """Yield each batch as checked numpy arrays with padding removed; a single mapping is one batch."""
     batches = [results] if isinstance(results, Mapping) else results
-    position = 0  # the default 'index': position in the stream of results
+    position = 0  # the default 'index': position among the (valid) images of the stream
     for number, batch in enumerate(batches):
         checked = _checked(batch, f"results batch {number}", native_resolution, position)
-        position += len(np.asarray(batch["anomaly_score"]))
+        position += len(checked["anomaly_score"])
         yield checked
 
 
@@ -44,7 +44,8 @@ def _checked(batch: Mapping, where: str, native_resolution: bool, position: int)
         "anomaly_score": scores[keep],
         "anomaly_label_id": labels[keep].astype(np.int32),
         "defect_type": defect_types[keep],
-        "index": _sized(np.asarray(batch.get("index", position + np.arange(size))), size, where, "index")[keep],
+        "index": (_sized(np.asarray(batch["index"]), size, where, "index")[keep] if "index" in batch
+                  else position + np.arange(int(keep.sum()))),
     }
     if not np.isfinite(checked["anomaly_score"]).all():
         raise InputError(f"{where} 'anomaly_score' contains NaN or infinite values; check the model output")

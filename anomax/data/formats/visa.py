@@ -38,6 +38,8 @@ def read_visa(
         raise DatasetError(f"VisA split file {csv_path} lacks the columns {sorted(missing)}; it needs {list(COLUMNS)}")
     records = []
     for line, row in enumerate(rows, start=2):
+        if None in row.values():  # csv.DictReader fills a short row with None
+            raise DatasetError(f"{csv_path} line {line} has fewer fields than the header {list(COLUMNS)}")
         if category is not None and row["object"] != category:
             continue
         if row["label"] not in LABELS or row["split"] not in ("train", "test"):
