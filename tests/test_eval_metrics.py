@@ -118,6 +118,19 @@ def test_image_metrics_refuse_what_scikit_learn_refuses(scores, labels, message)
             metric(np.asarray(scores), np.asarray(labels))
 
 
+def test_a_fixed_pixel_range_threshold_applies_to_the_scores_clipped_below_it():
+    """Scores below pixel_range land in the first bin: a threshold read off the curve there must still
+    classify them as the curve counted them (score >= threshold)."""
+    maps = np.array([[[-2.0, 0.5]]])
+    masks = np.array([[[True, False]]])
+    for accumulator in (PixelAccumulator((0.0, 1.0), 10), PixelAccumulator((0.0, 1.0), 10).merged(
+            PixelAccumulator((0.0, 1.0), 10))):
+        accumulator.add(maps, masks)
+        f1, threshold = accumulator.curve().f1_max()
+        predicted = maps >= threshold
+        assert f1 == pytest.approx(2 / 3) and predicted[masks].all() and predicted.sum() == 2
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_pixel_metrics_refuse_non_finite_maps(exact):
     maps, masks = np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool)

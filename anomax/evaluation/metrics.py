@@ -147,6 +147,7 @@ class PixelAccumulator:
         self.num_regions = 0
         self._scores, self._anomalous, self._weights = [], [], []  # exact mode
         self._counts = np.zeros((3, num_bins if pixel_range is not None else 0))  # negatives, positives, overlap
+        self._lowest = np.inf  # fixed range: the first bin also holds the scores below it
         self._exponent, self._start = None, 0  # adaptive bins: width 2**exponent, first bin index
 
     def add(self, anomaly_images: np.ndarray, masks: np.ndarray) -> None:
@@ -168,6 +169,7 @@ class PixelAccumulator:
             return
         if self.pixel_range is not None:
             low, high = self.pixel_range
+            self._lowest = min(self._lowest, float(scores.min()))
             bins = np.clip(((scores - low) * (self.num_bins / (high - low))).astype(np.int64), 0, self.num_bins - 1)
         else:
             bins = self._adaptive_bins(scores)
@@ -212,7 +214,7 @@ class PixelAccumulator:
             merged._scores, merged._anomalous, merged._weights = (
                 self._scores + other._scores, self._anomalous + other._anomalous, self._weights + other._weights)
         elif self.pixel_range is not None:
-            merged._counts = self._counts + other._counts
+            merged._counts, merged._lowest = self._counts + other._counts, min(self._lowest, other._lowest)
         else:
             for part in (self, other):
                 if part._exponent is None:
@@ -249,6 +251,9 @@ class PixelAccumulator:
         if self.pixel_range is not None:
             low, high = self.pixel_range
             values = low + (high - low) * np.arange(self.num_bins) / self.num_bins
+            # the first bin's threshold reaches down to the lowest score clipped into it, so applying a
+            # threshold read off the curve there classifies those pixels as the curve counted them
+            values[0] = min(values[0], self._lowest)
         else:
             values = (self._start + np.arange(self._counts.shape[1])) * 2.0 ** (self._exponent or 0)
         return Curve.from_counts(values, *self._counts, num_regions=self.num_regions)
