@@ -176,11 +176,17 @@ def _stitch(tile_maps: jax.Array, window: jax.Array, positions: np.ndarray, out_
 
 
 # ---- the ROI-native resolution ----------------------------------------------------------------
-def roi_shape(preprocess: PreprocessParams, shape: tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols) of an image of ``shape`` after the preprocess domain step (crop_domain crops)."""
+def roi_shape(preprocess: PreprocessParams, shape: tuple[int, int], where: str | None = None) -> tuple[int, int]:
+    """(rows, cols) of an image of ``shape`` after the preprocess domain step (crop_domain crops);
+    ``where``: the image file, named in the error when the domain does not fit it."""
     if preprocess.domain_handling != "crop_domain":
         return int(shape[0]), int(shape[1])
-    row1, col1, row2, col2 = domain_box(preprocess, tuple(shape))
+    try:
+        row1, col1, row2, col2 = domain_box(preprocess, tuple(shape))
+    except InputError as error:
+        if where is None:
+            raise
+        raise InputError(f"{where}: {error}") from None
     return int(row2 - row1 + 1), int(col2 - col1 + 1)
 
 
@@ -205,7 +211,7 @@ def native_mask(preprocess: PreprocessParams, sample: Sample) -> np.ndarray:
         mask = np.zeros(image_shape(sample.image_file_name), bool)
     else:
         mask = read_mask(sample.anomaly_file_name)
-    rows, cols = roi_shape(preprocess, mask.shape)
+    rows, cols = roi_shape(preprocess, mask.shape, sample.anomaly_file_name or sample.image_file_name)
     return preprocess_mask(preprocess.replace(height=rows, width=cols), mask)
 
 
@@ -358,7 +364,7 @@ def _grids(model, dataset: DLDataset, split: str) -> list[TileGrid]:
     """Every image's grid, from the file headers (nothing decoded)."""
     grids = []
     for sample in dataset.samples_of(split):
-        roi = roi_shape(model.preprocess, image_shape(sample.image_file_name))
+        roi = roi_shape(model.preprocess, image_shape(sample.image_file_name), sample.image_file_name)
         grids.append(TileGrid.of(*scaled_shape(roi, model.tiling), model.tiling, where=sample.image_file_name))
     return grids
 

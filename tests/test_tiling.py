@@ -176,6 +176,14 @@ def test_tiles_are_cut_after_the_domain_crop(dataset):
     assert batch["anomaly_image"].shape == batch["mask"].shape == (1, 40, 72)
 
 
+def test_a_domain_box_outside_an_image_names_the_image(dataset):
+    model = build("padim")
+    model.preprocess = model.preprocess.replace(domain_handling="crop_domain", domain=(0, 0, 500, 500))
+    first = dataset.samples_of("train")[0].image_file_name
+    with pytest.raises(InputError, match=f"{first}: .*domain"):
+        model.fit(dataset, progress=False)
+
+
 @pytest.fixture(scope="module")
 def per_position(dataset):
     model = build("patchcore", TilingConfig(tile_size=TILE, stride=24, mode="per_position"))
