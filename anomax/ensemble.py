@@ -235,10 +235,12 @@ class ScoreEnsemble:
                     scores.append(np.asarray(batch[f"anomaly_score{suffix}"], np.float64)[valid])
             entries = {suffix: _stat_entry(pixels, np.concatenate(scores)) for suffix, (pixels, scores) in moments.items()}
             for suffix, entry in entries.items():
-                if not all(math.isfinite(value) for value in entry.values()):
+                try:
+                    _checked_entry(entry)  # what a loaded artifact's statistics must pass too
+                except ConfigError as error:
                     raise InputError(f"ensemble member {number} ({member.description}) gives non-finite "
                                      f"anomaly_image{suffix} or anomaly_score{suffix} values on the '{split}' split's "
-                                     f"good images ({entry}); check that member's inputs and weights")
+                                     f"good images ({error}); check that member's inputs and weights") from None
             entry = entries.pop("")
             stats.append({**entry, "branches": {suffix[1:]: value for suffix, value in entries.items()}}
                          if entries else entry)
