@@ -103,6 +103,19 @@ def test_a_split_larger_than_the_tfds_write_buffer_is_stored_in_parts(dataset, t
         iterate_batches(dataset, "test", huge, 2, cache_dir=tmp_path)
 
 
+def test_checking_and_building_a_cache_leave_no_temporary_folders(dataset, tmp_path, monkeypatch):
+    """TFDS's public-bucket lookup made an empty /tmp/tmp*tfds folder per builder and left it."""
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert not is_cached(dataset, "train", PARAMS, tmp_path / "cache")
+    list(iterate_batches(dataset, "train", PARAMS, 2, cache_dir=tmp_path / "cache"))
+    assert is_cached(dataset, "train", PARAMS, tmp_path / "cache")
+    assert list(scratch.iterdir()) == []
+
+
 def test_changed_params_or_files_make_a_new_cache(dataset, tmp_path):
     iterate_batches(dataset, "train", PARAMS, 2, cache_dir=tmp_path)
     wider = create_dl_preprocess_param(**(PARAMS.to_dict() | {"width": 20}))

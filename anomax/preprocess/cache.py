@@ -71,7 +71,7 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
             }
         )
         # disable_shuffling keeps the records in dataset order, so record i is sample i
-        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+        return _LocalInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         from tqdm.auto import tqdm
@@ -101,6 +101,17 @@ class PreprocessedSplit(tfds.core.GeneratorBasedBuilder):
 
     def _log_download_done(self) -> None:
         log.debug("tfds: dataset prepared in %s", self.data_dir)
+
+
+class _LocalInfo(tfds.core.DatasetInfo):
+    """The info of a split written here: never looked up on TFDS's public bucket.
+
+    TFDS's lookup makes a temporary folder for every builder of a folder not yet written and never
+    removes it (one empty ``/tmp/tmp*tfds`` per cache check, before it finds GCS unreachable).
+    """
+
+    def initialize_from_bucket(self) -> None:
+        pass
 
 
 def _records_per_part(params: PreprocessParams) -> int:
