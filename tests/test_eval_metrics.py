@@ -131,6 +131,21 @@ def test_a_fixed_pixel_range_threshold_applies_to_the_scores_clipped_below_it():
         assert f1 == pytest.approx(2 / 3) and predicted[masks].all() and predicted.sum() == 2
 
 
+def test_a_score_on_a_fixed_bin_edge_counts_at_that_edge_threshold():
+    """(score - low) * num_bins / span rounds many edges of (0, 0.7) in 100 bins one bin low; the
+    counts must agree with applying each threshold of the curve as `score >= threshold`."""
+    accumulator = PixelAccumulator((0.0, 0.7), 100)
+    edges = 0.0 + (0.7 - 0.0) * np.arange(100) / 100
+    maps = np.r_[edges, 0.7, 5.0][None, None, :]
+    masks = np.zeros(maps.shape, bool)
+    masks[..., ::3] = True
+    accumulator.add(maps, masks)
+    curve = accumulator.curve()
+    for threshold, positives, negatives in zip(curve.thresholds, curve.true_positives, curve.false_positives):
+        predicted = maps >= threshold
+        assert (predicted & masks).sum() == positives and (predicted & ~masks).sum() == negatives
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_pixel_metrics_refuse_non_finite_maps(exact):
     maps, masks = np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool)

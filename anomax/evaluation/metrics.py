@@ -171,6 +171,11 @@ class PixelAccumulator:
             low, high = self.pixel_range
             self._lowest = min(self._lowest, float(scores.min()))
             bins = np.clip(((scores - low) * (self.num_bins / (high - low))).astype(np.int64), 0, self.num_bins - 1)
+            # the product rounds a score at a bin edge into either bin; move it to the bin whose lower
+            # edge (the curve's threshold) it reaches, so `score >= threshold` agrees with the counts
+            edges = np.r_[self._fixed_edges(), np.inf]
+            bins -= (bins > 0) & (scores < edges[bins])
+            bins += scores >= edges[bins + 1]
         else:
             bins = self._adaptive_bins(scores)
         for row, values in enumerate((~anomalous, anomalous, weights)):
@@ -249,14 +254,18 @@ class PixelAccumulator:
             counts = [np.bincount(inverse, w, len(values)) for w in weights]
             return Curve.from_counts(values, *counts, num_regions=self.num_regions)
         if self.pixel_range is not None:
-            low, high = self.pixel_range
-            values = low + (high - low) * np.arange(self.num_bins) / self.num_bins
+            values = self._fixed_edges()
             # the first bin's threshold reaches down to the lowest score clipped into it, so applying a
             # threshold read off the curve there classifies those pixels as the curve counted them
             values[0] = min(values[0], self._lowest)
         else:
             values = (self._start + np.arange(self._counts.shape[1])) * 2.0 ** (self._exponent or 0)
         return Curve.from_counts(values, *self._counts, num_regions=self.num_regions)
+
+    def _fixed_edges(self) -> np.ndarray:
+        """The lower edges of the fixed pixel_range bins: the curve's thresholds."""
+        low, high = self.pixel_range
+        return low + (high - low) * np.arange(self.num_bins) / self.num_bins
 
     @property
     def resolution(self) -> dict:
