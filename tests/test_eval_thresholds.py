@@ -39,6 +39,19 @@ def test_non_separable_classes_minimise_fpr_plus_fnr():
     assert thresholds.f1_image == 0.4  # F1 = 6/7 there: tp 3, fp 1
 
 
+def test_intermediate_separates_neighbouring_float32_scores():
+    """The midpoint of two neighbouring float32 scores rounds onto the good one; the threshold must
+    still separate the classes when applied (score >= threshold)."""
+    good = np.float32(1.0)
+    defect = np.nextafter(good, np.float32(2))
+    thresholds = compute_dl_anomaly_thresholds(_validation(np.array([0.5, good], np.float32), [defect, 3.0]),
+                                               split="validation")
+    assert good < thresholds.intermediate <= defect
+    scores = np.array([0.5, good, defect, 3.0], np.float32)
+    results = threshold_dl_anomaly_results(np.zeros((4, 2, 2), np.float32), scores, 1.0, thresholds.intermediate)
+    assert [r["anomaly_class"] for r in results] == ["ok", "ok", "nok", "nok"]
+
+
 def test_good_images_only_give_the_largest_good_score():
     thresholds = compute_dl_anomaly_thresholds(_validation([0.1, 0.3], []), split="validation")
     expected = np.nextafter(0.3, 1)

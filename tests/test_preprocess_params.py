@@ -140,6 +140,29 @@ def test_keep_domain_zeroes_outside():
     assert np.array_equal(preprocess_mask(keep, np.ones((4, 6))), inside.astype(np.uint8))
 
 
+def test_keep_domain_resizes_image_and_mask_alike():
+    """A keep_domain image of another size than the model's: image and mask zeroed on the same pixels."""
+    keep = params(width=4, height=4, num_channels=1, domain_handling="keep_domain", domain=(0, 0, 3, 3))
+    inside = np.zeros((4, 4), bool)
+    inside[:2, :2] = True  # the 4 x 4 box of an 8 x 8 image, halved
+    image = preprocess_image(keep, np.full((8, 8), 255, np.uint8))[..., 0]
+    assert np.array_equal(image != 0, inside)
+    assert np.array_equal(preprocess_mask(keep, np.ones((8, 8), np.uint8)), inside.astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["all_channels", "first_channel"])
+def test_keep_domain_stretches_on_the_domain_only(kind):
+    """What lies outside the region of interest (a bright fixture, a dark edge) sets no contrast."""
+    image = np.full((4, 6, 3), 100, np.uint8)
+    image[1:3, 2:5] = np.array([[100, 120, 140], [110, 130, 140]])[..., None]
+    keep = params(width=6, height=4, num_channels=3, normalization_type=kind, range_min=0.0, range_max=1.0,
+                  domain_handling="keep_domain", domain=(1, 2, 2, 4))
+    clean = preprocess_image(keep, image)[1:3, 2:5, 0]
+    np.testing.assert_allclose(clean, [[0.0, 0.5, 1.0], [0.25, 0.75, 1.0]], atol=1e-6)
+    image[0, 0], image[3, 5] = 0, 255  # outside the domain only
+    np.testing.assert_array_equal(preprocess_image(keep, image)[1:3, 2:5, 0], clean)
+
+
 def test_mask_resize_stays_binary():
     mask = np.random.default_rng(0).integers(0, 2, (17, 13)) * 255
     for width, height in ((8, 8), (40, 30)):

@@ -116,7 +116,10 @@ def _intermediate(good: np.ndarray, defective: np.ndarray) -> float:
     smallest defective score. Ties go to the lowest threshold: missing a defect costs more than a false alarm.
     """
     values = np.unique(np.concatenate([good, defective]))
-    candidates = np.r_[values[0], (values[:-1] + values[1:]) / 2, np.nextafter(values[-1], np.inf)].astype(values.dtype)
+    midpoints = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(values.dtype)
+    # the midpoint of two neighbouring float32 scores rounds onto the lower one: take the upper, still in the gap
+    midpoints = np.where(midpoints > values[:-1], midpoints, values[1:])
+    candidates = np.r_[values[0], midpoints, np.nextafter(values[-1], np.inf)].astype(values.dtype)
     false_positive_rate = 1 - np.searchsorted(np.sort(good), candidates) / len(good)
     false_negative_rate = np.searchsorted(np.sort(defective), candidates) / len(defective)
     return float(candidates[np.argmin(false_positive_rate + false_negative_rate)])

@@ -38,7 +38,7 @@ from anomax.errors import ConfigError, DatasetError
 from anomax.files import sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
-CACHE_LAYOUT_VERSION = 2  # bump when the stored features or splits change, so old caches are not reused
+CACHE_LAYOUT_VERSION = 3  # bump when the stored features or splits change, so old caches are not reused
 READ_THREADS = max(1, min(8, os.cpu_count() or 1))
 INCOMPLETE_PREFIX = "incomplete."  # TFDS's name for a folder it is still writing
 

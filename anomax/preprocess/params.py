@@ -77,10 +77,11 @@ def preprocess_image(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
         raise InputError(f"preprocess_image needs a uint8 image (H, W, 1|3), got {image.dtype} {image.shape}")
     image = _convert_channels(_apply_domain(params, image), params.num_channels)
     channels = [_resize(channel, params, RESIZE_FILTERS[params.resize]) for channel in np.moveaxis(image, -1, 0)]
-    normalized = _normalize(params, np.stack(channels, axis=-1))
-    if params.domain_handling == "keep_domain":
-        normalized = np.where(_domain_mask(params, image.shape[:2])[..., None] > 0, normalized, 0.0)
-    return normalized.astype(np.float32)
+    if params.domain_handling != "keep_domain":
+        return _normalize(params, np.stack(channels, axis=-1)).astype(np.float32)
+    inside = _resize(_domain_inside(params, image.shape[:2]).astype(np.float32), params, Image.Resampling.NEAREST) > 0
+    normalized = _normalize(params, np.stack(channels, axis=-1), inside)  # what lies outside sets no contrast
+    return np.where(inside[..., None], normalized, 0.0).astype(np.float32)
 
 
 def pixel_scale(params: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +101,7 @@ def preprocess_mask(params: PreprocessParams, mask: np.ndarray) -> np.ndarray:
         raise InputError(f"preprocess_mask needs a mask (H, W), got shape {mask.shape}")
     mask = _apply_domain(params, (mask != 0).astype(np.float32))
     if params.domain_handling == "keep_domain":
-        mask = mask * _domain_mask(params, mask.shape)
+        mask = mask * _domain_inside(params, mask.shape)  # at the input size: nearest resizing follows
     return (_resize(mask, params, Image.Resampling.NEAREST) > 0).astype(np.uint8)
 
 
@@ -123,15 +124,14 @@ def domain_box(params: PreprocessParams, shape: tuple[int, int]) -> tuple[int, i
     return params.domain
 
 
-def _domain_mask(params: PreprocessParams, shape: tuple[int, int]) -> np.ndarray:
-    """The 'keep_domain' region, resized (nearest) to the output size, as float32 {0, 1}."""
+def _domain_inside(params: PreprocessParams, shape: tuple[int, int]) -> np.ndarray:
+    """The 'keep_domain' region of an input image of ``shape``, bool."""
     if isinstance(params.domain, str):
-        inside = _read_domain_mask(params.domain, shape)
-    else:
-        row1, col1, row2, col2 = domain_box(params, shape)
-        inside = np.zeros(shape, bool)
-        inside[row1 : row2 + 1, col1 : col2 + 1] = True
-    return _resize(inside.astype(np.float32), params, Image.Resampling.NEAREST)
+        return _read_domain_mask(params.domain, shape)
+    row1, col1, row2, col2 = domain_box(params, shape)
+    inside = np.zeros(shape, bool)
+    inside[row1 : row2 + 1, col1 : col2 + 1] = True
+    return inside
 
 
 @functools.lru_cache(maxsize=8)
@@ -165,13 +165,16 @@ def _resize(channel: np.ndarray, params: PreprocessParams, resample) -> np.ndarr
     return np.asarray(resized)
 
 
-def _normalize(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
+def _normalize(params: PreprocessParams, image: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
+    """``inside`` (bool, the image's height and width): the pixels the per-image stretches are taken on."""
     low, high = params.range_min, params.range_max
     if params.normalization_type == "none":
         return image / 255.0 * (high - low) + low
     if params.normalization_type == "constant_values":
         return (image / 255.0 - np.asarray(params.mean, np.float32)) / np.asarray(params.std, np.float32)
     reference = image if params.normalization_type == "all_channels" else image[..., 0]
+    if inside is not None and inside.any():  # (a domain too small to survive the resize leaves all zeros anyway)
+        reference = reference[inside]
     minimum, maximum = reference.min(), reference.max()
     if params.stretch_percentile > 0:  # robust ends: a few very bright or dark pixels do not set the scale
         low_end, high_end = np.percentile(reference, (params.stretch_percentile, 100 - params.stretch_percentile))
