@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -322,11 +323,32 @@ class RunSettings:
 MEMBER_SECTIONS = ("model", "preprocess", "augment", "train")
 
 
+# The sections of a run's config beside RunConfig's keys (conf/anomax_train.yaml).
+RUN_SECTIONS = ("dataset", "split", "preprocess", "model", "train", "evaluate", "export", "augment", "tiling",
+                "distributed", "ensemble")
+
+
+def _check_known_keys(cfg: Mapping[str, Any]) -> None:
+    """Hydra's schema refuses a mistyped key, but ``+key=...`` (what Hydra's own message suggests)
+    adds it anyway: one at the top level or in model / model.backbone would be ignored or crash."""
+    backbone = cfg["model"]["backbone"]
+    sections = {"": (cfg, {*RunConfig().to_dict(), *RUN_SECTIONS}),
+                "model.": (cfg["model"], {"backbone", "head"}),
+                "model.backbone.": (backbone, {"name", "members"} if backbone.get("name") == "concat"
+                                    else set(inspect.signature(build_backbone).parameters))}
+    for prefix, (section, known) in sections.items():
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(prefix + key for key in unknown)}: not a setting of "
+                              f"anomax-train; known {prefix.rstrip('.') or 'top-level'} keys: {', '.join(sorted(known))}")
+
+
 def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]] = ()) -> RunSettings:
     """Check every setting of a composed config; a wrong value raises ConfigError naming its key.
     Runs before any weights or images are read (preprocess nulls are filled from the backbone later).
     ``members``: a score ensemble's composed member configs, one per ``ensemble.members`` entry
     (anomax.apps.config.ensemble_member_configs), each checked as a run of its own."""
+    _check_known_keys(cfg)
     head_cfg = dict(cfg["model"]["head"])
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))

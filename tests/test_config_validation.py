@@ -127,6 +127,17 @@ def test_bools_are_not_numbers_and_unknown_keys_are_named():
         composed("model.head.coreset_ratoi=0.1")
 
 
+@pytest.mark.parametrize("override, named", [
+    ("+batchsize=2", r"unknown key\(s\) batchsize: not a setting of anomax-train; known top-level keys: .*batch_size"),
+    ("+model.heads=x", r"unknown key\(s\) model.heads: .*known model keys: backbone, head"),
+    ("+model.backbone.widht_multiplier=0.5", r"unknown key\(s\) model.backbone.widht_multiplier: .*width_multiplier"),
+])
+def test_a_key_added_with_plus_is_refused_unless_it_is_a_setting(override, named):
+    """Hydra suggests `+key=...` for a key its schema refuses; the run must not then ignore it."""
+    with pytest.raises(ConfigError, match=named):
+        validated(override)
+
+
 def test_run_directory_names_stay_short_and_usable():
     assert run_dir_suffix(["model/head=padim", "seed=1"]) == "_head-padim__seed-1"
     long = ["dataset=mvtec_ad", "dataset.root=/a/very/long/path/" + "x" * 300, "dataset.category=c0",

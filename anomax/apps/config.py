@@ -122,7 +122,7 @@ def register_schemas() -> None:
     from anomax.backbones import build_backbone
     from anomax.evaluation.config import EvaluateConfig
     from anomax.features import AdaptorConfig
-    from anomax.pipeline import ExportConfig, RunConfig, SplitConfig
+    from anomax.pipeline import RUN_SECTIONS, ExportConfig, RunConfig, SplitConfig
     from anomax.preprocess.params import PreprocessParams
     from anomax.registry import BACKBONES, DATASET_FORMATS, HEADS
     from anomax.distributed import DistributedConfig
@@ -131,8 +131,7 @@ def register_schemas() -> None:
     from anomax.training import TrainConfig
 
     store = ConfigStore.instance()
-    groups = {key: (Any, None) for key in ("dataset", "preprocess", "model", "train", "evaluate", "augment",
-                                           "distributed", "tiling", "ensemble")}
+    groups = {key: (Any, None) for key in RUN_SECTIONS if key not in ("split", "export")}
     split = settings_schema(SplitConfig, "Split")
     groups["split"] = (split, split)
     export = settings_schema(ExportConfig, "Export")
