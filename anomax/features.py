@@ -45,8 +45,9 @@ class AdaptorConfig(Settings):
     PatchCore) or 'nearest' (anomalib PaDiM). projection_dim: null keeps all channels; otherwise
     'random' (Gaussian projection) or 'subset' (random channel subset, the PaDiM paper), both seeded.
     grid_tap: the tap whose resolution the patch grid takes (null: the finest tap's). A finer tap is
-    then averaged into it: 'bilinear' halving is the mean of each 2 x 2 block. This adds a stride-4
-    tap's detail to a stride-8 grid without 4x the patches."""
+    then averaged into it, each f x f block to its mean (whatever ``resize``: plain interpolation
+    would keep one pixel or the centre of each block). This adds a stride-4 tap's detail to a
+    stride-8 grid without 4x the patches."""
 
     section: ClassVar[str] = "model.head.adaptor"
     taps: tuple[str, ...] | None = None
@@ -60,6 +61,8 @@ class AdaptorConfig(Settings):
     def check(self) -> None:
         if self.taps is not None and not self.taps:
             self.fail("taps", "null or a non-empty list of backbone tap names")
+        if self.taps is not None and len(set(self.taps)) != len(self.taps):
+            self.fail("taps", f"distinct tap names (a repeated tap only repeats its channels), got {list(self.taps)}")
         if self.grid_tap is not None and self.taps is not None and self.grid_tap not in self.taps:
             self.fail("grid_tap", f"one of the taps {list(self.taps)} (or null: the finest)")
 
@@ -107,13 +110,23 @@ class FeatureAdaptor:
         grid = self.settings.grid_tap
         height, width = (maps[self.taps.index(grid)].shape[1:3] if grid is not None else
                          (max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)))
-        # antialias=False: plain interpolation like torch F.interpolate, also when shrinking.
-        maps = [m if m.shape[1:3] == (height, width) else
-                jax.image.resize(m, (m.shape[0], height, width, m.shape[3]), self.settings.resize, antialias=False)
-                for m in maps]
+        maps = [_onto_grid(m, height, width, self.settings.resize) for m in maps]
         x = jnp.concatenate(maps, axis=-1)
         if "channels" in params:
             return jnp.take(x, params["channels"], axis=-1)
         if "matrix" in params:
             return jnp.einsum("bhwc,cd->bhwd", x, params["matrix"], precision="highest")
         return x
+
+
+def _onto_grid(features: jax.Array, height: int, width: int, resize: str) -> jax.Array:
+    """(B, h, w, C) onto the (height, width) grid: a finer map by an integer factor to the mean of
+    each block (every position counts); otherwise plain interpolation like torch F.interpolate
+    (antialias=False), as the coarser taps are enlarged."""
+    batch, rows, cols, channels = features.shape
+    if (rows, cols) == (height, width):
+        return features
+    if rows >= height and cols >= width and rows % height == 0 and cols % width == 0:
+        blocks = features.reshape(batch, height, rows // height, width, cols // width, channels)
+        return blocks.mean(axis=(2, 4))
+    return jax.image.resize(features, (batch, height, width, channels), resize, antialias=False)

@@ -66,6 +66,10 @@ def test_bad_input_and_names_raise_clear_errors():
             backbone(images)
     with pytest.raises(ConfigError, match="layer4"):
         build_backbone("resnet18", pretrained=None, taps=["layer5"])
+    with pytest.raises(ConfigError, match="no taps"):  # not the defaults in its place
+        build_backbone("resnet18", pretrained=None, taps=[])
+    with pytest.raises(ConfigError, match=r"taps \['layer2'\] are listed more than once"):
+        build_backbone("resnet18", pretrained=None, taps=["layer2", "layer3", "layer2"])
     with pytest.raises(ConfigError, match="mobilenet_v2"):
         build_backbone("resnet19")
 

@@ -128,6 +128,14 @@ def test_reader_refuses_truncated_damaged_and_weightless_files(tmp_path):
     damaged.raw_data = damaged.raw_data[:12]  # 3 floats for 8 declared
     with pytest.raises(WeightsError, match=r"damaged.onnx.*'backbone.w'"):
         read_onnx_weights(write_onnx(tmp_path / "damaged.onnx", {"backbone.w": damaged}))
+    # numpy would infer a -1 dimension, and wrap a 16-bit value stored out of range
+    inferred = TensorProto(name="backbone.w", data_type=TensorProto.FLOAT, dims=[2, -1],
+                                float_data=range(6))
+    wrapped = TensorProto(name="backbone.w", data_type=TensorProto.FLOAT16, dims=[2],
+                               int32_data=[15360, 70000])
+    for name, tensor in (("inferred", inferred), ("wrapped", wrapped)):
+        with pytest.raises(WeightsError, match=rf"{name}.onnx.*'backbone.w'.*damaged"):
+            read_onnx_weights(write_onnx(tmp_path / f"{name}.onnx", {"backbone.w": tensor}))
 
 
 # ---- mapping onto the network ------------------------------------------------------------------------

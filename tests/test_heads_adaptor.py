@@ -44,6 +44,22 @@ def test_grid_tap_averages_finer_taps_into_its_grid(features):
         FeatureAdaptor(["fine", "coarse"], grid_tap="other")
 
 
+@pytest.mark.parametrize("resize", ["bilinear", "nearest"])
+def test_grid_tap_averages_every_position_of_a_4x_finer_tap(resize):
+    """Plain interpolation keeps one pixel (nearest) or the centre (bilinear) of each 4 x 4 block: a
+    spot elsewhere in the block would vanish from the grid."""
+    fine = np.zeros((1, 8, 8, 1), np.float32)
+    fine[0, 0, 0, 0] = 16.0
+    out = np.asarray(FeatureAdaptor(["fine", "coarse"], pool_size=1, resize=resize, grid_tap="coarse").apply(
+        {}, {"fine": fine, "coarse": np.zeros((1, 2, 2, 1), np.float32)}))
+    np.testing.assert_array_equal(out[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+
+
+def test_repeated_taps_are_refused():
+    with pytest.raises(ConfigError, match="model.head.adaptor.taps"):
+        FeatureAdaptor(["fine", "fine"])
+
+
 def test_projections_are_seeded(features):
     channels = {"fine": 3, "coarse": 5}
     subset = FeatureAdaptor(["fine", "coarse"], pool_size=1, projection_dim=4, projection="subset", seed=1)

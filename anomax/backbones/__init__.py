@@ -118,7 +118,7 @@ def build_backbone(name: str, *, taps: Iterable[str] | None = None,
     def make() -> FeatureNetwork:
         return spec.network(width_multiplier=width_multiplier, rngs=nnx.Rngs(seed))
 
-    taps = tuple(taps) if taps else spec.default_taps
+    taps = tuple(taps) if taps is not None else spec.default_taps  # [] is refused by check_taps, not the defaults
     network = nnx.eval_shape(make)  # shapes only: values come from the file or from random_init
     if pretrained is None:
         nnx.update(network, random_init(nnx.state(network), seed))

@@ -156,4 +156,8 @@ def check_taps(taps: Iterable[str], available: Iterable[str], backbone: str) -> 
     if unknown or not taps:
         raise ConfigError(f"backbone '{backbone}': unknown or no taps {unknown or list(taps)}; "
                           f"choose from {', '.join(available)}")
+    repeated = sorted({t for t in taps if taps.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"backbone '{backbone}': taps {repeated} are listed more than once; a repeated tap only "
+                          f"repeats its channels (PaDiM's covariance becomes singular)")
     return taps

@@ -53,6 +53,11 @@ def _array(tensor, path: Path, onnx) -> np.ndarray:
         dtype = proto.DataType.Name(tensor.data_type) if tensor.data_type in proto.DataType.values() \
             else tensor.data_type
         raise WeightsError(f"{path}: tensor '{tensor.name}' has dtype {dtype}; only float weights are read")
+    halves = tensor.data_type in (proto.FLOAT16, proto.BFLOAT16) and not tensor.raw_data
+    if any(d < 0 for d in tensor.dims) or (halves and any(not 0 <= v <= 0xFFFF for v in tensor.int32_data)):
+        # numpy would take a -1 dim as "infer it", and wrap 16-bit values stored out of range
+        raise WeightsError(f"{path}: tensor '{tensor.name}' {list(tensor.dims)} is damaged (negative dimensions or "
+                           f"16-bit values out of range)")
     try:
         return np.asarray(onnx.numpy_helper.to_array(tensor), np.float32)
     except (ValueError, TypeError) as error:  # e.g. raw bytes that do not fill the declared shape
