@@ -128,5 +128,5 @@ def _onto_grid(features: jax.Array, height: int, width: int, resize: str) -> jax
         return features
     if rows >= height and cols >= width and rows % height == 0 and cols % width == 0:
         blocks = features.reshape(batch, height, rows // height, width, cols // width, channels)
-        return blocks.mean(axis=(2, 4))
+        return blocks.mean(axis=2).mean(axis=3)  # rows first: bit-identical to the bilinear halving it replaces
     return jax.image.resize(features, (batch, height, width, channels), resize, antialias=False)
