@@ -27,7 +27,7 @@ from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
 from anomax.ensemble import (NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble, check_concat_members,
                               concat_backbone)
-from anomax.errors import ConfigError
+from anomax.errors import AnomaxError, ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
 from anomax.evaluation.config import EvaluateConfig
@@ -482,14 +482,17 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
 
         start = time.perf_counter()
         thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
-        metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
-                                 title=f"anomax: {model.description} on {cfg['dataset'].get('name')}",
-                                 progress=run.progress)
-        timings["evaluate_s"] = time.perf_counter() - start
-
-        if is_main():
+        if is_main():  # before the test split is read: a file there that fails does not cost the fit
             save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config,
                        onnx=settings.export.onnx)
+        try:
+            metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
+                                     title=f"anomax: {model.description} on {cfg['dataset'].get('name')}",
+                                     progress=run.progress)
+        except AnomaxError as error:
+            raise type(error)(f"{error} (the fitted model is saved in {run_dir / 'model'}: once the input is "
+                              f"fixed, anomax-evaluate model_dir={run_dir / 'model'} scores the test split)") from None
+        timings["evaluate_s"] = time.perf_counter() - start
         summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
                    "image_f1_max": metrics["image"]["f1_max"]}
         if metrics["pixel"] is not None:

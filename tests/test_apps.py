@@ -196,6 +196,46 @@ def test_evaluate_app_on_a_saved_model(trained_run, tmp_path):
     assert (run_dir / "index.html").is_file()
 
 
+def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
+    """A model trained with seed 1 on a folder dataset: anomax-evaluate, given only the model, reads
+    the same dataset, seed and percentages from its config, so its test split holds no training image."""
+    from anomax.data.synthetic import make_synthetic_dataset
+
+    folder = make_synthetic_dataset(tmp_path / "parts", n_train=2, n_test_good=12, n_test_defect=6, size=32)
+    run("train", "+experiment=synthetic_smoke", "dataset=folder", f"dataset.image_dir={folder / 'brick' / 'test'}",
+        "seed=1", "progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    done = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "progress=false",
+               f"hydra.run.dir={tmp_path / 'evaluated'}", cwd=tmp_path)
+    assert "image_auroc" in done.stdout and "it:" not in done.stderr  # no progress bars
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "evaluated" / "metrics.json").read_text())
+    assert evaluated["num_images"] == trained["metrics"]["num_images"]
+    assert evaluated["image"]["auroc"] == trained["metrics"]["image"]["auroc"]
+    again = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", f"hydra.run.dir={tmp_path / 'evaluated'}",
+                cwd=tmp_path, check=False)  # a used directory is refused, not overwritten
+    assert again.returncode == 2 and "already holds" in again.stderr
+    ignored = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "evaluate.std_factor=2", cwd=tmp_path,
+                  check=False)
+    assert ignored.returncode == 2 and "evaluate.std_factor: anomax-evaluate applies the thresholds saved" in \
+        ignored.stderr
+
+
+def test_a_bad_test_image_does_not_cost_the_fitted_model(tmp_path):
+    """The model is saved once its thresholds are set, before the test split is read: one unreadable
+    test image ends the run with a clear error that says where the model is."""
+    import anomax
+    from anomax.data.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "parts", n_train=8, n_test_good=2, n_test_defect=2, size=32)
+    (root / "brick" / "test" / "hole" / "000.png").write_bytes(b"not a png")
+    done = run("train", "+experiment=synthetic_smoke", "dataset=mvtec_ad", f"dataset.root={root}",
+               "dataset.category=brick", "dataset.validation_from_test=0", "dataset.validation_from_train=0.25",
+               "progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert done.returncode == 2 and "000.png" in done.stderr and "Traceback" not in done.stderr
+    assert f"the fitted model is saved in {tmp_path / 'run' / 'model'}" in done.stderr
+    assert anomax.load_model(tmp_path / "run" / "model").thresholds  # complete, with its thresholds
+
+
 def test_predict_scores_every_image_and_reports_the_bad_one(trained_run, tmp_path):
     dataset = json.loads((trained_run / "dataset.json").read_text())
     folder = tmp_path / "new"

@@ -65,3 +65,14 @@ def test_a_missing_sweep_directory_is_an_error(tmp_path, capsys):
         report.main([str(tmp_path / "sweep"), str(tmp_path / "swep")])  # a typo must not drop runs silently
     assert exit_info.value.code == 2
     assert f"no such sweep directory: {tmp_path / 'swep'}" in capsys.readouterr().err
+
+
+def test_a_run_with_a_deletion_override_is_listed(tmp_path, capsys):
+    """'~key' (Hydra's deletion) has no '=': the run is a row like any other, not skipped."""
+    finished_run(tmp_path / "0", "padim", 0.9)
+    finished_run(tmp_path / "1", "padim", 0.8)
+    (tmp_path / "1" / ".hydra" / "overrides.yaml").write_text("- model/head=padim\n- ~model.head.sigma\n")
+    report.main([str(tmp_path)])
+    csv = (tmp_path / "report.csv").read_text().splitlines()
+    assert csv[0] == "~model.head.sigma,image_auroc,fit_s" and len(csv) == 3
+    assert "(deleted),0.8000,1.0" in csv

@@ -441,3 +441,9 @@ def test_domain_mask_outside_the_artifact_is_refused(copy, tmp_path, domain):
     _rehashed(copy, "model.json", lambda m: m["preprocess"].update(domain_handling="keep_domain", domain=domain))
     with pytest.raises(ArtifactError, match=r"model\.json: 'preprocess.*domain"):
         anomax.load_model(copy)
+
+
+def test_an_unknown_runtime_is_named_before_the_artifact_is_looked_at(padim):
+    """A mistyped runtime on a model saved without model.onnx: the runtime is what is wrong."""
+    with pytest.raises(ConfigError, match="runtime must be one of jax, onnxruntime, openvino, got 'onnxruntme'"):
+        artifact.load_model(padim[1], runtime="onnxruntme")

@@ -132,3 +132,11 @@ def test_threshold_application_gives_known_regions_and_components():
     np.testing.assert_array_equal(results[0]["anomaly_region"]["mask"], maps[0] >= 1.0)
     assert results[1]["anomaly_region"]["components"] == [] and not results[1]["anomaly_region"]["mask"].any()
     assert (results[2]["segmentation_threshold"], results[2]["classification_threshold"]) == (1.0, 0.5)
+
+
+def test_a_segmentation_clip_must_be_low_then_high():
+    from anomax.evaluation.config import EvaluateConfig
+
+    with pytest.raises(ConfigError, match="evaluate.segmentation_clip .* low <= high"):
+        EvaluateConfig(segmentation_clip=(5.0, 1.0))
+    assert EvaluateConfig(segmentation_clip=(None, 1.0)).segmentation_clip == (None, 1.0)

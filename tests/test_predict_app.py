@@ -105,14 +105,14 @@ def test_dropped_alpha_and_broken_links_are_logged_once(tmp_path, caplog):
     assert sum("skipped 1 dangling symlink" in m for m in messages) == 1
 
 
-def run_app(tmp_path, *overrides) -> subprocess.CompletedProcess:
+def run_app(tmp_path, *overrides, run_dir: str = "run") -> subprocess.CompletedProcess:
     """anomax-predict in a fresh process (Hydra configures logging per process), with the stand-in model."""
     script = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import anomax.apps.predict as predict; "
               "from test_predict_app import StandInModel; "
               "predict.load_configured_model = lambda config: StandInModel(config['batch_size'] or 2); "
               "sys.argv[0] = 'anomax-predict'; predict.main()")
     return subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), "model_dir=unused",
-                           f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                           f"hydra.run.dir={tmp_path / run_dir}", *overrides],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
@@ -126,5 +126,24 @@ def test_app_exits_non_zero_when_nothing_was_scored(tmp_path):
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     done = run_app(tmp_path, f"inputs={tmp_path / 'in'}")
     assert done.returncode == 2 and "none of the 1 input files could be scored" in done.stderr
-    done = run_app(tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 2)}")
+    done = run_app(tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 2)}", run_dir="again")
     assert done.returncode == 0 and "2 images scored, 1 failed" in done.stdout
+
+
+def test_app_refuses_a_used_directory_and_a_bad_colormap_before_scoring(tmp_path):
+    inputs = f"inputs={folder_of_images(tmp_path / 'in', 1)}"
+    assert run_app(tmp_path, inputs).returncode == 0
+    again = run_app(tmp_path, inputs)  # the same run directory: refused, the first results kept
+    assert again.returncode == 2 and "already holds" in again.stderr
+    done = run_app(tmp_path, inputs, "colormap=foo", run_dir="colours")
+    assert done.returncode == 2 and "colormap = 'foo' is invalid: it must be a matplotlib colormap name" in done.stderr
+    assert not (tmp_path / "colours" / "results.csv").exists()
+
+
+def test_a_folder_named_like_a_number_is_an_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder_of_images(tmp_path / "20240101", 2)
+    assert [p.name for p in predict.image_paths(20240101)] == ["00.png", "01.png"]
+    assert len(predict.image_paths([20240101, "20240101/00.png"])) == 3
+    with pytest.raises(DatasetError, match="inputs are null"):
+        predict.image_paths(None)

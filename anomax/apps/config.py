@@ -82,8 +82,8 @@ class EvaluateAppConfig:
     evaluate: Any = None
     model_dir: str = MISSING
     split: str = "test"
-    split_percent: Any = None  # split.* percentages of the training run (validated as SplitConfig)
-    seed: int = 0
+    split_percent: Any = None  # split.* percentages (validated as SplitConfig); None: the training run's
+    seed: Optional[int] = None  # None: the training run's
     batch_size: Optional[int] = None
     cache_dir: Optional[str] = None
     progress: bool = True

@@ -1,14 +1,44 @@
 """anomax-evaluate: a saved model on a dataset split -> metrics.json, pictures and index.html."""
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+from typing import Any, Mapping
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from anomax.apps._common import load_configured_model, plain, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
+from anomax.errors import ConfigError
+
+log = logging.getLogger("anomax")
+
+# evaluate settings that estimate thresholds: the model applies the ones saved at training
+THRESHOLD_KEYS = ("threshold_split", "allow_test_split", "std_factor", "segmentation_clip", "classification_threshold")
+
+
+def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> tuple[dict, dict, int]:
+    """The dataset, split percentages and seed to read: each one given, else the training run's
+    (``trained``: the model's config.json), so that its test split is the one it was tested on,
+    never images it was trained on. A given seed or split of the training dataset that differs
+    from the run's is warned of."""
+    from anomax.pipeline import RunConfig, SplitConfig
+
+    trained = trained or {}
+    dataset = config["dataset"] or trained.get("dataset")
+    if not dataset:
+        raise ConfigError(f"dataset: the model at {config['model_dir']} was saved without its training config, so "
+                          "name the dataset to evaluate on (e.g. dataset=elpv_mono, or dataset=folder "
+                          "dataset.image_dir=PATH)")
+    seed = config["seed"]  # filled in from the training run before the config resolved (_evaluate)
+    RunConfig.from_dict({"seed": seed})  # a negative seed fails here, naming the key
+    split = SplitConfig.from_dict(config["split_percent"] or trained.get("split")).to_dict()
+    if dataset == trained.get("dataset") and (seed, split) != (trained.get("seed"), trained.get("split", split)):
+        log.warning("seed %s and split %s differ from the training run's (%s, %s): on the dataset it was trained on, "
+                    "this test split may hold the model's training images", seed, split, trained.get("seed"),
+                    trained.get("split"))
+    return dataset, split, seed
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_evaluate")
@@ -16,21 +46,29 @@ from anomax.apps.config import CONF_DIR, register_schemas
 def _evaluate(cfg: DictConfig) -> float:
     from anomax.artifact import read_metadata
     from anomax.evaluation import AnomalyThresholds
-    from anomax.files import write_json_atomic
-    from anomax.pipeline import EvaluateConfig, SplitConfig, evaluate_split, read_configured_dataset
+    from anomax.files import claim_run_dir, write_json_atomic
+    from anomax.pipeline import EvaluateConfig, RunConfig, evaluate_split, read_configured_dataset
 
+    metadata = read_metadata(plain(OmegaConf.masked_copy(cfg, ["model_dir"]))["model_dir"])
+    if cfg.seed is None:  # the training run's, before the datasets' ${seed} resolves
+        cfg.seed = (metadata["config"] or {}).get("seed", RunConfig().seed)
     config = plain(cfg)
     evaluate_cfg = EvaluateConfig.from_dict(config["evaluate"])  # before any work: a wrong value fails here
-    split_cfg = SplitConfig.from_dict(config["split_percent"])
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = load_configured_model(config)
-    estimates = read_metadata(config["model_dir"])["thresholds"]["estimates"]
-    dataset = read_configured_dataset(config["dataset"], split_cfg, config["seed"])
-    metrics = evaluate_split(model, dataset, config["split"], run_dir, evaluate_cfg,
-                             estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],
-                             title=f"anomax: {config['model_dir']} on {config['dataset'].get('name')} "
-                                   f"({config['split']})")
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    changed = [key for key in THRESHOLD_KEYS if getattr(evaluate_cfg, key) != getattr(EvaluateConfig(), key)]
+    if changed:
+        raise ConfigError(f"evaluate.{changed[0]}: anomax-evaluate applies the thresholds saved with the model "
+                          f"(estimated when it was trained), so {', '.join('evaluate.' + k for k in changed)} "
+                          "would change nothing; leave them out, or train again with them")
+    dataset_cfg, split_percent, seed = as_trained(config, metadata["config"])
+    with claim_run_dir(HydraConfig.get().runtime.output_dir) as run_dir:
+        model = load_configured_model(config)
+        estimates = metadata["thresholds"]["estimates"]
+        dataset = read_configured_dataset(dataset_cfg, split_percent, seed)
+        metrics = evaluate_split(model, dataset, config["split"], run_dir, evaluate_cfg,
+                                 estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],
+                                 title=f"anomax: {config['model_dir']} on {dataset_cfg.get('name')} "
+                                       f"({config['split']})", progress=config["progress"])
+        write_json_atomic(run_dir / "metrics.json", metrics)
     auroc = metrics["image"]["auroc"]
     print(f"anomax-evaluate: image_auroc {auroc:.4f} on {metrics['num_images']} images -> {run_dir}")
     return auroc

@@ -10,7 +10,7 @@ import csv
 import glob
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,11 +26,14 @@ log = logging.getLogger("anomax")
 COLUMNS = ["image_file_name", "anomaly_score", "anomaly_class", "anomaly_class_id", "num_regions", "overlay", "error"]
 
 
-def image_paths(inputs: str | Iterable[str]) -> list[Path]:
+def image_paths(inputs: Any) -> list[Path]:
     """Folders (recursively: every file in them, so a stray non-image is reported), files and globs."""
+    if inputs is None:
+        raise DatasetError("predict inputs are null; name a folder, an image file or a glob (inputs=PATH)")
     paths: list[Path] = []
-    for item in [inputs] if isinstance(inputs, str) else inputs:
-        item = str(Path(item).expanduser())
+    # one item or a list; a folder named like a number (inputs=20240101) comes from Hydra as an int
+    for item in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        item = str(Path(str(item)).expanduser())
         if Path(item).is_dir():
             paths += [p for p in image_files.list_files(item) if not p.name.startswith(".")]
         elif Path(item).is_file():
@@ -107,12 +110,17 @@ def check_batch_size(batch_size: Any) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_predict")
 @reports_errors("anomax-predict")
 def _predict(cfg: DictConfig) -> None:
+    from anomax.evaluation.config import COLORMAP_RULE, is_colormap
+    from anomax.files import claim_run_dir
+
     config = plain(cfg)
     check_batch_size(config["batch_size"])
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not is_colormap(config["colormap"]):  # before any image is scored and drawn
+        raise ConfigError(f"colormap = {config['colormap']!r} is invalid: it must be {COLORMAP_RULE}")
     paths = image_paths(config["inputs"])
-    model = load_configured_model(config)
-    rows = predict_files(model, paths, out_dir, config["colormap"], config["overlays"])
+    with claim_run_dir(HydraConfig.get().runtime.output_dir) as out_dir:
+        model = load_configured_model(config)
+        rows = predict_files(model, paths, out_dir, config["colormap"], config["overlays"])
     failed = sum("error" in row for row in rows)
     print(f"anomax-predict: {len(rows) - failed} images scored, {failed} failed -> {out_dir / 'results.csv'}")
 

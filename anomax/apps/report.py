@@ -46,7 +46,9 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-            params = dict(item.split("=", 1) for item in overrides or [] if not item.startswith("hydra."))
+            # '~key' (a deletion) has no value
+            params = {key: value if sep else "(deleted)" for key, sep, value in
+                      (item.partition("=") for item in overrides or [] if not item.startswith("hydra."))}
         except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError) as error:
             log.warning("skipping %s: its overrides %s are unreadable (%s)", run_dir, overrides_file, error)
             continue

@@ -35,14 +35,22 @@ class EvaluateConfig(Settings):
     colormap: str = "jet"
 
     def check(self) -> None:
-        if self.segmentation_clip is not None and len(self.segmentation_clip) != 2:
-            self.fail("segmentation_clip", "null or [low, high] (either may be null)")
+        clip = self.segmentation_clip
+        if clip is not None and (len(clip) != 2 or None not in clip and clip[0] > clip[1]):
+            self.fail("segmentation_clip", "null or [low, high] with low <= high (either may be null)")
         if self.pixel_range is not None and (len(self.pixel_range) != 2 or self.pixel_range[0] >= self.pixel_range[1]):
             self.fail("pixel_range", "null or [low, high] with low < high")
         if self.threshold_split == "test" and not self.allow_test_split:
             self.fail("threshold_split", "'validation' unless evaluate.allow_test_split=true (thresholds fitted "
                                          "on the test split make its metrics optimistic)")
-        from matplotlib import colormaps  # only here: matplotlib is slow to import
+        if not is_colormap(self.colormap):
+            self.fail("colormap", COLORMAP_RULE)
 
-        if self.colormap not in colormaps:
-            self.fail("colormap", "a matplotlib colormap name such as 'jet', 'hot', 'viridis'")
+
+COLORMAP_RULE = "a matplotlib colormap name such as 'jet', 'hot', 'viridis'"
+
+
+def is_colormap(name: str) -> bool:
+    from matplotlib import colormaps  # only here: matplotlib is slow to import
+
+    return name in colormaps
