@@ -174,6 +174,7 @@ class AnomalyModel:
         """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image: 'anomaly_image',
         'anomaly_score' (plus the head's further maps), and with thresholds 'anomaly_class',
         'anomaly_class_id', 'anomaly_region'. Images are preprocessed one batch at a time."""
+        images = checked_images(images)
         if self.tiling.enabled:  # maps at each image's ROI-cropped size
             return self._classified(apply_tiled(self, images))
         params = self._placed_params()
@@ -205,12 +206,22 @@ class AnomalyModel:
         return shard_batch(self.mesh, tree) if split_batch else replicate(self.mesh, tree)
 
 
+def checked_images(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """``apply``'s input: a sequence of images, or one (N, H, W, C) array. A single image given as an
+    array would be taken row by row for H images; a (N, H, W) stack cannot be told from one RGB image."""
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise InputError(f"apply takes a list of images or one (N, H, W, C) array, got one array of shape "
+                         f"{images.shape}; pass a single image as [image]")
+    return images
+
+
 def apply_in_batches(images: Sequence[np.ndarray], preprocess: PreprocessParams, batch_size: int,
                      run: Callable[[np.ndarray], Mapping[str, np.ndarray]], thresholds: Mapping[str, float],
                      pad: bool = True) -> list[dict[str, Any]]:
     """What every runtime's ``apply`` does around its inference ``run``: raw images preprocessed
     ``batch_size`` at a time (the last batch padded to that size when ``pad``, so a compiled or
     fixed-batch ``run`` sees one shape), one result dict per image, classified with ``thresholds``."""
+    images = checked_images(images)
     results = []
     for start in range(0, len(images), batch_size):
         chunk = np.stack([preprocess_image(preprocess, np.asarray(image)) for image in images[start:start + batch_size]])

@@ -105,3 +105,20 @@ def test_apply_places_the_parameters_once_and_follows_a_refit():
     inputs = np.stack([preprocess_image(model.preprocess, image) for image in images])
     assert again == pytest.approx(list(np.asarray(model._infer(model.params, inputs)["anomaly_score"])), rel=1e-6)
     assert again[0] != pytest.approx(first[0]["anomaly_score"], rel=1e-3)
+
+
+def test_apply_refuses_a_single_image_given_as_an_array():
+    """One (H, W, 3) array would be taken row by row as H images; an (N, H, W, C) array is N images."""
+    import tiny_models
+
+    from anomax.errors import InputError
+
+    model = tiny_models.fitted_model("mobilenet_v2", "padim", {"eps": 0.01},
+                                     {"pool_size": 1, "projection_dim": 8, "projection": "subset"}, size=32)
+    stack = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for wrong in (stack[0], stack[0, ..., 0], stack[..., 0]):
+        with pytest.raises(InputError, match=rf"got one array of shape \({wrong.shape[0]}, .*pass a single image as"):
+            model.apply(wrong)
+    as_list = [r["anomaly_score"] for r in model.apply(list(stack))]
+    assert [r["anomaly_score"] for r in model.apply(stack)] == as_list
+    assert [r["anomaly_score"] for r in model.apply([stack[0]])] == as_list[:1]
