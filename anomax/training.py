@@ -66,6 +66,12 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
     Returns the params of the epoch with the lowest training error and HALCON's
     DLTrainResult ``{best_error, best_epoch}`` with a per-epoch ``log`` of
     ``{epoch, error, seconds}`` (seconds exclude the one-off compilation).
+
+    An epoch's error is its training curve's value: the mean of its steps' losses, each taken on the
+    positions ``domain_ratio`` drew, with the input noise, before that step's update. The params
+    returned are those at the end of the best epoch, so they differ from the ones the error was
+    averaged over: in a converging run they are a little better than ``best_error`` says; in one
+    that diverges (too high a learning rate) they can be worse.
     """
     inputs, targets = jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets)
     num_samples = len(targets)
