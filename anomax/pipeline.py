@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from anomax import __version__
 from anomax.augment import AugmentConfig
 from anomax.backbones import backbone_requirements, build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
@@ -461,6 +462,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
     # This run's alone: refused while another run holds it, or when it holds another run's outputs.
     # Only process 0 writes outputs, so only it claims the directory.
     with claim_run_dir(run_dir) if is_main() else contextlib.nullcontext(Path(run_dir)) as run_dir:
+        log.info("anomax %s", __version__)
         timings = {}
         start = time.perf_counter()
         model = build_run_model(cfg, members)
@@ -497,7 +499,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
                    "image_f1_max": metrics["image"]["f1_max"]}
         if metrics["pixel"] is not None:
             summary.update(pixel_auroc=metrics["pixel"]["auroc"], pixel_aupro=metrics["pixel"]["aupro"])
-        record = {"summary": summary, "validation": validation, "fit": fit_info, "timings": timings,
+        record = {"anomax_version": __version__, "summary": summary, "validation": validation, "fit": fit_info,
+                  "timings": timings,
                   "splits": _split_counts(dataset), "thresholds": thresholds.to_dict() if thresholds else None,
                   "classification_threshold": evaluate_cfg.classification_threshold, "metrics": metrics}
         if is_main():

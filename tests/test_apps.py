@@ -76,7 +76,7 @@ def test_bad_value_is_one_clear_line(tmp_path):
 
 
 def test_efficientad_elpv_recipes_are_what_validation_chose(schemas):
-    """experiments/efficientad.md's ELPV recipes, composable with the DATA.md protocol."""
+    """experiments/efficientad.md's ELPV recipes, composable with the ELPV protocol."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         mono, poly = (compose("anomax_train", overrides=[f"+experiment=[elpv_protocol,elpv_efficientad_{cells}]",
                                                           "model.head.distill_images=/generic"])
@@ -131,6 +131,15 @@ def test_help_names_the_app_and_lists_only_what_it_takes(app, key, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("app", ["train", "evaluate", "predict", "report"])
+def test_version_is_anomax_s(app, tmp_path):
+    import anomax
+
+    done = run(app, "--version", cwd=tmp_path)
+    assert done.stdout.strip() == f"anomax-{app} (anomax {anomax.__version__})"
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A small run as a user starts it, through the preprocessed cache (TFDS array_record)."""
@@ -162,8 +171,11 @@ def test_the_console_is_quiet_and_ends_with_a_summary(trained):
 
 def test_train_writes_a_complete_run(trained_run):
     assert "head-padim" in trained_run.name  # run directories are named from the overrides
+    import anomax
+
     record = json.loads((trained_run / "metrics.json").read_text())
     assert 0.0 <= record["summary"]["image_auroc"] <= 1.0
+    assert record["anomax_version"] == anomax.__version__
     assert record["thresholds"]["split"] == "validation"
     assert record["splits"]["train"] == {"ok": 6, "nok": 0}
     for name in ("index.html", "train.log", "dataset.json", "model/manifest.json", "pictures/roc.png",

@@ -42,6 +42,17 @@ def test_the_wheel_builds_without_package_warnings(built_wheel):
     assert "absent from the `packages` configuration" not in built_wheel[1], built_wheel[1][-3000:]
 
 
+def test_the_wheel_carries_its_licence(built_wheel):
+    """Apache-2.0 section 4(a): the licence text goes with every copy."""
+    import zipfile
+
+    with zipfile.ZipFile(built_wheel[0]) as wheel:
+        licence = [name for name in wheel.namelist() if name.endswith("dist-info/licenses/LICENSE")]
+        assert licence, "the wheel has no LICENSE"
+        assert b"Apache License" in wheel.read(licence[0])
+        assert "License-File: LICENSE" in wheel.read(next(n for n in wheel.namelist() if n.endswith("METADATA"))).decode()
+
+
 def test_configs_compose_from_the_installed_wheel(installed_wheel, tmp_path):
     script = """
 import anomax, anomax.apps.config as config

@@ -42,6 +42,15 @@ def load_configured_model(config: dict[str, Any]):
     return model
 
 
+def print_version_if_asked(app: str) -> None:
+    """``--version``: anomax's version (Hydra would print its own for a Hydra app)."""
+    if "--version" in sys.argv[1:]:
+        from anomax import __version__
+
+        print(f"{app} (anomax {__version__})")
+        raise SystemExit(0)
+
+
 def reports_errors(app: str) -> Callable:
     """An AnomaxError ends the job with one clear line (and exit status 2), not a traceback."""
 

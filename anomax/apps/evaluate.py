@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from anomax.apps._common import load_configured_model, plain, reports_errors
+from anomax.apps._common import load_configured_model, plain, print_version_if_asked, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
 from anomax.errors import ConfigError
 
@@ -75,6 +75,7 @@ def _evaluate(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    print_version_if_asked("anomax-evaluate")
     register_schemas()
     _evaluate()
 

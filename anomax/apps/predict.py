@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from anomax.apps._common import load_configured_model, plain, reports_errors
+from anomax.apps._common import load_configured_model, plain, print_version_if_asked, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
 from anomax.data import images as image_files
 from anomax.errors import AnomaxError, ConfigError, DatasetError
@@ -126,6 +126,7 @@ def _predict(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    print_version_if_asked("anomax-predict")
     register_schemas()
     _predict()
 

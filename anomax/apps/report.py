@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from anomax import __version__
 from anomax.errors import AnomaxError, DatasetError
 from anomax.files import output_errors, write_text_atomic
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anomax-report", description=__doc__)
     parser.add_argument("sweep_dirs", nargs="+", help="multirun directories, e.g. multirun/2026-11-28_12-00-00")
     parser.add_argument("--out", help="where report.md and report.csv go (default: the first sweep directory)")
+    parser.add_argument("--version", action="version", version=f"anomax-report (anomax {__version__})")
     parser.add_argument("--best-first", action="store_true",
                         help=f"rows by {OBJECTIVE}, best first (automatic for an Optuna search's directory)")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from anomax.apps._common import plain, reports_errors
+from anomax.apps._common import plain, print_version_if_asked, reports_errors
 from anomax.apps.config import CONF_DIR, ensemble_member_configs, register_schemas
 
 
@@ -31,6 +31,7 @@ def _train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    print_version_if_asked("anomax-train")
     register_schemas()
     _train()
 

@@ -1,4 +1,4 @@
-"""ELPV solar-cell images from the ``elpv-dataset`` package, with the protocol of DATA.md.
+"""ELPV solar-cell images from the ``elpv-dataset`` package, with the ELPV protocol.
 
 Per cell type: good = defect probability 0, defective = 1.0 (0.33 and 0.67 left out). The good
 cells' file names are sorted and reordered by ``default_rng(0).permutation(n)``; train is the first
