@@ -68,6 +68,30 @@ def test_images_outside_a_label_folder_are_left_out_with_a_warning(folders, capl
     assert any("1 images lie directly in" in r.getMessage() and "loose.png" in r.getMessage() for r in caplog.records)
 
 
+def test_hidden_files_and_folders_are_not_images_or_masks(folders, caplog):
+    """macOS's AppleDouble ._x.png beside x.png, a .thumbnails folder: a system's files, not the user's."""
+    images, masks = folders
+    (images / "scratch" / "._c.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (masks / "scratch" / "._c.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write(images / ".thumbnails" / "a.png")
+    with caplog.at_level("WARNING", logger="anomax"):
+        dataset = read_dl_dataset_anomaly(images, masks)
+    assert sorted(by_name(dataset)) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert {s.defect_type for s in dataset.samples} == {"good", "scratch", "dent"}
+    assert any("skipped 1 hidden file" in r.getMessage() for r in caplog.records)
+
+
+def test_an_anomaly_dir_inside_the_image_dir_is_not_a_defect_class(folders, caplog):
+    images, masks = folders
+    inside = images / "masks"
+    masks.rename(inside)
+    with caplog.at_level("WARNING", logger="anomax"):
+        dataset = read_dl_dataset_anomaly(images, inside)
+    assert len(dataset.samples) == 5 and "masks" not in {s.defect_type for s in dataset.samples}
+    assert by_name(dataset)["c.png"].anomaly_file_name == str(inside / "scratch" / "c.png")
+    assert any("are masks, not images" in r.getMessage() for r in caplog.records)
+
+
 def test_exact_stem_wins_and_leftover_mask_is_an_error(folders):
     images, masks = folders
     write(masks / "scratch" / "c_mask.png", 255)  # c.png already matched by exact stem

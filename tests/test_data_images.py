@@ -21,6 +21,29 @@ def test_modes(tmp_path):
     assert read_mask(tmp_path / "gray.png").dtype == bool
 
 
+def test_masks_count_stored_values_not_their_drawn_colours(tmp_path):
+    """A label array saved as a palette image (index 1 drawn black, or index 0 drawn white) keeps its
+    indices; a transparent background is no defect whatever colour it holds."""
+    indices = np.zeros((4, 4), np.uint8)
+    indices[0, 0] = 1
+    Image.fromarray(indices, "P").save(tmp_path / "palette.png")  # one palette entry: every index drawn black
+    white_background = Image.fromarray(indices, "P")
+    white_background.putpalette([255, 255, 255, 255, 0, 0])
+    white_background.save(tmp_path / "white0.png")
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = 255  # white, but transparent
+    rgba[0, 0] = (255, 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "transparent.png")
+    for name in ("palette.png", "white0.png", "transparent.png"):
+        assert np.array_equal(read_mask(tmp_path / name), indices > 0), name
+
+
+def test_float_images_are_refused_naming_the_file(tmp_path):
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)).save(tmp_path / "float.tif")
+    with pytest.raises(DatasetError, match="float.tif holds 32-bit float pixels"):
+        read_image(tmp_path / "float.tif")
+
+
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(DatasetError, match="missing.png does not exist"):
         read_image(tmp_path / "missing.png")

@@ -140,6 +140,13 @@ def read_dl_dataset_anomaly(
     if anomaly_dir is not None and not Path(anomaly_dir).is_dir():
         raise DatasetError(f"anomaly directory {anomaly_dir} does not exist; check the dataset path")
     images = sorted(_image_files(image_dir))
+    if anomaly_dir is not None and Path(anomaly_dir).resolve().is_relative_to(image_dir.resolve()):
+        masks_inside = Path(anomaly_dir).resolve()  # e.g. dataset/masks beside dataset/good: masks, not images
+        left_out = [p for p in images if p.resolve().is_relative_to(masks_inside)]
+        if left_out:
+            log.warning("the anomaly directory %s lies inside the image directory %s: its %d files are masks, not "
+                        "images, and are left out of the images", anomaly_dir, image_dir, len(left_out))
+            images = sorted(set(images) - set(left_out))
     loose = [p for p in images if p.parent == image_dir]
     if loose:  # HALCON's semantics: the folder an image sits in is its label
         log.warning("%d images lie directly in %s, not in a label folder (good/ok or a defect class); they are "

@@ -105,17 +105,25 @@ def read_image(path: str | Path) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         gray = np.asarray(image, dtype=np.float64)
         return np.round(np.clip(gray / 257.0, 0, 255)).astype(np.uint8)[..., None]
-    if image.mode in ("1", "L", "LA", "F"):
+    if image.mode == "F":  # converting would clip to 0..255: a [0, 1] image would come out black and white
+        raise DatasetError(f"image {path} holds 32-bit float pixels, whose value range anomax cannot know; "
+                           "save it as an 8- or 16-bit image")
+    if image.mode in ("1", "L", "LA"):
         return np.asarray(image.convert("L"))[..., None]
     return np.asarray(image.convert("RGB"))
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """The ground-truth mask as bool (H, W): every pixel > 0 in any channel is a defect."""
+    """The ground-truth mask as bool (H, W): every pixel > 0 in any channel is a defect. A palette
+    mask's stored indices count (index > 0), not the colours they are drawn in; with an alpha
+    channel, a transparent pixel is never a defect (and an opaque alpha marks nothing)."""
     image = _open(path)
-    if image.mode in ("RGBA", "LA", "PA", "P"):
-        image = image.convert("RGB")  # an opaque alpha channel must not mark every pixel as defect
+    if image.mode in ("P", "PA"):
+        mask = np.asarray(image.getchannel("P")) > 0
+        return mask & (np.asarray(image.getchannel("A")) > 0) if image.mode == "PA" else mask
     mask = np.asarray(image)
+    if image.mode in ("RGBA", "LA"):
+        return mask[..., :-1].any(axis=-1) & (mask[..., -1] > 0)
     return mask.any(axis=-1) if mask.ndim == 3 else mask > 0
 
 
@@ -138,8 +146,9 @@ _UNLISTABLE = {errno.ELOOP: ("symlink loop", "symlink loops"), errno.ENOENT: ("d
 
 def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = None) -> list[Path]:
     """The files under ``folder``, recursively and sorted, optionally only those with ``suffixes``
-    (lower case). Symlinked folders are followed; dangling symlinks, symlink loops, a folder reached
-    again through a symlink and unreadable folders are skipped, each kind logged once with its count."""
+    (lower case). Symlinked folders are followed; hidden files and folders (names starting with
+    '.'), dangling symlinks, symlink loops, a folder reached again through a symlink and unreadable
+    folders are skipped, each kind logged once with its count."""
     files: list[Path] = []
     skipped: dict[tuple[str, str], list[Path]] = {}  # (singular, plural) -> paths
     seen: set[tuple[int, int]] = set()
@@ -157,9 +166,16 @@ def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = 
             folders.clear()
             continue
         seen.add((status.st_dev, status.st_ino))
-        folders.sort()
+        # hidden entries are a system's, not the user's: macOS's ._x.png beside x.png, .thumbnails/
+        for hidden in [f for f in folders if f.startswith(".")]:
+            skip(("hidden folder", "hidden folders"), Path(root) / hidden)
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in names:
             path = Path(root) / name
+            if name.startswith("."):
+                if suffixes is None or path.suffix.lower() in suffixes:
+                    skip(("hidden file", "hidden files"), path)
+                continue
             if suffixes is not None and path.suffix.lower() not in suffixes:
                 continue
             try:
