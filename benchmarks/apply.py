@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.profile_onnx import IDLE_S
+
 
 def measure_apply(path: str | Path, batch_sizes: tuple[int, ...] = (1, 16), repeats: int = 10,
                   seed: int = 0) -> dict:
@@ -87,6 +89,7 @@ def measure_runtimes(path: str | Path, runtimes: tuple[str, ...] = tuple(RUNTIME
             model.apply(images)  # warm-up
         for _ in range(repeats):
             for name, model in models.items():
+                time.sleep(IDLE_S)  # the previous runtime's threads go idle first (onnxruntime's spin)
                 began = time.perf_counter()
                 model.apply(images)
                 times[name].append(time.perf_counter() - began)

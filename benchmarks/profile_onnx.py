@@ -21,6 +21,11 @@ import time
 import numpy as np
 
 
+# Before each timed run: onnxruntime's threads spin for tens of ms after a run, and on a machine of
+# few cores they would slow whatever runs next (OpenVINO took 14-16 ms for 10-12 ms there).
+IDLE_S = 0.1
+
+
 def _input(path: str, batch: int) -> np.ndarray:
     import onnx
 
@@ -41,10 +46,13 @@ def onnxruntime_profile(path: str, batch: int, rounds: int) -> tuple[dict, dict]
     for _ in range(2 + rounds):
         session.run(None, {"images": x})
     events = json.load(open(session.end_profiling()))
+    # the profile covers the warm-ups too: count the kernels that ran after the second run ended
+    runs = sorted(event["ts"] + event["dur"] for event in events if event.get("name") == "model_run")
+    after_warmups = runs[1]
     by_type, by_node = collections.Counter(), collections.Counter()
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            ms = event["dur"] / 1000 / (2 + rounds)  # the profile covers the warm-ups too
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= after_warmups:
+            ms = event["dur"] / 1000 / rounds
             by_type[event["args"]["op_name"]] += ms
             by_node[(event["name"][:-len("_kernel_time")], event["args"]["op_name"])] += ms
     return by_type, by_node
@@ -89,6 +97,7 @@ def interleaved(paths: list[str], batch: int, rounds: int) -> dict:
     times = collections.defaultdict(list)
     for _ in range(rounds):
         for key, run in runs.items():
+            time.sleep(IDLE_S)
             began = time.perf_counter()
             run(x)
             times[key].append(time.perf_counter() - began)

@@ -100,8 +100,9 @@ def measure(name: str, kwargs: dict) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-m", "benchmarks.measure", name, json.dumps(kwargs)], cwd=ROOT, env=env,
                          capture_output=True, text=True)
-    if run.returncode:
-        return {"measurement": name, "kwargs": kwargs, "error": run.stderr.strip().splitlines()[-1]}
+    if run.returncode:  # a child killed by a signal (out of memory) leaves no message of its own
+        lines = run.stderr.strip().splitlines()
+        return {"measurement": name, "kwargs": kwargs, "error": lines[-1] if lines else f"exit status {run.returncode}"}
     return {"measurement": name, "kwargs": kwargs, **json.loads(run.stdout.strip().splitlines()[-1])}
 
 
