@@ -389,10 +389,9 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
     runtime 'onnxruntime' or 'openvino': the artifact's model.onnx (saved with onnx=True) in that
     runtime, behind the same apply, preprocessing, thresholds and result dicts; ``options`` go to
     it (see anomax.deploy.runtimes: threads; OpenVINO precision='f32' | 'default')."""
-    from anomax.deploy.runtimes import RUNTIMES
+    from anomax.deploy.runtimes import check_runtime
 
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    check_runtime(runtime)  # a mistyped name is what is wrong, whatever the artifact holds
     root = Path(path).absolute()
     meta = read_metadata(root)
     ensemble = "stats" in meta  # ensemble.json's, never model.json's

@@ -209,7 +209,7 @@ class AnomalyModel:
 def checked_images(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
     """``apply``'s input: a sequence of images, or one (N, H, W, C) array. A single image given as an
     array would be taken row by row for H images; a (N, H, W) stack cannot be told from one RGB image."""
-    if isinstance(images, np.ndarray) and images.ndim != 4:
+    if hasattr(images, "ndim") and images.ndim != 4:  # numpy, JAX or any other array
         raise InputError(f"apply takes a list of images or one (N, H, W, C) array, got one array of shape "
                          f"{images.shape}; pass a single image as [image]")
     return images

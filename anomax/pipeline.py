@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
 from anomax.ensemble import (NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble, check_concat_members,
                               concat_backbone)
+from anomax.ensemble import MEMBER_KEYS as BACKBONE_KEYS  # build_backbone's keyword arguments
 from anomax.errors import AnomaxError, ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -336,7 +336,7 @@ def _check_known_keys(cfg: Mapping[str, Any]) -> None:
     sections = {"": (cfg, {*RunConfig().to_dict(), *RUN_SECTIONS}),
                 "model.": (cfg["model"], {"backbone", "head"}),
                 "model.backbone.": (backbone, {"name", "members"} if backbone.get("name") == "concat"
-                                    else set(inspect.signature(build_backbone).parameters))}
+                                    else set(BACKBONE_KEYS))}
     for prefix, (section, known) in sections.items():
         unknown = sorted(set(section) - known)
         if unknown:
@@ -484,9 +484,13 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
 
         start = time.perf_counter()
         thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
+        thresholds_s = time.perf_counter() - start
+        start = time.perf_counter()
         if is_main():  # before the test split is read: a file there that fails does not cost the fit
             save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config,
-                       onnx=settings.export.onnx)
+                       onnx=settings.export.onnx)  # (an ONNX export clears JAX's caches: the test split recompiles)
+        timings["save_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         try:
             metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
                                      title=f"anomax: {model.description} on {cfg['dataset'].get('name')}",
@@ -494,7 +498,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         except AnomaxError as error:
             raise type(error)(f"{error} (the fitted model is saved in {run_dir / 'model'}: once the input is "
                               f"fixed, anomax-evaluate model_dir={run_dir / 'model'} scores the test split)") from None
-        timings["evaluate_s"] = time.perf_counter() - start
+        timings["evaluate_s"] = thresholds_s + time.perf_counter() - start  # thresholds + test split, not the save
         summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
                    "image_f1_max": metrics["image"]["f1_max"]}
         if metrics["pixel"] is not None:
@@ -531,7 +535,8 @@ def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:
     else:
         lines.append("thresholds: not estimated (no validation split)")
     timings = record["timings"]
-    lines.append(f"fit {timings['fit_s']:.1f} s, thresholds + evaluation {timings['evaluate_s']:.1f} s -> {run_dir}")
+    lines.append(f"fit {timings['fit_s']:.1f} s, thresholds + evaluation {timings['evaluate_s']:.1f} s, save "
+                 f"{timings['save_s']:.1f} s -> {run_dir}")
     return "\n".join(lines)
 
 

@@ -219,10 +219,18 @@ def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
     done = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "progress=false",
                f"hydra.run.dir={tmp_path / 'evaluated'}", cwd=tmp_path)
     assert "image_auroc" in done.stdout and "it:" not in done.stderr  # no progress bars
+    def test_split(run_dir):
+        samples = json.loads((run_dir / "dataset.json").read_text())["samples"]
+        return sorted(s["image_file_name"] for s in samples if s["split"] == "test")
+
+    assert test_split(tmp_path / "evaluated") == test_split(tmp_path / "run")  # seed 1's, not seed 0's
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
     evaluated = json.loads((tmp_path / "evaluated" / "metrics.json").read_text())
-    assert evaluated["num_images"] == trained["metrics"]["num_images"]
     assert evaluated["image"]["auroc"] == trained["metrics"]["image"]["auroc"]
+    half = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "split_percent.training_percent=60",
+               "progress=false", f"hydra.run.dir={tmp_path / 'sixty'}", cwd=tmp_path)
+    assert "differ from the training run's" in half.stderr  # the other key stays the run's: 15
+    assert len(test_split(tmp_path / "sixty")) > len(test_split(tmp_path / "run"))
     again = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", f"hydra.run.dir={tmp_path / 'evaluated'}",
                 cwd=tmp_path, check=False)  # a used directory is refused, not overwritten
     assert again.returncode == 2 and "already holds" in again.stderr

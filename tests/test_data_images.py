@@ -34,7 +34,12 @@ def test_masks_count_stored_values_not_their_drawn_colours(tmp_path):
     rgba[..., :3] = 255  # white, but transparent
     rgba[0, 0] = (255, 0, 0, 255)
     Image.fromarray(rgba).save(tmp_path / "transparent.png")
-    for name in ("palette.png", "white0.png", "transparent.png"):
+    # a drawn black-and-white mask converted to a palette: PIL puts white at index 0
+    drawn = Image.fromarray(np.where(indices > 0, 255, 0).astype(np.uint8)).convert("RGB")
+    drawn.save(tmp_path / "drawn.gif")
+    drawn.quantize(2).save(tmp_path / "quantized.png")
+    assert Image.open(tmp_path / "drawn.gif").getpalette()[:3] == [255, 255, 255]
+    for name in ("palette.png", "white0.png", "transparent.png", "drawn.gif", "quantized.png"):
         assert np.array_equal(read_mask(tmp_path / name), indices > 0), name
 
 

@@ -116,7 +116,9 @@ def test_apply_refuses_a_single_image_given_as_an_array():
     model = tiny_models.fitted_model("mobilenet_v2", "padim", {"eps": 0.01},
                                      {"pool_size": 1, "projection_dim": 8, "projection": "subset"}, size=32)
     stack = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    for wrong in (stack[0], stack[0, ..., 0], stack[..., 0]):
+    import jax.numpy as jnp
+
+    for wrong in (stack[0], stack[0, ..., 0], stack[..., 0], jnp.asarray(stack[0])):
         with pytest.raises(InputError, match=rf"got one array of shape \({wrong.shape[0]}, .*pass a single image as"):
             model.apply(wrong)
     as_list = [r["anomaly_score"] for r in model.apply(list(stack))]

@@ -33,7 +33,8 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
                           "dataset.image_dir=PATH)")
     seed = config["seed"]  # filled in from the training run before the config resolved (_evaluate)
     RunConfig.from_dict({"seed": seed})  # a negative seed fails here, naming the key
-    split = SplitConfig.from_dict(config["split_percent"] or trained.get("split")).to_dict()
+    given = {key: value for key, value in (config["split_percent"] or {}).items() if value is not None}
+    split = SplitConfig.from_dict({**(trained.get("split") or {}), **given}).to_dict()
     if dataset == trained.get("dataset") and (seed, split) != (trained.get("seed"), trained.get("split", split)):
         log.warning("seed %s and split %s differ from the training run's (%s, %s): on the dataset it was trained on, "
                     "this test split may hold the model's training images", seed, split, trained.get("seed"),
@@ -64,6 +65,7 @@ def _evaluate(cfg: DictConfig) -> float:
         model = load_configured_model(config)
         estimates = metadata["thresholds"]["estimates"]
         dataset = read_configured_dataset(dataset_cfg, split_percent, seed)
+        dataset.to_json(run_dir / "dataset.json")  # which images each split held, as anomax-train records it
         metrics = evaluate_split(model, dataset, config["split"], run_dir, evaluate_cfg,
                                  estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],
                                  title=f"anomax: {config['model_dir']} on {dataset_cfg.get('name')} "

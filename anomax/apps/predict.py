@@ -35,7 +35,7 @@ def image_paths(inputs: Any) -> list[Path]:
     for item in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
         item = str(Path(str(item)).expanduser())
         if Path(item).is_dir():
-            paths += [p for p in image_files.list_files(item) if not p.name.startswith(".")]
+            paths += image_files.list_files(item)  # hidden files left out there
         elif Path(item).is_file():
             paths.append(Path(item))
         elif matches := sorted(glob.glob(item, recursive=True)):

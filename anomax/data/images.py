@@ -114,12 +114,21 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """The ground-truth mask as bool (H, W): every pixel > 0 in any channel is a defect. A palette
-    mask's stored indices count (index > 0), not the colours they are drawn in; with an alpha
-    channel, a transparent pixel is never a defect (and an opaque alpha marks nothing)."""
+    """The ground-truth mask as bool (H, W): every pixel > 0 in any channel is a defect. With an
+    alpha channel, a transparent pixel is never a defect (and an opaque alpha marks nothing). A
+    palette mask is read by colour (non-black = defect) when its used entries are distinct colours
+    and one is black, as a drawn mask converted to a palette is (black may sit at any index);
+    otherwise by its stored indices (> 0 = defect), as a label array saved with a palette is (its
+    palette may draw every index black, or index 0 white)."""
     image = _open(path)
     if image.mode in ("P", "PA"):
-        mask = np.asarray(image.getchannel("P")) > 0
+        indices = np.asarray(image.getchannel("P"))
+        palette = np.asarray(image.getpalette() or [0, 0, 0], np.uint8).reshape(-1, 3)
+        used = np.unique(indices)
+        colours = palette[used] if used.max() < len(palette) else None
+        by_colour = (colours is not None and len(np.unique(colours, axis=0)) == len(used)
+                     and bool((colours == 0).all(axis=1).any()))
+        mask = palette[indices].any(axis=-1) if by_colour else indices > 0
         return mask & (np.asarray(image.getchannel("A")) > 0) if image.mode == "PA" else mask
     mask = np.asarray(image)
     if image.mode in ("RGBA", "LA"):

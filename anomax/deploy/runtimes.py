@@ -119,13 +119,20 @@ class OpenVinoModel(DeployedModel):
         return {name: np.array(out[output]) for name, output in zip(self.outputs, self.compiled.outputs)}
 
 
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
 def load_runtime(onnx_file: str | os.PathLike, preprocess: PreprocessParams, thresholds: Mapping[str, float],
                  batch_size: int, runtime: str, **options) -> DeployedModel:
     """The model.onnx of an artifact in ``runtime`` ('onnxruntime' or 'openvino'); options go to
     its class (threads; precision and device for OpenVINO)."""
+    check_runtime(runtime)
     classes = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
     if runtime not in classes:
-        raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        raise ConfigError(f"runtime {runtime!r} runs the JAX model itself, not its model.onnx; load it with "
+                          "anomax.load_model(path)")
     if not Path(onnx_file).is_file():
         raise ArtifactError(f"{onnx_file} is missing: runtime '{runtime}' needs the exported model; save the model "
                             f"with anomax.save_model(..., onnx=True) (anomax-train ... export.onnx=true)")
