@@ -25,9 +25,8 @@ from anomax.backbones import backbone_requirements, build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
-from anomax.ensemble import (NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble, check_concat_members,
-                              concat_backbone)
-from anomax.ensemble import MEMBER_KEYS as BACKBONE_KEYS  # build_backbone's keyword arguments
+from anomax.ensemble import (MEMBER_KEYS, NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble,
+                              check_concat_members, concat_backbone)
 from anomax.errors import AnomaxError, ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -336,7 +335,7 @@ def _check_known_keys(cfg: Mapping[str, Any]) -> None:
     sections = {"": (cfg, {*RunConfig().to_dict(), *RUN_SECTIONS}),
                 "model.": (cfg["model"], {"backbone", "head"}),
                 "model.backbone.": (backbone, {"name", "members"} if backbone.get("name") == "concat"
-                                    else set(BACKBONE_KEYS))}
+                                    else set(MEMBER_KEYS))}  # build_backbone's arguments
     for prefix, (section, known) in sections.items():
         unknown = sorted(set(section) - known)
         if unknown:
