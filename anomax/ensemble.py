@@ -29,7 +29,7 @@ import numpy as np
 from anomax.backbones import Backbone, build_backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, DatasetError, InputError
-from anomax.model import checked_images, checked_thresholds, classified, fit_summary
+from anomax.model import checked_thresholds, classified, fit_summary
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
 from anomax.settings import Settings
@@ -273,7 +273,6 @@ class ScoreEnsemble:
         'anomaly_image' and 'anomaly_score', and with thresholds 'anomaly_class', 'anomaly_class_id',
         'anomaly_region'."""
         self._check_normalised()
-        images = checked_images(images)
         if not len(images):
             return []
         keys = [f"anomaly_{kind}{suffix}" for suffix in ("", *(f"_{b}" for b in self.branches))

@@ -174,9 +174,8 @@ class AnomalyModel:
         """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image: 'anomaly_image',
         'anomaly_score' (plus the head's further maps), and with thresholds 'anomaly_class',
         'anomaly_class_id', 'anomaly_region'. Images are preprocessed one batch at a time."""
-        images = checked_images(images)
         if self.tiling.enabled:  # maps at each image's ROI-cropped size
-            return self._classified(apply_tiled(self, images))
+            return self._classified(apply_tiled(self, checked_images(images)))
         params = self._placed_params()
 
         def run(batch: np.ndarray) -> dict[str, np.ndarray]:  # compiled once: every batch is padded to batch_size
