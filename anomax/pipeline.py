@@ -35,7 +35,7 @@ from anomax.evaluation.metrics import auroc
 from anomax.features import AdaptorConfig, FeatureAdaptor
 from anomax.files import claim_run_dir, write_json_atomic
 from anomax.model import AnomalyModel, fit_summary
-from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param
+from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param, crop_to_domain
 from anomax.registry import HEADS
 from anomax.settings import Settings, setting
 from anomax.tiling import TilingConfig, native_mask
@@ -261,7 +261,8 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
 
 
 def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir: Path, cmap: str) -> dict[str, Path]:
-    """Overlays of the worst false positives and false negatives on the original images; for heads
+    """Overlays of the worst false positives and false negatives on the original images (their domain box
+    with crop_domain, which is what the maps cover); for heads
     with several maps (local, global) one overlay per map."""
     samples = dataset.samples_of(split)
 
@@ -273,7 +274,7 @@ def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir
         anomaly_image = entry["anomaly_image"]
         region = (anomaly_image >= np.float64(model.thresholds["segmentation"])  # as threshold_dl_anomaly_results
                   if "segmentation" in model.thresholds else None)
-        return {"image": read_image(sample.image_file_name), "anomaly_image": anomaly_image,
+        return {"image": crop_to_domain(model.preprocess, read_image(sample.image_file_name)), "anomaly_image": anomaly_image,
                 "anomaly_score": listed["anomaly_score"], "anomaly_ground_truth": entry["anomaly_ground_truth"],
                 "anomaly_region": region,
                 "branches": {k: v for k, v in entry.items() if k.startswith("anomaly_image_")},

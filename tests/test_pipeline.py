@@ -124,3 +124,29 @@ def test_apply_refuses_a_single_image_given_as_an_array():
     as_list = [r["anomaly_score"] for r in model.apply(list(stack))]
     assert [r["anomaly_score"] for r in model.apply(stack)] == as_list
     assert [r["anomaly_score"] for r in model.apply([stack[0]])] == as_list[:1]
+
+
+def test_worst_case_pictures_show_the_domain_the_maps_cover(tmp_path, monkeypatch):
+    """With crop_domain the maps cover the domain box; the overlays drew them over the whole image."""
+    from types import SimpleNamespace
+
+    import anomax.pipeline as pipeline
+    from anomax.evaluation import evaluate_dl_model
+    from anomax.preprocess.params import create_dl_preprocess_param
+
+    dataset = synthetic()
+    test = dataset.samples_of("test")
+    count = len(test)
+    batch = {"anomaly_image": np.zeros((count, 16, 16), np.float32), "anomaly_score": np.arange(count, dtype=np.float32),
+             "anomaly_label_id": np.array([s.anomaly_label == "nok" for s in test], np.int32),
+             "anomaly_ground_truth": np.zeros((count, 16, 16), bool), "index": np.arange(count),
+             "valid": np.ones(count, bool)}
+    worst = _WorstMaps(2)
+    metrics = evaluate_dl_model(list(worst.watch([batch])), num_worst=2)
+    shown = []
+    monkeypatch.setattr(pipeline, "plot_worst_cases", lambda path, fp, fn, **_: shown.extend(fp + fn) or path)
+    monkeypatch.setattr(pipeline, "plot_anomaly_overlay", lambda path, image, *_, **__: shown.append({"image": image}))
+    preprocess = create_dl_preprocess_param(width=16, height=16, domain_handling="crop_domain", domain=(0, 0, 15, 31))
+    pipeline._example_pictures(SimpleNamespace(thresholds={}, preprocess=preprocess), dataset, "test", worst, metrics,
+                               tmp_path, "jet")
+    assert shown and all(case["image"].shape[:2] == (16, 32) for case in shown)  # rows 0-15 of the 32 x 32 images

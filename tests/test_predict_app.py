@@ -14,14 +14,16 @@ from PIL import Image
 import anomax.apps.predict as predict
 import anomax.data.images as images
 from anomax.errors import DatasetError
+from anomax.preprocess.params import create_dl_preprocess_param, crop_to_domain
 from test_data_images import bomb_png
 
 
 class StandInModel:
     """What predict needs of a model: batch_size and apply(images) -> result dicts."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, preprocess=None):
         self.batch_size = batch_size
+        self.preprocess = preprocess or create_dl_preprocess_param()
         self.calls: list[tuple[int, int]] = []  # (images in the call, images read so far)
 
     def set_params(self, batch_size):
@@ -29,9 +31,13 @@ class StandInModel:
 
     def apply(self, batch):
         self.calls.append((len(batch), reads[0]))
-        return [{"anomaly_image": np.full(image.shape[:2], float(image.mean()), np.float32),
-                 "anomaly_score": float(image.mean()), "anomaly_class": "ok", "anomaly_class_id": 0,
-                 "anomaly_region": {"mask": np.zeros(image.shape[:2], bool), "components": []}} for image in batch]
+        return [self._result(image) for image in batch]
+
+    def _result(self, image):
+        shape = crop_to_domain(self.preprocess, image).shape[:2]  # maps cover the domain
+        return {"anomaly_image": np.full(shape, float(image.mean()), np.float32),
+                "anomaly_score": float(image.mean()), "anomaly_class": "ok", "anomaly_class_id": 0,
+                "anomaly_region": {"mask": np.zeros(shape, bool), "components": []}}
 
 
 reads = [0]
@@ -63,6 +69,18 @@ def test_inputs_are_streamed_in_batches(tmp_path):
     assert [call[0] for call in model.calls] == [3, 3, 1]
     assert [call[1] for call in model.calls] == [3, 6, 7]  # each batch is scored before the next is read
     assert [row["anomaly_score"] for row in rows] == [10.0 * n for n in range(7)]
+
+
+def test_overlays_draw_the_map_over_the_domain_it_covers(tmp_path, monkeypatch):
+    import anomax.evaluation
+
+    drawn = []
+    monkeypatch.setattr(anomax.evaluation, "plot_anomaly_overlay",
+                        lambda path, image, anomaly_image, **_: drawn.append((image.shape[:2], anomaly_image.shape)))
+    model = StandInModel(batch_size=2, preprocess=create_dl_preprocess_param(
+        width=4, height=4, domain_handling="crop_domain", domain=(1, 2, 3, 5)))
+    predict.predict_files(model, predict.image_paths(str(folder_of_images(tmp_path / "in", 3))), tmp_path / "out")
+    assert drawn == [((3, 4), (3, 4))] * 3  # rows 1-3, columns 2-5 of the 5 x 7 images
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -21,6 +21,7 @@ from anomax.apps.config import CONF_DIR, register_schemas
 from anomax.data import images as image_files
 from anomax.errors import AnomaxError, ConfigError, DatasetError
 from anomax.files import write_json_atomic, writing
+from anomax.preprocess.params import crop_to_domain
 
 log = logging.getLogger("anomax")
 COLUMNS = ["image_file_name", "anomaly_score", "anomaly_class", "anomaly_class_id", "num_regions", "overlay", "error"]
@@ -67,7 +68,7 @@ def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet"
             _fill(row, result)
             if overlays:
                 picture = out_dir / "overlays" / f"{scored:05d}_{Path(row['image_file_name']).stem}.png"
-                row["overlay"] = str(_draw(picture, row, image, result, colormap))
+                row["overlay"] = str(_draw(picture, row, crop_to_domain(model.preprocess, image), result, colormap))
             scored += 1
     image_files.log_conversions("predict")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def preprocess_image(params: PreprocessParams, image: np.ndarray) -> np.ndarray:
         image = image[..., None]
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise InputError(f"preprocess_image needs a uint8 image (H, W, 1|3), got {image.dtype} {image.shape}")
-    image = _convert_channels(_apply_domain(params, image), params.num_channels)
+    image = _convert_channels(crop_to_domain(params, image), params.num_channels)
     channels = [_resize(channel, params, RESIZE_FILTERS[params.resize]) for channel in np.moveaxis(image, -1, 0)]
     if params.domain_handling != "keep_domain":
         return _normalize(params, np.stack(channels, axis=-1)).astype(np.float32)
@@ -99,13 +99,15 @@ def preprocess_mask(params: PreprocessParams, mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise InputError(f"preprocess_mask needs a mask (H, W), got shape {mask.shape}")
-    mask = _apply_domain(params, (mask != 0).astype(np.float32))
+    mask = crop_to_domain(params, (mask != 0).astype(np.float32))
     if params.domain_handling == "keep_domain":
         mask = mask * _domain_inside(params, mask.shape)  # at the input size: nearest resizing follows
     return (_resize(mask, params, Image.Resampling.NEAREST) > 0).astype(np.uint8)
 
 
-def _apply_domain(params: PreprocessParams, array: np.ndarray) -> np.ndarray:
+def crop_to_domain(params: PreprocessParams, array: np.ndarray) -> np.ndarray:
+    """The part of an image (or mask) that the model sees: its domain box with 'crop_domain',
+    the whole array otherwise. Anomaly maps cover this part, so pictures draw them over it."""
     if params.domain_handling != "crop_domain":
         return array
     row1, col1, row2, col2 = domain_box(params, array.shape[:2])
