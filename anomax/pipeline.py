@@ -262,8 +262,8 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
 
 def _example_pictures(model, dataset, split, worst: _WorstMaps, metrics, run_dir: Path, cmap: str) -> dict[str, Path]:
     """Overlays of the worst false positives and false negatives on the original images (their domain box
-    with crop_domain, which is what the maps cover); for heads
-    with several maps (local, global) one overlay per map."""
+    with crop_domain, which is what the maps cover); for heads with several maps (local, global) one
+    overlay per map."""
     samples = dataset.samples_of(split)
 
     def case(listed: Mapping[str, Any]) -> dict[str, Any] | None:
