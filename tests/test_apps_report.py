@@ -76,3 +76,18 @@ def test_a_run_with_a_deletion_override_is_listed(tmp_path, capsys):
     csv = (tmp_path / "report.csv").read_text().splitlines()
     assert csv[0] == "~model.head.sigma,image_auroc,fit_s" and len(csv) == 3
     assert "(deleted),0.8000,1.0" in csv
+
+
+def test_runs_of_the_same_point_are_one_row_and_the_best_come_first(tmp_path, capsys):
+    """A search may draw a point twice: both runs count (mean ± std, and how many), and rows stay best first;
+    the table showed the first run's numbers only and sorted by the hidden mean."""
+    for name, sigma, validation in (("0", 4, 0.95), ("1", 2, 0.90), ("2", 4, 0.50)):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(f"- model.head.sigma={sigma}\n")
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"summary": {"image_auroc": 0.5}, "timings": {"fit_s": 1.0}, "validation": {"image_auroc": validation}}))
+    (tmp_path / "optimization_results.yaml").write_text("best_params: {}\n")
+    report.main([str(tmp_path)])
+    csv = (tmp_path / "report.csv").read_text().splitlines()
+    assert csv == ["model.head.sigma,runs,image_auroc,validation_image_auroc,fit_s",
+                   "2,1,0.5000,0.9000,1.0", "4,2,0.5000 ± 0.0000,0.7250 ± 0.3182,1.0 ± 0.0"]

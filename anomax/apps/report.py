@@ -63,15 +63,16 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
 def summarise(rows: list[dict[str, Any]], seed_key: str = "seed",
               best_first: bool = False) -> tuple[list[str], list[list[str]]]:
     """Table header and rows: the swept parameters, then each metric; runs that differ only in the seed
-    are one row with mean ± std (sample std) and the number of seeds."""
+    are one row with mean ± std (sample std) and the number of seeds. Runs with the same parameters
+    (a search that draws a point again) are one row too, with the number of runs."""
     keys = sorted({key for row in rows for key in row["params"]})
     swept = [k for k in keys if len({row["params"].get(k) for row in rows}) > 1 or len(rows) == 1]
-    grouped = seed_key in swept
     columns = [k for k in swept if k != seed_key]
     metrics = [m for m in (*METRICS, OBJECTIVE, "fit_s") if any(m in row["metrics"] for row in rows)]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row["params"].get(k, "") for k in columns), []).append(row)
+    grouped = seed_key in swept or any(len(members) > 1 for members in groups.values())
     if best_first:  # a search's trials: the best mean validation AUROC first (run order for ties)
         groups = dict(sorted(groups.items(), key=lambda item: -statistics.mean(
             m["metrics"].get(OBJECTIVE, -1.0) for m in item[1])))
@@ -80,7 +81,7 @@ def summarise(rows: list[dict[str, Any]], seed_key: str = "seed",
         cells = [_cell([m["metrics"].get(name) for m in members], grouped, ".1f" if name.endswith("_s") else ".4f")
                  for name in metrics]
         table.append([*values, *([str(len(members))] if grouped else []), *cells])
-    header = [*columns, *(["seeds"] if grouped else []), *metrics]
+    header = [*columns, *([("seeds" if seed_key in swept else "runs")] if grouped else []), *metrics]
     return header, table
 
 
