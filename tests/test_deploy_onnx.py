@@ -1,7 +1,8 @@
 """ONNX export of the whole inference; onnxruntime and OpenVINO behind the same apply as JAX.
 
 One tiny MobileNetV2 model per head (its depthwise convolutions and every head's scoring go
-through the converter), exported once into an artifact and run in both runtimes.
+through the converter), and one ResNet-18 (its stem max-pool), exported once into an artifact and
+run in both runtimes.
 """
 import json
 import shutil
@@ -34,15 +35,18 @@ HEAD_SETUPS = {  # head hyperparams, adaptor kwargs: PatchCore with k > 1 exerci
     # the backbone as the teacher: MobileNetV2 runs in the graph again, feeding the head's maps
     "efficientad-backbone": ({"teacher": "backbone", "width": 2, "ae_width": 2, "latent": 4},
                              {"projection_dim": 8}),
+    # ResNet's stem max-pool through the converter (its max-pool shim could not take torch's padding)
+    "padim-resnet18": ({"eps": 0.01}, {"pool_size": 1, "projection_dim": 16, "projection": "subset"}),
 }
 RUNTIMES = ("onnxruntime", "openvino")
 TOLERANCE = 1e-4  # relative to the largest value of the compared map or scores
 
 
 def fitted_model(setup: str) -> AnomalyModel:
-    """A tiny random-init MobileNetV2 (width 0.25) model whose head ('<head>' or '<head>-<variant>') is
-    fitted on random images."""
-    return tiny_models.fitted_model("mobilenet_v2", setup.split("-")[0], *HEAD_SETUPS[setup], size=SIZE)
+    """A tiny random-init MobileNetV2 (or the backbone the variant names; width 0.25) model whose head
+    ('<head>' or '<head>-<variant>') is fitted on random images."""
+    backbone = "resnet18" if setup.endswith("-resnet18") else "mobilenet_v2"
+    return tiny_models.fitted_model(backbone, setup.split("-")[0], *HEAD_SETUPS[setup], size=SIZE)
 
 
 def raw_images(count: int, seed: int = 1) -> list[np.ndarray]:
@@ -162,7 +166,7 @@ def test_graph_has_the_forms_the_runtimes_run_fast(exported):
     graph = onnx.load(str(path / "model.onnx")).graph
     producer = {output: node for node in graph.node for output in node.output}
     ops = [node.op_type for node in graph.node]
-    if model.head.uses_backbone:  # efficientad's distilled PDN teacher replaces MobileNetV2 at inference
+    if model.head.uses_backbone and model.backbone.name == "mobilenet_v2":  # efficientad's PDN teacher replaces it
         assert "Clip" in ops
     assert not [n for n in graph.node if n.op_type == "Min" and any(producer.get(i, n).op_type == "Max" for i in n.input)]
     weights = {w.name: list(w.dims) for w in graph.initializer}

@@ -25,6 +25,12 @@ def relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
+def max_pool(x: jax.Array, size: int, stride: int, padding: int) -> jax.Array:
+    """size x size maximum at ``stride``, ``padding`` rows and columns of -inf on each side (torch's
+    MaxPool2d). The ONNX export traces it in another form (anomax.deploy.onnx_export)."""
+    return nnx.max_pool(x, (size, size), strides=(stride, stride), padding=((padding, padding), (padding, padding)))
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
     """Depthwise convolution (kernel (k, k, 1, C)) as k² shifted multiply-adds that XLA fuses into one
     pass. Why: XLA:CPU's grouped convolution is 5-50x slower on MobileNet/EfficientNet shapes

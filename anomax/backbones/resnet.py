@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from anomax.backbones import IMAGENET_REQUIREMENTS, BackboneSpec
+from anomax.backbones import IMAGENET_REQUIREMENTS, BackboneSpec, _layers
 from anomax.backbones._layers import ConvBN, FeatureNetwork, conv_bn_names, global_average_pool, torch_padding
 from anomax.backbones._weights import WeightsSource
 from anomax.registry import BACKBONES
@@ -62,7 +62,7 @@ class ResNet(FeatureNetwork):
         self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
 
     def stages(self):
-        stem = ("stem", lambda x: nnx.max_pool(self.stem(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
+        stem = ("stem", lambda x: _layers.max_pool(self.stem(x), 3, 2, 1))
         return [stem, *((f"layer{i}", layer) for i, layer in enumerate(self.layers, 1))]
 
     def classify(self, x: jax.Array) -> jax.Array:

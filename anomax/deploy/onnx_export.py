@@ -17,12 +17,13 @@ the thresholds and the output names are JSON in the file's metadata (``metadata_
 'anomax.preprocess', 'anomax.thresholds', 'anomax.outputs'), so a program without anomax
 can prepare images exactly as ``anomax.preprocess_image`` does.
 
-Three pieces are traced in a form the converter and the runtimes handle well, with the same
+Four pieces are traced in a form the converter and the runtimes handle well, with the same
 numbers to float rounding (see ``_export_formulations``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -109,7 +110,7 @@ def _version() -> str:
 
 @contextlib.contextmanager
 def _export_formulations():
-    """Trace three pieces in the form the converter and the runtimes handle, same numbers:
+    """Trace four pieces in the form the converter and the runtimes handle, same numbers:
 
     - depthwise convolutions as one grouped convolution (ONNX Conv group=C) instead of the k²
       shifted multiply-adds that are fast on XLA:CPU: a graph ~10x smaller, converted ~3x faster;
@@ -118,6 +119,8 @@ def _export_formulations():
       1/size² kernel, which the runtimes run in their own channel-blocked layout (shifted slices of
       the NHWC map cost them transposes). JAX keeps reduce_window: a reshape-and-mean would export
       too, but trains the PDN 7-13 % slower per epoch on XLA:CPU;
+    - ResNet's stem max-pool (nnx.max_pool, whose jax2onnx shim takes string padding only) as the
+      maximum of its size² strided slices of the -inf padded map: the same values;
     - jax.image.resize and jnp.full through JAX's own implementations (BYPASSED_SHIMS): jax2onnx's
       shims for them need a constant batch size.
 
@@ -133,7 +136,7 @@ def _export_formulations():
 
     import_all_plugins()
     swaps = [(_layers, "depthwise_conv", _grouped_depthwise_conv), (features, "average_pool", _grouped_average_pool),
-             (_pdn, "average_pool", _grouped_strided_average_pool)]
+             (_pdn, "average_pool", _grouped_strided_average_pool), (_layers, "max_pool", _sliced_max_pool)]
     originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     bypassed = {name: PLUGIN_REGISTRY.pop(name) for name in BYPASSED_SHIMS if name in PLUGIN_REGISTRY}
     jax.clear_caches()
@@ -171,6 +174,15 @@ def _grouped_strided_average_pool(x: jax.Array, factor: int) -> jax.Array:
     height, width, channels = x.shape[1:]
     kernel = np.full((factor, factor, 1, channels), 1.0 / (factor * factor), np.float32)
     return _grouped_depthwise_conv(x, jnp.asarray(kernel), factor, [(0, -height % factor), (0, -width % factor)])
+
+
+def _sliced_max_pool(x: jax.Array, size: int, stride: int, padding: int) -> jax.Array:
+    """anomax.backbones._layers.max_pool as the maximum of size² strided slices of the -inf padded map."""
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    rows, cols = (x.shape[1] - size) // stride + 1, (x.shape[2] - size) // stride + 1
+    slices = [x[:, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (cols - 1) + 1:stride, :]
+              for i in range(size) for j in range(size)]
+    return functools.reduce(jnp.maximum, slices)
 
 
 def _check_opset(proto, opset: int) -> None:
