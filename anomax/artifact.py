@@ -69,7 +69,8 @@ def flatten_arrays(tree) -> dict[str, np.ndarray]:
 
 
 def unflatten_arrays(like, arrays: Mapping[str, np.ndarray], file: Path):
-    """The pytree of ``like`` (arrays or shape structs) filled with ``arrays``; keys and shapes must match."""
+    """The pytree of ``like`` (arrays or shape structs) filled with ``arrays``; keys, shapes and dtypes
+    must match, and floating values be finite."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     keys = ["/".join(map(_key_name, path)) for path, _ in leaves]
     missing, extra = sorted(set(keys) - set(arrays)), sorted(set(arrays) - set(keys))
@@ -80,6 +81,12 @@ def unflatten_arrays(like, arrays: Mapping[str, np.ndarray], file: Path):
         if tuple(arrays[key].shape) != tuple(leaf.shape):
             raise ArtifactError(f"{file}: '{key}' has shape {arrays[key].shape}, the network needs {leaf.shape}; "
                                 f"save the model again with this anomax")
+        if arrays[key].dtype != leaf.dtype:
+            raise ArtifactError(f"{file}: '{key}' is {arrays[key].dtype}, the network needs {leaf.dtype}; "
+                                f"the artifact was modified — save the model again")
+        if np.issubdtype(arrays[key].dtype, np.floating) and not np.isfinite(arrays[key]).all():
+            raise ArtifactError(f"{file}: '{key}' holds NaN or infinite values; the artifact was modified or "
+                                f"the model diverged — save a good model again")
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[key]) for key in keys])
 
 
@@ -105,7 +112,7 @@ def _read_json(path: Path) -> Any:
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
-    except (SafetensorError, OSError) as error:
+    except Exception as error:  # safetensors' parse errors, I/O errors, and dtypes numpy lacks (F8) alike
         raise ArtifactError(f"{path} is not a complete safetensors file ({error}); the artifact is truncated "
                             f"or corrupt — save the model again")
 
@@ -438,7 +445,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         adaptor_params = unflatten_arrays(adaptor.init(backbone.channels), _read_arrays(root / "adaptor.safetensors"),
                                           root / "adaptor.safetensors")
     with _checked(source, "tiling"):
-        tiling = TilingConfig.from_dict(meta["tiling"] or {})
+        tiling = TilingConfig.from_dict(meta["tiling"] or {}).for_backbone(backbone)
     with _checked(source, "augment"):
         augment = AugmentConfig.from_dict(meta["augment"] or {})
     with _checked(source, "head"):
@@ -453,6 +460,10 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         preprocess = PreprocessParams.from_dict(preprocess)
     model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,
                          augment=augment)
+    if not tiling.enabled:  # the sections fit together: the head's arrays take the preprocess size's features
+        with _checked(source, "preprocess"):
+            image = jax.ShapeDtypeStruct((1, preprocess.height, preprocess.width, preprocess.num_channels), jnp.float32)
+            jax.eval_shape(model.infer, model.params, image)
     return _with_runtime_params(model, meta, source)
 
 
@@ -582,6 +593,9 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
     """
     from jax import export
 
+    if getattr(getattr(model, "tiling", None), "enabled", False):
+        raise ConfigError("export_inference: tiled models are not exportable (the function would score one tile, "
+                          "not the whole image); export an untiled model")
     params = model.params
     flat = flatten_arrays(params)
 
@@ -611,5 +625,15 @@ def load_exported(path: str | os.PathLike) -> Callable[[jax.Array], dict[str, ja
         raise ArtifactError(f"cannot read the exported function {path}: {error}")
     except Exception as error:  # zip, flatbuffer and MLIR errors have no common type
         raise ArtifactError(f"{path} is not an exported anomax function ({error}); export it again")
+    (wanted, _), _ = jax.tree_util.tree_unflatten(function.in_tree, function.in_avals)  # ((params, images), {})
+    wanted = wanted if isinstance(wanted, dict) else {}
+    if sorted(arrays) != sorted(wanted):
+        raise ArtifactError(f"{path}: the parameters do not fit the exported function (missing "
+                            f"{sorted(set(wanted) - set(arrays))[:5]}, unexpected {sorted(set(arrays) - set(wanted))[:5]}); "
+                            f"the file was modified — export it again")
+    for key, aval in wanted.items():
+        if arrays[key].shape != aval.shape or arrays[key].dtype != aval.dtype:
+            raise ArtifactError(f"{path}: '{key}' is {arrays[key].dtype} {arrays[key].shape}, the function takes "
+                                f"{aval.dtype} {aval.shape}; the file was modified — export it again")
     params = {key: jnp.asarray(value) for key, value in arrays.items()}
     return lambda images: function.call(params, images)

@@ -52,6 +52,11 @@ class DistributedConfig(Settings):
     shutdown_timeout_s: int = setting(300, ge=1)
 
     def check(self) -> None:
+        if self.mode == "off":  # one process: where the others are would be ignored, each would run alone
+            for key in ("coordinator_address", "num_processes", "process_id", "local_device_ids"):
+                if getattr(self, key) is not None:
+                    self.fail(key, "null with distributed.mode = 'off' (one process); to join other processes "
+                                   "choose distributed=manual or distributed=auto")
         if self.mode == "manual":
             for key in ("coordinator_address", "num_processes", "process_id"):
                 if getattr(self, key) is None:

@@ -46,7 +46,7 @@ class AnomalyModel:
         self.batch_size = batch_size
         self.augment = augment or AugmentConfig()  # fit-time and test-time transforms (anomax.augment)
         self.augment.check_input(preprocess.height, preprocess.width)
-        self.tiling = tiling or TilingConfig()  # large images scored tile by tile (anomax.tiling)
+        self.tiling = (tiling or TilingConfig()).for_backbone(backbone)  # large images tile by tile (anomax.tiling)
         if self.tiling.enabled and (self.augment.fit or self.augment.tta):
             raise ConfigError(f"augment.fit = {list(self.augment.fit)}, augment.tta = {list(self.augment.tta)}: a tiled "
                               "model fits and scores tile by tile without them (anomax.tiling); set augment=none "
@@ -237,11 +237,13 @@ def classified(results: list[dict[str, Any]], thresholds: Mapping[str, float]) -
     from anomax.evaluation import threshold_dl_anomaly_results
 
     if {"segmentation", "classification"} <= set(thresholds):
-        applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
-                                               [r["anomaly_score"] for r in results],
-                                               thresholds["segmentation"], thresholds["classification"])
-        for result, extra in zip(results, applied):
-            result.update(extra)
+        for shape in {np.shape(r["anomaly_image"]) for r in results}:  # a tiled model's maps have each image's size
+            same = [r for r in results if np.shape(r["anomaly_image"]) == shape]
+            applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in same],
+                                                   [r["anomaly_score"] for r in same],
+                                                   thresholds["segmentation"], thresholds["classification"])
+            for result, extra in zip(same, applied):
+                result.update(extra)
     return results
 
 

@@ -56,6 +56,11 @@ class TilingConfig(Settings):
     resize_before: float | None = setting(None, gt=0)
 
     def check(self) -> None:
+        if self.tile_size is None:  # tiling off: a tiling setting given anyway would be ignored
+            for key, unset in (("stride", None), ("resize_before", None), ("mode", "shared")):
+                if getattr(self, key) != unset:
+                    self.fail(key, f"{'null' if unset is None else repr(unset)} while tiling.tile_size is null "
+                                   f"(tiling off): set tiling.tile_size, or choose tiling=default")
         if self.tile_size is not None and self.stride is not None and self.stride > self.tile_size:
             self.fail("stride", f"at most tile_size = {self.tile_size} (a gap between tiles would leave "
                                 f"pixels unscored)")

@@ -376,10 +376,14 @@ def _rehashed(path: Path, name: str, edit) -> None:
     (lambda m: m["preprocess"].update(width=-5), MJ + r"'preprocess' is invalid: .*width"),
     (lambda m: m["preprocess"].update(colour="red"),
      MJ + r"'preprocess' is invalid: unknown key\(s\) preprocess\.colour"),
+    # the sections must fit together: PaDiM's per-position Gaussians are for the saved size's grid
+    (lambda m: m["preprocess"].update(width=2 * m["preprocess"]["width"]), MJ + r"'preprocess' is invalid"),
+    (lambda m: m["tiling"].update(tile_size=40, stride=40), MJ + r"'tiling' is invalid: .*multiple of 32"),
 ], ids=["nan-threshold", "string-threshold", "one-threshold", "estimates-key", "no-batch-size", "batch-size-0",
     "batch-size-null", "unknown-key", "unknown-head", "no-hyperparams", "string-eps", "unknown-hyperparam",
     "unknown-backbone", "absurd-width", "string-width", "negative-width", "unknown-tap", "projection-dim",
-    "even-pool-size", "preprocess-list", "negative-image-width", "unknown-preprocess-key"])
+    "even-pool-size", "preprocess-list", "negative-image-width", "unknown-preprocess-key", "other-image-size",
+    "tile-not-a-multiple"])
 def test_loader_validates_a_rehashed_model_json(copy, edit, message):
     _rehashed(copy, "model.json", edit)
     with pytest.raises(ArtifactError, match=message):
@@ -447,3 +451,44 @@ def test_an_unknown_runtime_is_named_before_the_artifact_is_looked_at(padim):
     """A mistyped runtime on a model saved without model.onnx: the runtime is what is wrong."""
     with pytest.raises(ConfigError, match="runtime must be one of jax, onnxruntime, openvino, got 'onnxruntme'"):
         artifact.load_model(padim[1], runtime="onnxruntme")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a, key: a.update({key: a[key].astype(np.int32)}), r"is int32, the network needs float32"),
+    (lambda a, key: a.update({key: np.full_like(a[key], np.nan)}), r"holds NaN or infinite values"),
+], ids=["int32", "nan"])
+def test_loader_validates_rehashed_backbone_arrays(copy, edit, message):
+    """Right names and shapes but another dtype or NaN: refused naming the file and the array (they loaded,
+    then scored differently or NaN)."""
+    name = "backbone.safetensors"
+    def edited(arrays):
+        key = next(k for k, v in sorted(arrays.items()) if np.issubdtype(v.dtype, np.floating) and v.size > 1)
+        edit(arrays, key)
+
+    _rehashed_arrays(copy, name, edited)
+    with pytest.raises(ArtifactError, match=f"{name}: .*{message}"):
+        anomax.load_model(copy)
+
+
+def test_an_unreadable_dtype_names_the_file(copy):
+    """A dtype numpy lacks (float8) was reported as an invalid 'head' section of model.json."""
+    import struct
+
+    header = json.dumps({"mean": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    (copy / "head.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    _rehashed(copy, "manifest.json", lambda manifest: manifest["files"].update(
+        {"head.safetensors": sha256_file(copy / "head.safetensors")}))
+    with pytest.raises(ArtifactError, match=r"head\.safetensors is not a complete safetensors file"):
+        anomax.load_model(copy)
+
+
+@pytest.mark.parametrize("edit", ["dropped", "reshaped"])
+def test_an_exported_function_with_modified_parameters_is_refused_at_load(padim, tmp_path, edit):
+    path = anomax.export_inference(padim[0], tmp_path / "f.npz", batch_size=1, height=SIZE, width=SIZE)
+    bundle = dict(np.load(path))
+    key = sorted(k for k in bundle if k != "__function__" and bundle[k].ndim > 1)[0]
+    bundle = ({k: v for k, v in bundle.items() if k != key} if edit == "dropped"
+              else {**bundle, key: bundle[key].reshape(-1)})
+    np.savez(tmp_path / "edited.npz", **bundle)
+    with pytest.raises(ArtifactError, match=r"edited\.npz: .*export it again"):
+        anomax.load_exported(tmp_path / "edited.npz")

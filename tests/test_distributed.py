@@ -181,6 +181,9 @@ def test_config_is_checked():
         DistributedConfig(mode="manual", coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2)
     with pytest.raises(ConfigError, match="host:port"):
         DistributedConfig(mode="manual", coordinator_address="127.0.0.1", num_processes=2, process_id=0)
+    # distributed=manual forgotten: each host would have trained alone on everything, as process 0
+    with pytest.raises(ConfigError, match="distributed.coordinator_address .* distributed.mode = 'off'.* distributed=manual"):
+        DistributedConfig(coordinator_address="10.0.0.1:12355", num_processes=2, process_id=1)
 
 
 def test_two_processes_match_one_device(runs):

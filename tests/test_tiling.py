@@ -94,6 +94,14 @@ def test_settings_are_checked():
         TileGrid.of(HEIGHT, WIDTH, TilingConfig(tile_size=128))
 
 
+@pytest.mark.parametrize("setting", [{"stride": 16}, {"mode": "per_position"}, {"resize_before": 0.5}])
+def test_a_tiling_setting_without_a_tile_size_is_refused(setting):
+    """It was accepted and the run was silently untiled."""
+    (key,) = setting
+    with pytest.raises(ConfigError, match=f"tiling.{key} = .* while tiling.tile_size is null"):
+        TilingConfig(**setting)
+
+
 # ---- models ------------------------------------------------------------------------------------
 def _write(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,9 +309,34 @@ def test_the_tile_size_must_suit_the_backbone():
         build_model(cfg)
 
 
-def test_a_tiled_model_is_not_exported_to_onnx(dataset, tmp_path):
+def test_the_tile_size_is_checked_against_the_backbone_in_the_api_too():
+    with pytest.raises(ConfigError, match="tiling.tile_size = 40 .* multiple of 32"):
+        build("padim", TilingConfig(tile_size=40))
+
+
+def test_a_tiled_model_is_not_exported(dataset, tmp_path):
+    """Neither to ONNX nor as a StableHLO function: export_inference gave one tile's score for the image's."""
     model = build("padim")
     model.fit(dataset, progress=False)
     with pytest.raises(ConfigError, match="onnx=True is not available for tiled models"):
         anomax.save_model(model, tmp_path / "model", onnx=True)
     assert not (tmp_path / "model").exists()
+    with pytest.raises(ConfigError, match="export_inference: tiled models are not exportable"):
+        anomax.export_inference(model, tmp_path / "f.npz", batch_size=1, height=HEIGHT, width=WIDTH)
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_thresholds_apply_to_images_of_different_sizes(dataset):
+    """A tiled model's maps have each image's size; classifying them as one stack crashed."""
+    model = build("padim")
+    model.fit(dataset, progress=False)
+    images = images_of(dataset)[:2]
+    images = [images[0], images[1][:64, :72]]
+    model.set_params(thresholds={"segmentation": 1.0, "classification": 1.0})
+    together = model.apply(images)
+    alone = [model.apply([image])[0] for image in images]
+    assert [r["anomaly_region"]["mask"].shape for r in together] == [(HEIGHT, WIDTH), (64, 72)]
+    for have, want in zip(together, alone):
+        assert have["anomaly_class"] == want["anomaly_class"]
+        np.testing.assert_array_equal(have["anomaly_region"]["mask"], want["anomaly_region"]["mask"])
+    assert model.apply([]) == []
