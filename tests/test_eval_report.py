@@ -70,3 +70,18 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(run_dir):
     broken = run_dir / "broken.html"  # the probe itself must notice a missing picture
     broken.write_text('<html><head><title>x</title></head><body><img src="pictures/missing.png"></body></html>')
     assert page_images_in_chromium(broken) == "pictures/missing.png"
+
+
+def test_a_gray_image_is_drawn_as_its_rgb_copy_and_any_file_name_is_a_title(tmp_path):
+    """Gray overlays were contrast-stretched (a uniform image drawn black), RGB ones were not; a '$' in a
+    file name was read as mathtext and crashed anomax-predict."""
+    from PIL import Image
+
+    gray = np.full((20, 20), 100, np.uint8)
+    gray[:, 10:] = 110
+    drawn = {}
+    for name, image in (("gray", gray), ("rgb", np.repeat(gray[..., None], 3, -1))):
+        path = plot_anomaly_overlay(tmp_path / f"{name}.png", image, np.zeros((4, 4), np.float32), cmap="gray",
+                                    value_range=(0.0, 1.0), title="price_$5_$.png")
+        drawn[name] = np.asarray(Image.open(path).convert("RGB"), np.int16)
+    assert np.abs(drawn["gray"] - drawn["rgb"]).max() <= 1

@@ -83,6 +83,25 @@ def test_overlays_draw_the_map_over_the_domain_it_covers(tmp_path, monkeypatch):
     assert drawn == [((3, 4), (3, 4))] * 3  # rows 1-3, columns 2-5 of the 5 x 7 images
 
 
+def test_an_image_the_model_refuses_gets_a_line_and_the_rest_are_scored(tmp_path):
+    """One image smaller than the domain box ended the whole job without results."""
+    from anomax.errors import InputError
+
+    class Refusing(StandInModel):
+        def apply(self, batch):
+            if any(image.shape[0] < 5 for image in batch):
+                raise InputError("preprocess 'domain' box lies outside the image")
+            return super().apply(batch)
+
+    folder = folder_of_images(tmp_path / "in", 4)
+    Image.fromarray(np.zeros((3, 7), np.uint8)).save(folder / "01_small.png")
+    rows = predict.predict_files(Refusing(batch_size=2), predict.image_paths(str(folder)), tmp_path / "out")
+    assert [Path(row["image_file_name"]).name for row in rows if "error" in row] == ["01_small.png"]
+    assert "domain" in next(row["error"] for row in rows if "error" in row)
+    assert sum("anomaly_score" in row for row in rows) == 4
+    assert (tmp_path / "out" / "results.csv").is_file()
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_gets_a_line_and_the_rest_are_scored(tmp_path):
     folder = folder_of_images(tmp_path / "in", 3)

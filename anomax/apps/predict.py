@@ -1,7 +1,8 @@
 """anomax-predict: a saved model on new images -> scores, classes, heatmap overlays, results.csv/json.
 
 Inputs are read, scored and drawn one batch at a time, so memory does not grow with their number.
-A file that cannot be read gets an error line in the results; the other images are still scored.
+A file that cannot be read, or that the model refuses (e.g. smaller than its domain box), gets an
+error line in the results; the other images are still scored.
 The job fails (exit status 2) when not a single file could be scored.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet"
             except AnomaxError as error:
                 log.error("%s", error)
                 rows[-1]["error"] = str(error)
-        for row, image, result in zip(batch_rows, batch, model.apply(batch) if batch else [], strict=True):
+        for row, image, result in _scored(model, batch, batch_rows):
             _fill(row, result)
             if overlays:
                 picture = out_dir / "overlays" / f"{scored:05d}_{Path(row['image_file_name']).stem}.png"
@@ -81,6 +82,19 @@ def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet"
         raise DatasetError(f"none of the {len(rows)} input files could be scored (not images, or unreadable); "
                            f"the reasons are in {out_dir / 'results.csv'}")
     return rows
+
+
+def _scored(model, images: list, rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Any, dict[str, Any]]]:
+    """(row, image, result) for each image the model takes. When it refuses the batch (an image smaller
+    than the domain box, say), the images are scored one by one and the refused ones get their error."""
+    try:
+        return list(zip(rows, images, model.apply(images) if images else [], strict=True))
+    except AnomaxError as error:
+        if len(images) == 1:
+            log.error("%s: %s", rows[0]["image_file_name"], error)
+            rows[0]["error"] = str(error)
+            return []
+    return [scored for row, image in zip(rows, images) for scored in _scored(model, [image], [row])]
 
 
 def _fill(row: dict[str, Any], result: dict[str, Any]) -> None:
