@@ -48,7 +48,12 @@ class DeployedModel:
     def get_params(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "thresholds": dict(self.thresholds), "device": self.runtime}
 
-    def set_params(self, *, batch_size: int | None = None, thresholds: Mapping[str, float] | None = None) -> None:
+    def set_params(self, *, batch_size: int | None = None, thresholds: Mapping[str, float] | None = None,
+                   device: str | None = None) -> None:
+        """As AnomalyModel.set_params; ``device`` is the runtime get_params names (it is chosen at load)."""
+        if device is not None and device != self.runtime:
+            raise ConfigError(f"model parameter 'device' of a model run by {self.runtime} is {self.runtime!r}, got {device!r}; "
+                              f"choose the runtime when loading: anomax.load_model(path, runtime=...)")
         if batch_size is not None:
             if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
                 raise ConfigError(f"model parameter 'batch_size' must be an integer >= 1, got {batch_size!r}")
