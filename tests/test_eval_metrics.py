@@ -154,6 +154,27 @@ def test_pixel_metrics_refuse_non_finite_maps(exact):
         PixelAccumulator(exact=exact).add(maps, masks)
 
 
+def test_pixel_metric_settings_are_checked_in_the_api():
+    """Only the evaluate config checked them: a reversed range gave 1 - AUROC, fpr_limit 0 NaN, 2 half the area,
+    num_bins 0 a ZeroDivisionError, and AUPRO of one-class masks NaN where auroc refuses."""
+    maps, masks = np.random.default_rng(0).random((1, 4, 4)), np.zeros((1, 4, 4), bool)
+    masks[0, 1:3, 1:3] = True
+    for pixel_range in ((1.0, 0.0), (0.0, 0.0), (0.0, np.inf)):
+        with pytest.raises(InputError, match="pixel_range must be"):
+            PixelAccumulator(pixel_range)
+    with pytest.raises(InputError, match="num_bins must be an integer >= 1"):
+        PixelAccumulator((0.0, 1.0), 0)
+    for limit in (0, 2, -0.1):
+        with pytest.raises(InputError, match="fpr_limit must be a number in \\(0, 1\\]"):
+            aupro(maps, masks, limit)
+        with pytest.raises(InputError, match="fpr_limit"):
+            evaluate_dl_model(_batches(*_random_run(count=4, size=16), 4), fpr_limit=limit)
+    for one_class in (np.zeros_like(masks), np.ones_like(masks)):
+        with pytest.raises(InputError, match="only one class"):
+            aupro(maps, one_class)
+    assert 0 <= aupro(maps, masks, 1) <= 1
+
+
 def test_evaluation_exact_matches_references_and_streamed_is_close():
     maps, masks, scores, labels, defect_types = _random_run()
     exact = evaluate_dl_model(_batches(maps, masks, scores, labels, defect_types, 5), exact=True)

@@ -81,6 +81,8 @@ class Curve:
 
     def aupro(self, fpr_limit: float = 0.3) -> float:
         """Area under the PRO curve up to fpr_limit, divided by fpr_limit (1 is perfect)."""
+        if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float, np.number)) or not 0 < fpr_limit <= 1:
+            raise InputError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}")
         fpr, pro = self.pro_curve(fpr_limit)
         return float(np.trapezoid(pro, fpr) / fpr_limit)
 
@@ -123,8 +125,11 @@ def f1_max(scores, labels) -> tuple[float, float]:
 
 def aupro(anomaly_images, masks, fpr_limit: float = 0.3) -> float:
     """Exact AUPRO of maps (N,H,W) against binary masks (N,H,W)."""
+    masks = np.asarray(masks).astype(bool)
+    if masks.all() or not masks.any():  # as auroc: a curve needs defect and defect-free pixels
+        raise InputError("AUPRO needs defect and defect-free pixels; the masks hold only one class")
     accumulator = PixelAccumulator(exact=True)
-    accumulator.add(np.asarray(anomaly_images), np.asarray(masks).astype(bool))
+    accumulator.add(np.asarray(anomaly_images), masks)
     return accumulator.curve().aupro(fpr_limit)
 
 
@@ -143,6 +148,11 @@ class PixelAccumulator:
 
     def __init__(self, pixel_range: tuple[float, float] | None = None, num_bins: int = 10_000, *,
                  exact: bool = False):
+        if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+            raise InputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
+        if pixel_range is not None and not (len(pixel_range) == 2 and np.all(np.isfinite(pixel_range))
+                                            and pixel_range[0] < pixel_range[1]):
+            raise InputError(f"pixel_range must be None or finite (low, high) with low < high, got {pixel_range!r}")
         self.pixel_range, self.num_bins, self.exact = pixel_range, num_bins, exact
         self.num_regions = 0
         self._scores, self._anomalous, self._weights = [], [], []  # exact mode
