@@ -88,3 +88,10 @@ def test_the_format_generates_parts_and_textures_keep_their_defects(tmp_path):
         make_synthetic_dataset(tmp_path / "x", textures=("brick",), defects=("too_few",))
     with pytest.raises(ConfigError, match="parts"):
         make_synthetic_dataset(tmp_path / "y", textures=("parts",), size=16)
+    # a category none of the chosen defects belong to (a ZeroDivisionError before)
+    with pytest.raises(ConfigError, match=r"has none for the categories \['brick'\]"):
+        make_synthetic_dataset(tmp_path / "z", textures=("brick", "parts"), defects=("too_few",))
+    mixed = make_synthetic_dataset(tmp_path / "m", textures=("brick", "parts"), defects=("too_few", "hole"), size=32,
+                                   n_train=1, n_test_good=1, n_test_defect=2)
+    assert [sorted(p.name for p in (mixed / t / "test").iterdir()) for t in ("brick", "parts")] == [
+        ["good", "hole"], ["good", "too_few"]]

@@ -64,6 +64,10 @@ def make_synthetic_dataset(
     if unknown or not textures or defects == ():
         raise ConfigError(f"unknown or no categories/defects {unknown}; choose categories from {list(known)}, "
                           f"defects from {list(DEFECTS)} (textures) or {list(PARTS_DEFECTS)} (parts)")
+    chosen = {t: [d for d in (defects or known[t]) if d in known[t]] for t in textures}
+    if n_test_defect and (without := [t for t in textures if not chosen[t]]):
+        raise ConfigError(f"synthetic 'defects' {list(defects)} has none for the categories {without}; add one of "
+                          f"theirs ({list(DEFECTS)} for textures, {list(PARTS_DEFECTS)} for parts) or leave them out")
     if size < 16 or (PARTS in textures and size < 32):
         raise ConfigError(f"synthetic 'size' must be at least 16 pixels (32 for parts) to hold a defect, got {size}")
     if defect_area is not None:
@@ -77,9 +81,9 @@ def make_synthetic_dataset(
     for texture_index, texture in enumerate(textures):
         rng = np.random.default_rng([seed, texture_index])
         if texture == PARTS:
-            _write_parts(root / PARTS, rng, size, n_train, n_test_good, n_test_defect, defects or PARTS_DEFECTS)
+            _write_parts(root / PARTS, rng, size, n_train, n_test_good, n_test_defect, chosen[PARTS])
             continue
-        texture_defects = [d for d in (defects or DEFECTS) if d in DEFECTS]
+        texture_defects = chosen[texture]
         source = _load_texture(texture)
         donor = _load_texture(TEXTURES[(TEXTURES.index(texture) + 1) % len(TEXTURES)])  # pasted patches
         folder = root / texture
