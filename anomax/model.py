@@ -153,8 +153,10 @@ class AnomalyModel:
                     yield {"image": image, "valid": self._placed(batch["valid"], split_batch=True),
                            "features": self._features(params["backbone"], params["adaptor"], images)}
 
-        return FeatureBatches(batches, local_count(len(dataset.samples_of(split))) * (1 + len(transforms)),
-                              self.batch_size // jax.process_count())
+        count, batch_size = local_count(len(dataset.samples_of(split))), self.batch_size // jax.process_count()
+        # each transform repeats every batch, the last partial one included
+        return FeatureBatches(batches, count * (1 + len(transforms)), batch_size,
+                              num_batches=-(-count // batch_size) * (1 + len(transforms)))
 
     def score_split(self, dataset: DLDataset, split: str, *, cache_dir: str | None = None,
                     progress: bool = True) -> Iterator[dict[str, np.ndarray]]:

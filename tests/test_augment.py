@@ -111,6 +111,13 @@ def test_fit_time_augmentation_fits_each_transform_of_the_good_images(tmp_path):
     assert min(r["anomaly_score"] for r in plain.apply(flipped)) > 100 * rounding
 
 
+def test_feature_batches_count_the_batches_each_transform_repeats(tmp_path):
+    """3 images in batches of 2, and their flips: 4 batches (the progress total said 3)."""
+    batches = tiny_model(AugmentConfig(fit=("hflip",))).feature_batches(good_images(tmp_path, count=3), "train",
+                                                                        transforms=("hflip",))
+    assert len(batches) == sum(1 for _ in batches) == 4 and batches.num_images == 6
+
+
 def test_model_tta_is_the_mean_of_the_undone_maps(tmp_path):
     plain = tiny_model(AugmentConfig())
     plain.fit(good_images(tmp_path), progress=False)

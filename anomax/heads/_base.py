@@ -36,16 +36,19 @@ class FeatureBatches:
     """What the model hands a head's fit: re-iterable batches {'image', 'features', 'valid'} whose
     image count is known before the first batch is extracted (so a head can size its state)."""
 
-    def __init__(self, make_batches: Callable[[], Iterator[dict[str, Any]]], num_images: int, batch_size: int):
+    def __init__(self, make_batches: Callable[[], Iterator[dict[str, Any]]], num_images: int, batch_size: int,
+                 num_batches: int | None = None):
+        """num_batches: how many ``make_batches`` yields (default: num_images in batches of batch_size)."""
         self._make_batches = make_batches
         self.num_images = num_images
         self.batch_size = batch_size
+        self.num_batches = -(-num_images // batch_size) if num_batches is None else num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._make_batches()
 
     def __len__(self) -> int:
-        return -(-self.num_images // self.batch_size)
+        return self.num_batches
 
 
 class Head:
