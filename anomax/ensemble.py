@@ -4,7 +4,9 @@
   ``<backbone>/<tap>`` and the feature adaptor resizes and concatenates them like any taps. One
   preprocessed image, normalised as the first member wants, feeds them all: the backbones' input
   normalisations are affine in the pixel value, so each other member gets its own by an affine
-  map of the first's. ``model/backbone=concat_*`` configs build one (``concat_backbone``).
+  map of the first's (with ``keep_domain`` the pixels outside the domain, 0 for the first member,
+  become the other members' image of 0: a constant, the same for every image, not their 0).
+  ``model/backbone=concat_*`` configs build one (``concat_backbone``).
 - ``ScoreEnsemble``: fitted models scored side by side. The members' maps and scores live on
   different scales, so each member's map is z-normalised with the mean and standard deviation of
   its own map pixels on the validation split's good images (its image scores likewise with their
