@@ -23,7 +23,7 @@ HEADS_SETUPS = {  # tiny settings: sigma 1 keeps 32-px tiles smoothable
     "padim": {"eps": 0.01, "sigma": 1.0},
     "patchcore": {"coreset_size": 16, "projection_dim": None, "num_neighbors": 3, "sigma": 1.0},
     "student": {"complexity": 4, "sigma": 1.0},
-    "efficientad": {"width": 2, "ae_width": 2, "latent": 4, "distill_epochs": 1, "sigma": 1.0},
+    "efficientad": {"width": 2, "ae_width": 2, "latent": 4, "distill_epochs": 1, "sigma": 1.0, "border": 0},
 }
 TRAIN = TrainConfig(max_num_epochs=1, batch_size=4)
 
@@ -307,6 +307,12 @@ def test_the_tile_size_must_suit_the_backbone():
                    "model.backbone.pretrained=null")
     with pytest.raises(ConfigError, match="tiling.tile_size = 100 .* multiple of 32"):
         build_model(cfg)
+
+
+def test_a_zeroed_map_border_is_refused_under_tiling():
+    """efficientad's border cells are 0 in every tile: each seam inside the image was blind to defects."""
+    with pytest.raises(ConfigError, match="model.head.border = 1 needs tiling off"):
+        build("efficientad", border=1)
 
 
 def test_the_tile_size_is_checked_against_the_backbone_in_the_api_too():
