@@ -47,6 +47,15 @@ def test_scores_are_nearest_distances_and_the_papers_reweighting(fitted, train):
     np.testing.assert_allclose(np.asarray(image), weights * distances.min(-1).max(1), rtol=1e-4)
 
 
+def test_a_one_row_bank_scores_the_plain_maximum(train):
+    """With one bank row there are no neighbours to weigh: 1 - softmax of one distance made every score 0."""
+    head = HEADS.get("patchcore")(coreset_size=1, projection_dim=None, sigma=0.0)
+    head.fit(batches_of(train))
+    out = head.score(head.state, grid_images(train[:3]), train[:3])
+    np.testing.assert_array_equal(np.asarray(out["anomaly_score"]), np.asarray(out["anomaly_image"]).max((1, 2)))
+    assert (np.asarray(out["anomaly_score"]) > 0).all()
+
+
 def test_planted_outlier_gets_the_top_scores(fitted, train):
     head, _ = fitted
     test = train[:3].copy()

@@ -188,10 +188,10 @@ class PatchCore(Head):
         needs only distances, no arg-min (the slowest step of the exported graph otherwise)."""
         worst = jnp.argmax(patch_scores, axis=1)
         score = jnp.take_along_axis(patch_scores, worst[:, None], axis=1)[:, 0]
-        if self.config.num_neighbors == 1:
+        k = min(self.config.num_neighbors, bank.shape[0])
+        if k == 1:  # no neighbours to weigh against: 1 - softmax of one distance would make every score 0
             return score
         worst_features = jnp.take_along_axis(queries, worst[:, None, None], axis=1)[:, 0]
-        k = min(self.config.num_neighbors, bank.shape[0])
         _, nearest = self._neighbors(worst_features, bank, 1, mesh)
         _, support = self._neighbors(bank[nearest[:, 0]], bank, k, mesh)
         distances = jnp.linalg.norm(bank[support] - worst_features[:, None, :], axis=-1)
