@@ -462,8 +462,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
                          augment=augment)
     if not tiling.enabled:  # the sections fit together: the head's arrays take the preprocess size's features
         with _checked(source, "preprocess"):
-            image = jax.ShapeDtypeStruct((1, preprocess.height, preprocess.width, preprocess.num_channels), jnp.float32)
-            jax.eval_shape(model.infer, model.params, image)
+            model.output_shapes(preprocess.height, preprocess.width)
     return _with_runtime_params(model, meta, source)
 
 
@@ -603,6 +602,7 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
         return model.infer(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
                                                         [flat_params[key] for key in flat]), images)
 
+    model.output_shapes(height, width)  # a size the head cannot score, named before tracing the export
     images = jax.ShapeDtypeStruct((batch_size, height, width, model.preprocess.num_channels), np.float32)
     shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in flat.items()}
     exported = export.export(jax.jit(infer), platforms=platforms)(shapes, images)

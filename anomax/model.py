@@ -86,6 +86,17 @@ class AnomalyModel:
 
         return mean_over_transforms(score, images, self.augment.tta)
 
+    def output_shapes(self, height: int, width: int, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+        """What ``infer`` gives for preprocessed images of this size, traced without computing; a size
+        the fitted head cannot score (PaDiM's per-position Gaussians fix the grid) is a ConfigError."""
+        images = jax.ShapeDtypeStruct((batch_size, height, width, self.preprocess.num_channels), jnp.float32)
+        try:
+            return jax.eval_shape(self.infer, jax.tree.map(jnp.asarray, self.params), images)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{self.description} cannot score {height}x{width} (height x width) inputs: its "
+                              f"fitted state is for {self.preprocess.height}x{self.preprocess.width} "
+                              f"({str(error).splitlines()[0]})") from None
+
     @property
     def params(self) -> dict[str, Any]:
         return {"backbone": self.backbone.params, "adaptor": self.adaptor_params,

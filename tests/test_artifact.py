@@ -492,3 +492,10 @@ def test_an_exported_function_with_modified_parameters_is_refused_at_load(padim,
     np.savez(tmp_path / "edited.npz", **bundle)
     with pytest.raises(ArtifactError, match=r"edited\.npz: .*export it again"):
         anomax.load_exported(tmp_path / "edited.npz")
+
+
+def test_export_at_a_size_the_head_cannot_score_names_the_sizes(padim, tmp_path):
+    """PaDiM's per-position Gaussians fix the grid: exporting at twice the size was a raw broadcasting error."""
+    with pytest.raises(ConfigError, match=f"cannot score {2 * SIZE}x{2 * SIZE} .* fitted state is for {SIZE}x{SIZE}"):
+        anomax.export_inference(padim[0], tmp_path / "f.npz", batch_size=1, height=2 * SIZE, width=2 * SIZE)
+    assert not (tmp_path / "f.npz").exists()

@@ -68,8 +68,7 @@ def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None
     height, width = int(height or preprocess.height), int(width or preprocess.width)
     params = jax.tree.map(jnp.asarray, model.params)
     shape = (BATCH if batch_size is None else int(batch_size), height, width, preprocess.num_channels)
-    probe = jax.ShapeDtypeStruct((1,) + shape[1:], jnp.float32)
-    outputs = sorted(jax.eval_shape(model.infer, params, probe))  # jax flattens a dict in key order
+    outputs = sorted(model.output_shapes(height, width))  # jax flattens a dict in key order
 
     with _export_formulations(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # jax2onnx's use of older flax APIs
