@@ -36,7 +36,7 @@ from anomax.features import AdaptorConfig, FeatureAdaptor
 from anomax.files import claim_run_dir, write_json_atomic
 from anomax.model import AnomalyModel, fit_summary
 from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param, crop_to_domain
-from anomax.registry import HEADS
+from anomax.registry import DATASET_FORMATS, HEADS
 from anomax.settings import Settings, setting
 from anomax.tiling import TilingConfig, native_mask
 from anomax.training import TrainConfig
@@ -89,6 +89,10 @@ def read_configured_dataset(dataset_cfg: Mapping[str, Any], split_cfg: Mapping[s
                             seed: int) -> DLDataset:
     """Read the dataset a config names; split it by HALCON's percentages when the format brings no split."""
     kwargs = dict(dataset_cfg)
+    if "format" not in kwargs:  # a user's dataset YAML without its schema default
+        raise ConfigError(f"the dataset config {kwargs.get('name', '')!r} has no 'format'; start its YAML with "
+                          f"'defaults: [schema_<format>, _self_]' (format one of {DATASET_FORMATS.names()}), as "
+                          f"conf/dataset/*.yaml do, which also checks its keys")
     fmt = kwargs.pop("format")
     kwargs.pop("name", None)
     dataset = read_dataset(fmt, **kwargs)

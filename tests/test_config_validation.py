@@ -149,3 +149,15 @@ def test_run_directory_names_stay_short_and_usable():
     hashed = run_dir_suffix(many)
     assert hashed.startswith("_overrides-") and len(hashed) < 30 and hashed == run_dir_suffix(many)
     assert run_dir_suffix([]) == ""
+
+
+def test_a_dataset_config_without_its_schema_is_named(tmp_path):
+    """A user's dataset YAML without `defaults: [schema_<format>]` ended in KeyError: 'format'; with a format
+    and a typo, the message listed accepted keys as refused."""
+    from anomax.pipeline import read_configured_dataset
+
+    with pytest.raises(ConfigError, match=r"dataset config 'bad3' has no 'format'; .*schema_<format>"):
+        read_configured_dataset({"name": "bad3", "texture": "gravel", "seed": 0}, {}, seed=0)
+    with pytest.raises(ConfigError, match=r"does not accept \['textur'\]"):
+        read_configured_dataset({"format": "synthetic", "textur": "gravel", "seed": 0, "root": str(tmp_path)}, {},
+                                seed=0)

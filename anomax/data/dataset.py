@@ -169,12 +169,14 @@ def read_dl_dataset_anomaly(
 def read_dataset(format_name: str, **kwargs) -> DLDataset:
     """Read a dataset through the DATASET_FORMATS registry ('folder', 'mvtec_ad', 'visa', 'elpv', ...)."""
     reader = DATASET_FORMATS.get(format_name)
+    parameters = inspect.signature(reader).parameters
     try:
         inspect.signature(reader).bind(**kwargs)
     except TypeError as error:
+        unknown = sorted(set(kwargs) - set(parameters))
         raise ConfigError(
-            f"dataset format '{format_name}' does not accept {sorted(kwargs)} ({error}); "
-            f"its arguments are {list(inspect.signature(reader).parameters)}"
+            f"dataset format '{format_name}' does not accept {unknown or sorted(kwargs)} ({error}); "
+            f"its arguments are {list(parameters)}"
         ) from None
     return reader(**kwargs)
 
