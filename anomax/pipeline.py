@@ -430,10 +430,21 @@ def _validate_members(cfg: Mapping[str, Any], settings: RunSettings,
         if key is not None:
             raise ConfigError(f"{where}: {key} differs from the run's; a member sets only its own "
                               f"{', '.join(MEMBER_SECTIONS)} (the rest is the run's)")
-        same = next((other for other in range(number) if members[other] == member), None)
+        same = next((other for other in range(number) if _what_fits(members[other]) == _what_fits(member)), None)
         if same is not None:
-            raise ConfigError(f"{where}: the same model as ensemble.members[{same}]; give each member other overrides")
+            head = member["model"]["head"]["name"]
+            why = "" if HEADS.get(head).trained else f" (model.head '{head}' trains no networks: train.* changes nothing)"
+            raise ConfigError(f"{where}: the same model as ensemble.members[{same}]{why}; give each member other "
+                              f"overrides")
     return tuple(checked)
+
+
+def _what_fits(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The parts of a run config that decide its fitted model: all of it, less ``train`` for heads that train
+    nothing (PaDiM's and PatchCore's statistics do not follow train.seed)."""
+    if HEADS.get(config["model"]["head"]["name"]).trained:
+        return config
+    return {key: value for key, value in config.items() if key != "train"}
 
 
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:

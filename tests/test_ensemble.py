@@ -436,6 +436,9 @@ def test_ensemble_configs_compose_and_bad_members_are_named():
         (["ensemble.members=[[],['dataset.texture=???']]"],
          r"members\[1\] .* does not compose: dataset.name does not resolve: .*dataset.texture"),
         (["ensemble.members=[[],[]]"], r"members\[1\] .*: the same model as ensemble.members\[0\]"),
+        # PatchCore fits no networks: training seeds would fit three identical members
+        (["model/head=patchcore", "ensemble=train_seeds3"],
+         r"members\[1\] .*: the same model as ensemble.members\[0\] \(model.head 'patchcore' trains no networks"),
         (["ensemble.members=[[]]"], r"ensemble.members = \(\(\),\) is invalid"),
         (["ensemble=lite2_mobilenet_v2", "tiling=default"], r"tiling.tile_size: not available with a score ensemble"),
     ]:

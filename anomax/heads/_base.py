@@ -57,6 +57,7 @@ class Head:
     state_keys: ClassVar[tuple[str, ...]] = ()
     uses_backbone: ClassVar[bool] = True  # False: score() needs only the images (features=None)
     wants_validation: ClassVar[bool] = False  # True: fit() also gets the validation split's good images
+    trained: ClassVar[bool] = False  # True: fit() trains networks, following ``train`` (conf/train/) and its seed
 
     def __init__(self, config: HeadConfig | None = None, **settings: Any):
         """``Head(config)`` or ``Head(key=value, ...)``; unknown keys and bad values raise ConfigError."""

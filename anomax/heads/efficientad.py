@@ -221,6 +221,7 @@ class _Layout:
 @HEADS.register("efficientad")
 class EfficientAD(Head):
     name = "efficientad"
+    trained = True
     Config = EfficientADConfig
     wants_validation = True  # map quantiles come from good validation images
 

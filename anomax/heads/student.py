@@ -83,6 +83,7 @@ class StudentHead(Head):
     """Trained by fit(..., train=TrainConfig) with HALCON's training parameters (conf/train/)."""
 
     name = "student"
+    trained = True
     Config = StudentConfig
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None, validation=None,
