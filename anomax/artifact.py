@@ -100,6 +100,13 @@ def _write_arrays(path: Path, tree) -> None:
         save_file(flatten_arrays(tree), path)
     except SafetensorError as error:  # its I/O failures (disk full) are not OSErrors
         raise OSError(f"{error}") from error
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; readable like the JSON beside it (served by others)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _read_json(path: Path) -> Any:

@@ -87,6 +87,8 @@ def test_layout_metadata_and_checksums(padim):
     assert meta["backbone"] == {"name": "resnet18", "taps": list(model.backbone.taps), "width_multiplier": 0.25,
                                 "weights_sha256": None, "weights_file": None}
     assert not list(path.parent.glob(".model*")), "no staging directory is left behind"
+    # every file as readable as the JSON ones (safetensors wrote its files 0600: another account could not serve them)
+    assert len({(file.stat().st_mode & 0o777) for file in path.iterdir()}) == 1
 
 
 def test_flipped_byte_names_the_file(copy):
