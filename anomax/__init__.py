@@ -33,3 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["__version__", *_PUBLIC]
+
+
+def __dir__() -> list[str]:  # the lazy names too, for dir() and tab completion
+    return sorted({*globals(), *_PUBLIC})

@@ -70,3 +70,12 @@ print(cfg.dataset.format, cfg.model.head.name, cfg.model.head.eps)
     module_file, conf_dir, composed = result.stdout.strip().splitlines()
     assert Path(module_file).is_relative_to(installed_wheel) and Path(conf_dir) == installed_wheel / "anomax" / "conf"
     assert composed == "synthetic padim 0.01"
+
+
+def test_the_public_names_resolve_and_are_listed():
+    """`import anomax` is lazy: every name of __all__ resolves, and dir() lists them (tab completion)."""
+    import anomax
+
+    assert set(anomax.__all__) <= set(dir(anomax))
+    for name in anomax.__all__:
+        assert getattr(anomax, name) is not None
