@@ -4,7 +4,7 @@ Convention: a pixel or image is anomalous ('nok') iff its score >= the threshold
 """
 
 import dataclasses
-import warnings
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +13,8 @@ from scipy import ndimage
 from anomax.errors import ConfigError, InputError
 from anomax.evaluation._results import Results, iterate_results
 from anomax.evaluation.metrics import PixelAccumulator, image_curve, label_regions
+
+log = logging.getLogger("anomax")
 
 CLASSIFICATION_RULES = ("largest_good", "smallest_defect", "intermediate")
 
@@ -68,7 +70,7 @@ def compute_dl_anomaly_thresholds(
         if not allow_test_split:
             raise ConfigError("thresholds would be fitted on the 'test' split, which makes its metrics optimistic; "
                               "fit them on 'validation' or pass allow_test_split=True")
-        warnings.warn("thresholds are fitted on the test split: metrics on that split are optimistic", stacklevel=2)
+        log.warning("thresholds are fitted on the test split: metrics on that split are optimistic")  # the console too
     scores, labels = [], []
     moments = np.zeros(3)  # count, sum and sum of squares of the good pixels minus `shift`
     shift, pixels = None, None
