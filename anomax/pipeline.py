@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from anomax import __version__
 from anomax.augment import AugmentConfig
 from anomax.backbones import backbone_requirements, build_backbone
-from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset
+from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset, with_absolute_paths
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
 from anomax.ensemble import (MEMBER_KEYS, NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble,
@@ -502,7 +502,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         thresholds_s = time.perf_counter() - start
         start = time.perf_counter()
         if is_main():  # before the test split is read: a file there that fails does not cost the fit
-            save_model(model, run_dir / "model", thresholds=thresholds, config=resolved_config,
+            saved = resolved_config and {**resolved_config, "dataset": with_absolute_paths(resolved_config["dataset"])}
+            save_model(model, run_dir / "model", thresholds=thresholds, config=saved,
                        onnx=settings.export.onnx)  # (an ONNX export clears JAX's caches: the test split recompiles)
         timings["save_s"] = time.perf_counter() - start
         start = time.perf_counter()

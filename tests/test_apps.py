@@ -210,14 +210,16 @@ def test_evaluate_app_on_a_saved_model(trained_run, tmp_path):
 
 def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
     """A model trained with seed 1 on a folder dataset: anomax-evaluate, given only the model, reads
-    the same dataset, seed and percentages from its config, so its test split holds no training image."""
+    the same dataset, seed and percentages from its config, so its test split holds no training image;
+    from another working directory too (the folder was given relative to the training's)."""
     from anomax.data.synthetic import make_synthetic_dataset
 
-    folder = make_synthetic_dataset(tmp_path / "parts", n_train=2, n_test_good=12, n_test_defect=6, size=32)
-    run("train", "+experiment=synthetic_smoke", "dataset=folder", f"dataset.image_dir={folder / 'brick' / 'test'}",
+    make_synthetic_dataset(tmp_path / "parts", n_train=2, n_test_good=12, n_test_defect=6, size=32)
+    run("train", "+experiment=synthetic_smoke", "dataset=folder", "dataset.image_dir=parts/brick/test",
         "seed=1", "progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    (tmp_path / "elsewhere").mkdir()
     done = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "progress=false",
-               f"hydra.run.dir={tmp_path / 'evaluated'}", cwd=tmp_path)
+               f"hydra.run.dir={tmp_path / 'evaluated'}", cwd=tmp_path / "elsewhere")
     assert "image_auroc" in done.stdout and "it:" not in done.stderr  # no progress bars
     def test_split(run_dir):
         samples = json.loads((run_dir / "dataset.json").read_text())["samples"]

@@ -25,8 +25,10 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
     from the run's is warned of."""
     from anomax.pipeline import RunConfig, SplitConfig
 
+    from anomax.data.dataset import with_absolute_paths
+
     trained = trained or {}
-    dataset = config["dataset"] or trained.get("dataset")
+    dataset = with_absolute_paths(config["dataset"]) if config["dataset"] else trained.get("dataset")
     if not dataset:
         raise ConfigError(f"dataset: the model at {config['model_dir']} was saved without its training config, so "
                           "name the dataset to evaluate on (e.g. dataset=elpv_mono, or dataset=folder "

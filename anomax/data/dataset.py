@@ -13,8 +13,9 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -164,6 +165,24 @@ def read_dl_dataset_anomaly(
         image_dir,
         anomaly_dir,
     )
+
+
+# Reader arguments that name files or folders. A run's saved config records them absolute, so the
+# model's dataset reads the same from any working directory (anomax-evaluate reads it again).
+PATH_ARGUMENTS = {"folder": ("image_dir", "anomaly_dir", "image_list", "anomaly_list"), "mvtec_ad": ("root",),
+                  "visa": ("root",), "synthetic": ("root",)}
+
+
+def with_absolute_paths(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A dataset config ({'format': ..., reader arguments}) with its relative paths made absolute."""
+    cfg = dict(dataset_cfg)
+    for key in PATH_ARGUMENTS.get(cfg.get("format"), ()):
+        value = cfg.get(key)
+        if isinstance(value, (list, tuple)):
+            cfg[key] = [None if item is None else str(Path(item).absolute()) for item in value]
+        elif value is not None:
+            cfg[key] = str(Path(value).absolute())
+    return cfg
 
 
 def read_dataset(format_name: str, **kwargs) -> DLDataset:
