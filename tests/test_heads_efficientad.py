@@ -316,7 +316,7 @@ def test_branch_image_scores_are_standardised_on_the_calibration_images(trained,
 
 def test_branch_image_scores_refuse_tiling():
     with pytest.raises(ConfigError, match="image_score"):
-        AnomalyModel(MODEL.preprocess, MODEL.backbone, MODEL.adaptor, EfficientAD(**HEAD, image_score="branches"),
+        AnomalyModel(MODEL.preprocess, MODEL.backbone, MODEL.adaptor, EfficientAD(**HEAD, image_score="branches", border=0),
                      tiling=TilingConfig(tile_size=SIZE))
 
 
