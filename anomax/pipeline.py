@@ -255,6 +255,11 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
     elif unmasked:
         notes.append(f"{unmasked} defective images of the '{split}' split have no ground-truth mask: they are left "
                      "out of the pixel metrics.")
+    used = [name for name, at in metrics["at_thresholds"].items()
+            if at["threshold"] == getattr(model, "thresholds", {}).get("classification")]
+    if used:
+        notes.append(f"The model classifies images with the '{used[0]}' threshold "
+                     f"({model.thresholds['classification']:.6g}); anomaly_region uses 'segmentation'.")
     with tqdm(total=2, desc="report", unit="step", disable=not progress) as bar:
         pictures = write_evaluation_pictures(run_dir, metrics, named)
         pictures.update(_example_pictures(model, dataset, split, worst, metrics, run_dir, evaluate_cfg.colormap))
@@ -529,8 +534,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
 
 
 def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:
-    """The end-of-run summary: metrics, thresholds and the confusion matrix at HALCON's intermediate
-    threshold (what a HALCON user looks at), and where everything was written."""
+    """The end-of-run summary: metrics, thresholds and the confusion matrix at the classification threshold
+    the model was saved with (HALCON's intermediate by default), and where everything was written."""
     lines = ["test:        " + "  ".join(f"{key} {value:.4f}" for key, value in record["summary"].items())]
     if record.get("validation", {}).get("image_auroc") is not None:
         lines.append(f"validation:  image_auroc {record['validation']['image_auroc']:.4f}")
@@ -541,10 +546,11 @@ def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:
                           if thresholds.get(key) is not None)
         lines.append(f"thresholds ({thresholds['split']}, {thresholds['num_good']} good, "
                      f"{thresholds['num_defective']} defective): {named}")
-        at = record["metrics"]["at_thresholds"].get("intermediate")
+        used = record.get("classification_threshold") or "intermediate"  # the one the saved model classifies with
+        at = record["metrics"]["at_thresholds"].get(used)
         if at is not None:
             (ok_ok, ok_nok), (nok_ok, nok_nok) = at["absolute_confusion_matrix"]
-            lines += [f"confusion matrix on test at intermediate = {at['threshold']:.4g}:",
+            lines += [f"confusion matrix on test at {used} = {at['threshold']:.4g} (the model's classification threshold):",
                       "                  truth ok  truth nok",
                       f"  predicted ok   {ok_ok:9d}  {ok_nok:9d}",
                       f"  predicted nok  {nok_ok:9d}  {nok_nok:9d}"]

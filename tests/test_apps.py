@@ -1,6 +1,7 @@
 """The console apps as a user runs them: compose configs, train, sweep, report, evaluate, predict."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -162,7 +163,7 @@ def test_the_console_is_quiet_and_ends_with_a_summary(trained):
     console = done.stdout + done.stderr
     for noise in ("absl", "WARNING:", "Downloading and preparing", "dataset_info.json", "UserWarning"):
         assert noise not in console, noise
-    assert "confusion matrix on test at intermediate" in done.stdout and "truth nok" in done.stdout
+    assert "confusion matrix on test at intermediate = " in done.stdout and "truth nok" in done.stdout
     assert "thresholds (validation" in done.stdout and str(run_dir) in done.stdout
     for bar in ("fit padim", "score validation", "score test", "report"):
         assert bar in done.stderr, bar
@@ -181,6 +182,8 @@ def test_train_writes_a_complete_run(trained_run):
     for name in ("index.html", "train.log", "dataset.json", "model/manifest.json", "pictures/roc.png",
                  "pictures/worst_cases.png"):
         assert (trained_run / name).is_file(), name
+    page = html.unescape((trained_run / "index.html").read_text())
+    assert "The model classifies images with the 'intermediate' threshold" in page
 
 
 def test_a_rerun_into_a_used_directory_is_refused_and_changes_nothing(trained_run, tmp_path):

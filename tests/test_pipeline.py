@@ -150,3 +150,17 @@ def test_worst_case_pictures_show_the_domain_the_maps_cover(tmp_path, monkeypatc
     pipeline._example_pictures(SimpleNamespace(thresholds={}, preprocess=preprocess), dataset, "test", worst, metrics,
                                tmp_path, "jet")
     assert shown and all(case["image"].shape[:2] == (16, 32) for case in shown)  # rows 0-15 of the 32 x 32 images
+
+
+def test_the_summary_shows_the_confusion_matrix_the_model_classifies_with():
+    """With classification_threshold=largest_good the summary showed the intermediate threshold's matrix."""
+    from anomax.pipeline import summary_text
+
+    at = {name: {"threshold": value, "absolute_confusion_matrix": [[4, 1], [0, 3]]}
+          for name, value in (("largest_good", 6.33), ("intermediate", 5.89))}
+    record = {"summary": {"image_auroc": 0.9}, "classification_threshold": "largest_good",
+              "thresholds": {"split": "validation", "num_good": 4, "num_defective": 4, "largest_good": 6.33,
+                             "intermediate": 5.89},
+              "metrics": {"at_thresholds": at}, "timings": {"fit_s": 1.0, "evaluate_s": 1.0, "save_s": 0.1}}
+    assert "confusion matrix on test at largest_good = 6.33 (the model's classification threshold)" in \
+        summary_text(record, "run")
