@@ -172,6 +172,19 @@ def check_thresholds_possible(dataset: DLDataset, evaluate_cfg: EvaluateConfig) 
                     "largest_good", split, evaluate_cfg.classification_threshold)
 
 
+def has_evaluable_test_split(dataset: DLDataset) -> bool:
+    """Fail before the fit when the test split is empty. False, with a warning, when it lacks good or
+    defective images (a dataset of good images only, HALCON's usual start): the model is then fitted,
+    its thresholds estimated and saved, and the metrics, which need both classes, are left out."""
+    test = dataset.samples_of("test")  # a DatasetError naming each split's count when it is empty
+    labels = {s.anomaly_label for s in test}
+    if labels != {"ok", "nok"}:
+        log.warning("the test split holds %s images only: the model is fitted and saved but not evaluated (metrics "
+                    "need good and defective images); once it has both, anomax-evaluate model_dir=... scores it",
+                    "good" if labels == {"ok"} else "defective")
+    return labels == {"ok", "nok"}
+
+
 def estimate_thresholds(model: AnomalyModel, dataset: DLDataset, evaluate_cfg: EvaluateConfig,
                         cache_dir: str | None = None, progress: bool = True) -> tuple[AnomalyThresholds | None, dict]:
     """HALCON's thresholds on the threshold split, set on the model; with them the split's image
@@ -491,6 +504,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_thresholds_possible(dataset, evaluate_cfg)
+        evaluable = has_evaluable_test_split(dataset)
         if is_main():
             dataset.to_json(run_dir / "dataset.json")
         log.info("dataset %s: %s", cfg["dataset"].get("name"), _split_counts(dataset))
@@ -512,18 +526,20 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
                        onnx=settings.export.onnx)  # (an ONNX export clears JAX's caches: the test split recompiles)
         timings["save_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        try:
-            metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
-                                     title=f"anomax: {model.description} on {cfg['dataset'].get('name')}",
-                                     progress=run.progress)
-        except AnomaxError as error:
-            raise type(error)(f"{error} (the fitted model is saved in {run_dir / 'model'}: once the input is "
-                              f"fixed, anomax-evaluate model_dir={run_dir / 'model'} scores the test split)") from None
+        metrics, summary = None, {}
+        if evaluable:
+            try:
+                metrics = evaluate_split(model, dataset, "test", run_dir, evaluate_cfg, thresholds, run.cache_dir,
+                                         title=f"anomax: {model.description} on {cfg['dataset'].get('name')}",
+                                         progress=run.progress)
+            except AnomaxError as error:
+                raise type(error)(f"{error} (the fitted model is saved in {run_dir / 'model'}: once the input is "
+                                  f"fixed, anomax-evaluate model_dir={run_dir / 'model'} scores the test split)") from None
+            summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
+                       "image_f1_max": metrics["image"]["f1_max"]}
+            if metrics["pixel"] is not None:
+                summary.update(pixel_auroc=metrics["pixel"]["auroc"], pixel_aupro=metrics["pixel"]["aupro"])
         timings["evaluate_s"] = thresholds_s + time.perf_counter() - start  # thresholds + test split, not the save
-        summary = {"image_auroc": metrics["image"]["auroc"], "image_aupr": metrics["image"]["aupr"],
-                   "image_f1_max": metrics["image"]["f1_max"]}
-        if metrics["pixel"] is not None:
-            summary.update(pixel_auroc=metrics["pixel"]["auroc"], pixel_aupro=metrics["pixel"]["aupro"])
         record = {"anomax_version": __version__, "summary": summary, "validation": validation, "fit": fit_info,
                   "timings": timings,
                   "splits": _split_counts(dataset), "thresholds": thresholds.to_dict() if thresholds else None,
@@ -536,7 +552,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
 def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:
     """The end-of-run summary: metrics, thresholds and the confusion matrix at the classification threshold
     the model was saved with (HALCON's intermediate by default), and where everything was written."""
-    lines = ["test:        " + "  ".join(f"{key} {value:.4f}" for key, value in record["summary"].items())]
+    lines = ["test:        " + ("  ".join(f"{key} {value:.4f}" for key, value in record["summary"].items())
+                                 or "not evaluated (metrics need good and defective test images)")]
     if record.get("validation", {}).get("image_auroc") is not None:
         lines.append(f"validation:  image_auroc {record['validation']['image_auroc']:.4f}")
     thresholds = record.get("thresholds")
@@ -547,7 +564,7 @@ def summary_text(record: Mapping[str, Any], run_dir: str | Path) -> str:
         lines.append(f"thresholds ({thresholds['split']}, {thresholds['num_good']} good, "
                      f"{thresholds['num_defective']} defective): {named}")
         used = record.get("classification_threshold") or "intermediate"  # the one the saved model classifies with
-        at = record["metrics"]["at_thresholds"].get(used)
+        at = (record["metrics"] or {}).get("at_thresholds", {}).get(used)
         if at is not None:
             (ok_ok, ok_nok), (nok_ok, nok_nok) = at["absolute_confusion_matrix"]
             lines += [f"confusion matrix on test at {used} = {at['threshold']:.4g} (the model's classification threshold):",

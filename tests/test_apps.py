@@ -337,3 +337,24 @@ def test_report_groups_seeds_into_mean_and_std():
     header, table = summarise(rows)
     assert header == ["model/head", "seeds", "image_auroc", "fit_s"]
     assert table == [["padim", "2", "0.8500 ± 0.0707", "2.0 ± 0.0"], ["patchcore", "2", "0.9600 ± 0.0141", "2.0 ± 0.0"]]
+
+
+def test_a_dataset_of_good_images_only_is_fitted_and_saved(tmp_path):
+    """HALCON's usual start: no defective images yet. The fit ran, then the run failed on the metrics."""
+    done = run("train", *SMOKE, "dataset.n_test_defect=0", "model/head=padim", "progress=false",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert "test:        not evaluated" in done.stdout and "holds good images only" in done.stderr
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["metrics"] is None and record["summary"] == {} and record["splits"]["test"]["nok"] == 0
+    import anomax
+
+    assert anomax.load_model(tmp_path / "run" / "model").thresholds["classification"] > 0
+    # a split that leaves the test split empty fails before the fit, not after it
+    from anomax.data.synthetic import make_synthetic_dataset
+
+    folder = make_synthetic_dataset(tmp_path / "parts", n_train=2, n_test_good=10, n_test_defect=4, size=32)
+    emptied = run("train", "+experiment=synthetic_smoke", "dataset=folder", f"dataset.image_dir={folder / 'brick' / 'test'}",
+                  "split.training_percent=80", "split.validation_percent=20", f"hydra.run.dir={tmp_path / 'empty'}",
+                  cwd=tmp_path, check=False)
+    assert emptied.returncode == 2 and "split 'test'" in emptied.stderr and "is empty" in emptied.stderr
+    assert not (tmp_path / "empty" / "model").exists()
