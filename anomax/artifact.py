@@ -338,7 +338,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not root.exists():
         raise ArtifactError(f"no model artifact at {root}: the folder does not exist")
     if not manifest_path.is_file():
-        raise ArtifactError(f"{root} is not an anomax model artifact: {MANIFEST} is missing")
+        inside = root / "model"  # anomax-train's run directory holds the artifact in model/
+        hint = f"; the run directory's model is {inside}" if (inside / MANIFEST).is_file() else ""
+        raise ArtifactError(f"{root} is not an anomax model artifact: {MANIFEST} is missing{hint}")
     manifest = _read_json(manifest_path)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{manifest_path} is not a JSON object; the artifact is corrupt — save the model again")

@@ -127,6 +127,13 @@ def test_missing_file_is_named(copy, name):
         anomax.read_dl_model(copy)
 
 
+def test_a_run_directory_points_to_its_model(padim, tmp_path):
+    shutil.copytree(padim[1], tmp_path / "run" / "model")
+    with pytest.raises(ArtifactError, match=f"manifest.json is missing; the run directory's model is "
+                                            f"{tmp_path / 'run' / 'model'}"):
+        anomax.load_model(tmp_path / "run")
+
+
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(ArtifactError, match=f"no model artifact at {tmp_path / 'modle'}: the folder does not exist"):
         anomax.read_dl_model(tmp_path / "modle")
