@@ -2,7 +2,7 @@
 
 The workflow, one public function per step (HALCON's names where it has one):
 read_dl_dataset_anomaly / read_dataset -> split_dl_dataset -> create_dl_preprocess_param
--> build_model + AnomalyModel.fit -> compute_dl_anomaly_thresholds -> evaluate_dl_model
+-> build_model + AnomalyModel.fit -> results_of + compute_dl_anomaly_thresholds -> evaluate_dl_model
 -> threshold_dl_anomaly_results; save_model / load_model (write_dl_model / read_dl_model).
 """
 __version__ = "0.1.0"
@@ -15,7 +15,8 @@ _PUBLIC = {
     "create_dl_preprocess_param": "anomax.preprocess.params", "preprocess_image": "anomax.preprocess.params",
     "build_backbone": "anomax.backbones", "backbone_requirements": "anomax.backbones",
     "FeatureAdaptor": "anomax.features", "AnomalyModel": "anomax.model",
-    "build_model": "anomax.pipeline", "train_and_evaluate": "anomax.pipeline",
+    "build_model": "anomax.pipeline", "train_and_evaluate": "anomax.pipeline", "results_of": "anomax.pipeline",
+    "compose_train_config": "anomax.apps.config",
     "compute_dl_anomaly_thresholds": "anomax.evaluation", "threshold_dl_anomaly_results": "anomax.evaluation",
     "evaluate_dl_model": "anomax.evaluation",
     "load_model": "anomax.artifact", "save_model": "anomax.artifact", "read_dl_model": "anomax.artifact",

@@ -164,3 +164,22 @@ def test_the_summary_shows_the_confusion_matrix_the_model_classifies_with():
               "metrics": {"at_thresholds": at}, "timings": {"fit_s": 1.0, "evaluate_s": 1.0, "save_s": 0.1}}
     assert "confusion matrix on test at largest_good = 6.33 (the model's classification threshold)" in \
         summary_text(record, "run")
+
+
+def test_the_readme_library_workflow_runs_through_the_public_api(tmp_path):
+    """README's Python steps, at a small size: results_of connects a model to the thresholds and metrics
+    (score_split's batches carry 'label' and 'mask', not HALCON's result keys)."""
+    import anomax
+
+    cfg = anomax.compose_train_config(["model/head=padim", "preprocess.width=64", "preprocess.height=64"])
+    dataset = anomax.read_dataset("synthetic", texture="brick", validation_from_test=0.5, root=str(tmp_path / "data"))
+    model = anomax.build_model(cfg)
+    model.fit(dataset, "train", progress=False)
+    thresholds = anomax.compute_dl_anomaly_thresholds(anomax.results_of(model, dataset, "validation", progress=False),
+                                                      split="validation")
+    model.set_params(thresholds={"segmentation": thresholds.segmentation, "classification": thresholds.intermediate})
+    metrics = anomax.evaluate_dl_model(anomax.results_of(model, dataset, "test", progress=False),
+                                       thresholds=thresholds.classification())
+    assert 0.0 <= metrics["image"]["auroc"] <= 1.0 and "intermediate" in metrics["at_thresholds"]
+    saved = anomax.load_model(anomax.save_model(model, tmp_path / "my_model", thresholds=thresholds))
+    assert saved.thresholds == model.thresholds
