@@ -172,6 +172,10 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     except (TypeError, ValueError) as error:
         raise ConfigError(f"save_model: config must be plain JSON data ({error}); pass "
                           f"OmegaConf.to_container(cfg, resolve=True)") from None
+    if thresholds is not None and not model.thresholds:  # the estimates are a record; the pair is what apply uses
+        log.warning("save_model: the model has no thresholds set, so it will score without classifying; choose "
+                    "from the estimates first, e.g. model.set_params(thresholds={'segmentation': t.segmentation, "
+                    "'classification': t.intermediate})")
     ensemble = isinstance(model, ScoreEnsemble)
     if onnx and ensemble:
         raise ConfigError("save_model: onnx=True is not available for a score ensemble; save without onnx and "

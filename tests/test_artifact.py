@@ -508,3 +508,12 @@ def test_export_at_a_size_the_head_cannot_score_names_the_sizes(padim, tmp_path)
     with pytest.raises(ConfigError, match=f"cannot score {2 * SIZE}x{2 * SIZE} .* fitted state is for {SIZE}x{SIZE}"):
         anomax.export_inference(padim[0], tmp_path / "f.npz", batch_size=1, height=2 * SIZE, width=2 * SIZE)
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_estimates_saved_without_a_pair_warn_that_the_model_will_not_classify(padim, tmp_path, caplog):
+    model = fitted_model("padim")
+    model.set_params(thresholds={})
+    with caplog.at_level("WARNING", logger="anomax"):
+        anomax.save_model(model, tmp_path / "model", thresholds=ESTIMATES)
+    assert "score without classifying" in caplog.text
+    assert "anomaly_class" not in anomax.load_model(tmp_path / "model").apply(raw_images(1))[0]
