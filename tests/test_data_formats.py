@@ -61,6 +61,8 @@ def test_mvtec_ad(synthetic):
     assert Counter(s.split for s in held.samples) == {"train": 2, "validation": 1, "test": 6}
     with pytest.raises(DatasetError, match=r"category folder .*carpet does not exist; categories in .*\['brick'\]"):
         read_dataset("mvtec_ad", root=synthetic, category="carpet")
+    with pytest.raises(DatasetError, match=r"MVTec AD root .*nowhere does not exist; dataset.root"):
+        read_dataset("mvtec_ad", root=str(Path(synthetic) / "nowhere"), category="carpet")
 
 
 def test_visa_csv(synthetic, tmp_path):

@@ -23,6 +23,8 @@ def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float 
     images (good and defective) to 'validation'. The defaults 0 keep the published protocol.
     """
     folder = Path(root) / category
+    if not Path(root).is_dir():
+        raise DatasetError(f"MVTec AD root {root} does not exist; dataset.root names the folder holding the categories")
     if not folder.is_dir():
         known = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
         raise DatasetError(f"MVTec AD category folder {folder} does not exist; categories in {root}: {known}")
