@@ -92,6 +92,18 @@ def test_an_anomaly_dir_inside_the_image_dir_is_not_a_defect_class(folders, capl
     assert any("are masks, not images" in r.getMessage() for r in caplog.records)
 
 
+def test_an_empty_class_folder_and_masks_read_as_a_class_are_warned_of(folders, caplog):
+    """Both were silent: an empty defect folder vanished, and a masks folder without anomaly_dir became a class."""
+    images, masks = folders
+    (images / "crack").mkdir()
+    masks.rename(images / "masks")
+    with caplog.at_level("WARNING", logger="anomax"):
+        dataset = read_dl_dataset_anomaly(images)
+    assert "masks" in {s.defect_type for s in dataset.samples}  # HALCON's rule: a folder is a class
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "without images are no class: crack" in messages and "named like a folder of masks" in messages
+
+
 def test_exact_stem_wins_and_leftover_mask_is_an_error(folders):
     images, masks = folders
     write(masks / "scratch" / "c_mask.png", 255)  # c.png already matched by exact stem

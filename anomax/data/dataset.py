@@ -26,6 +26,7 @@ from anomax.registry import DATASET_FORMATS
 log = logging.getLogger("anomax")
 
 GOOD_FOLDER_NAMES = ("good", "ok")
+MASK_FOLDER_NAMES = ("mask", "masks", "ground_truth", "groundtruth", "gt", "label", "labels", "annotations")
 SPLITS = ("train", "validation", "test")
 MANIFEST_VERSION = 1
 
@@ -158,6 +159,16 @@ def read_dl_dataset_anomaly(
             f"image directory {image_dir} has no folder named 'good' or 'ok' with images; "
             "normal images must be in such a folder, defect images in folders named by defect class"
         )
+    classes = {_label_folder(p, image_dir) for p in images}
+    empty = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and p.name not in classes
+                   and (anomaly_dir is None or not Path(anomaly_dir).resolve().is_relative_to(p.resolve())))
+    if empty:
+        log.warning("folders of %s without images are no class: %s", image_dir, ", ".join(empty))
+    named_like_masks = sorted(c for c in classes if c.lower() in MASK_FOLDER_NAMES)
+    if anomaly_dir is None and named_like_masks:
+        log.warning("the defect class %s of %s is named like a folder of masks; if it holds masks, give it as the "
+                    "anomaly directory (dataset.anomaly_dir)", named_like_masks[0], image_dir)
     masks = _match_masks(images, image_dir, Path(anomaly_dir)) if anomaly_dir is not None else {}
     return dataset_from_records(
         ((p, masks.get(p), *_label(_label_folder(p, image_dir)), None) for p in images),
