@@ -38,8 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from anomax.errors import ArtifactError, ConfigError, OutputError
 from anomax.files import fsync_path, locked, output_errors, sha256_file, writing
@@ -96,17 +95,9 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _write_arrays(path: Path, tree) -> None:
-    try:
-        save_file(flatten_arrays(tree), path)
-    except SafetensorError as error:  # its I/O failures (disk full) are not OSErrors
-        raise OSError(f"{error}") from error
-    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; readable like the JSON beside it (served by others)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+    # written by Python, not safetensors.save_file: that creates files 0600, which another account
+    # (a service applying the model) could not read; this file gets the permissions the JSON beside it gets
+    path.write_bytes(save(flatten_arrays(tree)))
 
 
 def _read_json(path: Path) -> Any:
