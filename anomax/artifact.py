@@ -449,7 +449,9 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         adaptor_params = unflatten_arrays(adaptor.init(backbone.channels), _read_arrays(root / "adaptor.safetensors"),
                                           root / "adaptor.safetensors")
     with _checked(source, "tiling"):
-        tiling = TilingConfig.from_dict(meta["tiling"] or {}).for_backbone(backbone)
+        saved = meta["tiling"] or {}
+        # untiled: settings left beside a null tile_size (accepted before they were refused) change nothing
+        tiling = TilingConfig.from_dict(saved if saved.get("tile_size") is not None else {}).for_backbone(backbone)
     with _checked(source, "augment"):
         augment = AugmentConfig.from_dict(meta["augment"] or {})
     with _checked(source, "head"):
@@ -462,8 +464,12 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
                 raise ValueError(f"the domain mask {preprocess['domain']!r} is not a file of the artifact")
             preprocess["domain"] = str(_member(root, preprocess["domain"], source, "preprocess.domain"))
         preprocess = PreprocessParams.from_dict(preprocess)
-    model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,
-                         augment=augment)
+    with _checked(source):
+        model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,
+                             augment=augment)
+    if tiling.enabled and getattr(head.config, "border", 0):
+        log.warning("%s: a tiled model fitted with model.head.border = %s: each tile seam inside an image is blind to "
+                    "defects; fit it again with model.head.border=0", root, head.config.border)
     if not tiling.enabled:  # the sections fit together: the head's arrays take the preprocess size's features
         with _checked(source, "preprocess"):
             model.output_shapes(preprocess.height, preprocess.width)

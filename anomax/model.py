@@ -51,10 +51,6 @@ class AnomalyModel:
             raise ConfigError(f"augment.fit = {list(self.augment.fit)}, augment.tta = {list(self.augment.tta)}: a tiled "
                               "model fits and scores tile by tile without them (anomax.tiling); set augment=none "
                               "or tiling=off")
-        if self.tiling.enabled and getattr(head.config, "border", 0):
-            raise ConfigError(f"model.head.border = {head.config.border} needs tiling off: the head sets the cells at "
-                              "each tile's edge to 0, so every seam inside the image would be blind; set "
-                              "model.head.border=0 (the tiles' blended overlap weights their edges down) or tiling=off")
         if self.tiling.enabled and getattr(head.config, "image_score", "max") != "max":
             raise ConfigError(f"model.head.image_score = {head.config.image_score!r} needs tiling off: a tiled image's "
                               "score is its stitched map's maximum (anomax.tiling); set model.head.image_score=max "
@@ -137,6 +133,10 @@ class AnomalyModel:
         on held-out good images also get ``validation_split``'s good images."""
         if any(s.anomaly_label != "ok" for s in dataset.samples_of(split)):
             raise InputError(f"split '{split}' holds defective ('nok') images; heads train on good images only")
+        if self.tiling.enabled and getattr(self.head.config, "border", 0):  # (models fitted before load, warned of)
+            raise ConfigError(f"model.head.border = {self.head.config.border} needs tiling off: the head sets the "
+                              "cells at each tile's edge to 0, so every seam inside the image would be blind; set "
+                              "model.head.border=0 (the tiles' blended overlap weights their edges down) or tiling=off")
         if self.tiling.enabled:
             return fit_tiled(self, dataset, split, train=train, validation_split=validation_split, progress=progress)
         validation = None

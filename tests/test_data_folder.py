@@ -211,3 +211,15 @@ def test_pixel_ground_truth_is_known(folders):
     images, masks = folders
     assert read_dl_dataset_anomaly(images, masks).has_pixel_ground_truth
     assert not read_dl_dataset_anomaly(images).has_pixel_ground_truth
+
+
+def test_a_saved_config_records_absolute_paths_and_keeps_empty_masks(tmp_path, monkeypatch):
+    from anomax.data.dataset import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths({"format": "folder", "image_list": ["d/ok/a.png", "d/crack/c.png"],
+                               "anomaly_list": ["", "m/crack/c.png"], "anomaly_dir": None})
+    assert cfg["image_list"] == [str(tmp_path / "d/ok/a.png"), str(tmp_path / "d/crack/c.png")]
+    assert cfg["anomaly_list"] == ["", str(tmp_path / "m/crack/c.png")] and cfg["anomaly_dir"] is None
+    visa = with_absolute_paths({"format": "visa", "root": "visa", "split_csv": "split_csv/1cls.csv"})
+    assert visa == {"format": "visa", "root": str(tmp_path / "visa"), "split_csv": "split_csv/1cls.csv"}

@@ -263,10 +263,39 @@ def test_tiled_round_trip_is_bit_identical(tiling, dataset, tmp_path):
         np.testing.assert_array_equal(have["anomaly_region"]["mask"], want["anomaly_region"]["mask"])
 
 
+def _edit_model_json(path: Path, edit) -> None:
+    """Edit model.json and rehash it, as an artifact written by an earlier anomax would read."""
+    import json
+
+    from anomax.files import sha256_file
+
+    meta = json.loads((path / "model.json").read_text())
+    edit(meta)
+    (path / "model.json").write_text(json.dumps(meta))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model.json"] = sha256_file(path / "model.json")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_an_untiled_artifact_loads_untiled(dataset, tmp_path):
     model = build("padim", TilingConfig())
     model.fit(dataset, progress=False)
-    assert not anomax.load_model(anomax.save_model(model, tmp_path / "model")).tiling.enabled
+    path = anomax.save_model(model, tmp_path / "model")
+    assert not anomax.load_model(path).tiling.enabled
+    # saved before tiling settings without a tile size were refused: they changed nothing then, nor now
+    _edit_model_json(path, lambda meta: meta["tiling"].update(stride=224, resize_before=0.5))
+    assert anomax.load_model(path).tiling == TilingConfig()
+
+
+def test_a_tiled_model_fitted_with_a_map_border_loads_with_a_warning(dataset, tmp_path, caplog):
+    """Fitted before the border was refused under tiling: still usable, its blind seams named."""
+    model = build("efficientad")
+    model.fit(dataset, train=TRAIN, progress=False)
+    path = anomax.save_model(model, tmp_path / "model")
+    _edit_model_json(path, lambda meta: meta["head"]["hyperparams"].update(border=1))
+    with caplog.at_level("WARNING", logger="anomax"):
+        loaded = anomax.load_model(path)
+    assert loaded.head.config.border == 1 and "each tile seam inside an image is blind" in caplog.text
 
 
 # ---- the config group ------------------------------------------------------------------------------
@@ -309,10 +338,10 @@ def test_the_tile_size_must_suit_the_backbone():
         build_model(cfg)
 
 
-def test_a_zeroed_map_border_is_refused_under_tiling():
+def test_a_zeroed_map_border_is_refused_under_tiling(dataset):
     """efficientad's border cells are 0 in every tile: each seam inside the image was blind to defects."""
     with pytest.raises(ConfigError, match="model.head.border = 1 needs tiling off"):
-        build("efficientad", border=1)
+        build("efficientad", border=1).fit(dataset, train=TRAIN, progress=False)
 
 
 def test_the_tile_size_is_checked_against_the_backbone_in_the_api_too():

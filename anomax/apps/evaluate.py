@@ -27,7 +27,9 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
 
     from anomax.data.dataset import with_absolute_paths
 
-    trained = trained or {}
+    trained = dict(trained or {})
+    if trained.get("dataset"):  # models saved before their configs recorded absolute paths
+        trained["dataset"] = with_absolute_paths(trained["dataset"])
     dataset = with_absolute_paths(config["dataset"]) if config["dataset"] else trained.get("dataset")
     if not dataset:
         raise ConfigError(f"dataset: the model at {config['model_dir']} was saved without its training config, so "

@@ -189,9 +189,9 @@ def with_absolute_paths(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
     cfg = dict(dataset_cfg)
     for key in PATH_ARGUMENTS.get(cfg.get("format"), ()):
         value = cfg.get(key)
-        if isinstance(value, (list, tuple)):
-            cfg[key] = [None if item is None else str(Path(item).absolute()) for item in value]
-        elif value is not None:
+        if isinstance(value, (list, tuple)):  # an empty anomaly_list entry means no mask
+            cfg[key] = [str(Path(item).absolute()) if item else item for item in value]
+        elif value:
             cfg[key] = str(Path(value).absolute())
     return cfg
 
