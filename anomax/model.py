@@ -254,13 +254,11 @@ def classified(results: list[dict[str, Any]], thresholds: Mapping[str, float]) -
     from anomax.evaluation import threshold_dl_anomaly_results
 
     if {"segmentation", "classification"} <= set(thresholds):
-        for shape in {np.shape(r["anomaly_image"]) for r in results}:  # a tiled model's maps have each image's size
-            same = [r for r in results if np.shape(r["anomaly_image"]) == shape]
-            applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in same],
-                                                   [r["anomaly_score"] for r in same],
-                                                   thresholds["segmentation"], thresholds["classification"])
-            for result, extra in zip(same, applied):
-                result.update(extra)
+        applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
+                                               [r["anomaly_score"] for r in results],
+                                               thresholds["segmentation"], thresholds["classification"])
+        for result, extra in zip(results, applied):
+            result.update(extra)
     return results
 
 

@@ -159,7 +159,7 @@ def test_pixel_metric_settings_are_checked_in_the_api():
     num_bins 0 a ZeroDivisionError, and AUPRO of one-class masks NaN where auroc refuses."""
     maps, masks = np.random.default_rng(0).random((1, 4, 4)), np.zeros((1, 4, 4), bool)
     masks[0, 1:3, 1:3] = True
-    for pixel_range in ((1.0, 0.0), (0.0, 0.0), (0.0, np.inf)):
+    for pixel_range in ((1.0, 0.0), (0.0, 0.0), (0.0, np.inf), (None, 1.0), 5.0, (0.0, 1.0, 2.0)):
         with pytest.raises(InputError, match="pixel_range must be"):
             PixelAccumulator(pixel_range)
     with pytest.raises(InputError, match="num_bins must be an integer >= 1"):

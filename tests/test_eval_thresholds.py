@@ -142,3 +142,13 @@ def test_a_segmentation_clip_must_be_low_then_high():
     with pytest.raises(ConfigError, match="evaluate.segmentation_clip .* low <= high"):
         EvaluateConfig(segmentation_clip=(5.0, 1.0))
     assert EvaluateConfig(segmentation_clip=(None, 1.0)).segmentation_clip == (None, 1.0)
+
+
+def test_results_of_maps_of_different_sizes_are_thresholded_in_order():
+    """A tiled model's maps have each image's size: stacking them failed; no results failed too."""
+    maps = [np.zeros((4, 4)), np.full((6, 5), 2.0), np.full((4, 4), 3.0)]
+    results = threshold_dl_anomaly_results(maps, [0.1, 2.0, 3.0], 1.0, 1.5)
+    assert [r["anomaly_class"] for r in results] == ["ok", "nok", "nok"]
+    assert [r["anomaly_region"]["mask"].shape for r in results] == [(4, 4), (6, 5), (4, 4)]
+    assert [r["anomaly_region"]["mask"].all() for r in results] == [False, True, True]
+    assert threshold_dl_anomaly_results([], [], 1.0, 1.5) == []

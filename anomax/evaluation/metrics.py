@@ -133,6 +133,15 @@ def aupro(anomaly_images, masks, fpr_limit: float = 0.3) -> float:
     return accumulator.curve().aupro(fpr_limit)
 
 
+def _is_range(pair) -> bool:
+    """A finite (low, high) with low < high."""
+    try:
+        low, high = (float(value) for value in pair)
+    except (TypeError, ValueError):
+        return False
+    return np.isfinite(low) and np.isfinite(high) and low < high
+
+
 class PixelAccumulator:
     """Pixel ROC / PR / PRO counts gathered batch by batch, in one pass.
 
@@ -150,8 +159,7 @@ class PixelAccumulator:
                  exact: bool = False):
         if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
             raise InputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
-        if pixel_range is not None and not (len(pixel_range) == 2 and np.all(np.isfinite(pixel_range))
-                                            and pixel_range[0] < pixel_range[1]):
+        if pixel_range is not None and not _is_range(pixel_range):
             raise InputError(f"pixel_range must be None or finite (low, high) with low < high, got {pixel_range!r}")
         self.pixel_range, self.num_bins, self.exact = pixel_range, num_bins, exact
         self.num_regions = 0

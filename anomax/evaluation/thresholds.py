@@ -132,8 +132,24 @@ def threshold_dl_anomaly_results(anomaly_images, anomaly_scores, segmentation_th
     """Classify images and segment defects: one dict per image under HALCON's keys.
 
     'anomaly_region' holds 'mask' (bool, input size) and 'components' (8-connected), each with 'area'
-    and 'bbox' = (row_start, col_start, row_stop, col_stop), half-open like Python slices.
+    and 'bbox' = (row_start, col_start, row_stop, col_stop), half-open like Python slices. The maps
+    may differ in size (a tiled model's follow each image's); none gives [].
     """
+    images, scores = list(anomaly_images), list(np.asarray(anomaly_scores).reshape(-1))
+    if len(images) != len(scores):
+        raise InputError(f"threshold_dl_anomaly_results: {len(images)} anomaly images but {len(scores)} scores")
+    shapes = {np.shape(image) for image in images}
+    if len(shapes) > 1:  # classified per size, returned in the given order
+        results = [None] * len(images)
+        for shape in shapes:
+            rows = [i for i, image in enumerate(images) if np.shape(image) == shape]
+            same = threshold_dl_anomaly_results([images[i] for i in rows], [scores[i] for i in rows],
+                                                segmentation_threshold, classification_threshold)
+            for i, result in zip(rows, same):
+                results[i] = result
+        return results
+    if not images:
+        return []
     batch = next(iterate_results({"anomaly_image": anomaly_images, "anomaly_score": anomaly_scores,
                                   "anomaly_label_id": np.zeros(len(np.asarray(anomaly_scores)), np.int32)}))
     regions = batch["anomaly_image"] >= np.float64(segmentation_threshold)  # float64, as the score below
