@@ -91,3 +91,12 @@ def test_runs_of_the_same_point_are_one_row_and_the_best_come_first(tmp_path, ca
     csv = (tmp_path / "report.csv").read_text().splitlines()
     assert csv == ["model.head.sigma,runs,image_auroc,validation_image_auroc,fit_s",
                    "2,1,0.5000,0.9000,1.0", "4,2,0.5000 ± 0.0000,0.7250 ± 0.3182,1.0 ± 0.0"]
+
+
+def test_runs_without_metrics_are_named(tmp_path, caplog):
+    """A failed job of a sweep left only its .hydra folder and log: the table counted fewer runs silently."""
+    finished_run(tmp_path / "0", "padim", 0.9)
+    (tmp_path / "1" / ".hydra").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="anomax"):
+        report.main([str(tmp_path)])
+    assert f"1 run without metrics.json (failed or not finished) left out: {tmp_path / '1'}" in caplog.text

@@ -81,6 +81,11 @@ def test_visa_csv(synthetic, tmp_path):
         ("test", "nok", True),
     ]
     assert len(read_dataset("visa", root=synthetic, split_csv="split.csv").samples) == 4
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first column read as '\ufeffobject' was "missing"
+    (synthetic / "bom.csv").write_text("\n".join(rows), encoding="utf-8-sig")
+    assert len(read_dataset("visa", root=synthetic, split_csv="bom.csv", category="brick").samples) == 3
+    with pytest.raises(DatasetError, match=r"no rows for category 'brik'; its categories: \['brick', 'other'\]"):
+        read_dataset("visa", root=synthetic, split_csv="split.csv", category="brik")
     (synthetic / "bad.csv").write_text("object,split,label,image,mask\nbrick,train,normal,brick/none.png,\n")
     with pytest.raises(DatasetError, match="none.png of the visa dataset does not exist"):
         read_dataset("visa", root=synthetic, split_csv="bad.csv")

@@ -227,6 +227,8 @@ def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     for bad in ({"segmentation": float("nan"), "classification": 0.5}, {"segmentation": "high", "classification": 1}):
         with pytest.raises(ConfigError, match="model parameter 'thresholds'"):
             deployed.set_params(thresholds=bad)  # the same rule as AnomalyModel.set_params
+    with pytest.raises(ConfigError, match="openvino could not compile .* for device 'cpu' .*not registered.*devices here"):
+        anomax.load_model(exported[1], runtime="openvino", device="cpu")  # the file is fine: the device name is not
     deployed.set_params(**deployed.get_params())  # get_params' values set back, as on AnomalyModel
     with pytest.raises(ConfigError, match="model parameter 'device' of a model run by onnxruntime .* runtime="):
         deployed.set_params(device="cpu")

@@ -359,6 +359,9 @@ def test_a_tiled_model_is_not_exported(dataset, tmp_path):
     with pytest.raises(ConfigError, match="export_inference: tiled models are not exportable"):
         anomax.export_inference(model, tmp_path / "f.npz", batch_size=1, height=HEIGHT, width=WIDTH)
     assert not (tmp_path / "f.npz").exists()
+    path = anomax.save_model(model, tmp_path / "saved")  # asking for a runtime it cannot have says so
+    with pytest.raises(ConfigError, match="is a tiled model: it runs with runtime='jax' only"):
+        anomax.load_model(path, runtime="onnxruntime")
 
 
 def test_thresholds_apply_to_images_of_different_sizes(dataset):

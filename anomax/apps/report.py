@@ -30,6 +30,11 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
     missing = [str(d) for d in sweep_dirs if not Path(d).is_dir()]
     if missing:  # a mistyped one among several would otherwise drop its runs silently
         raise DatasetError(f"no such sweep directory: {', '.join(missing)}")
+    unfinished = [str(hydra.parent) for d in sweep_dirs for hydra in sorted(Path(d).glob("**/.hydra"))
+                  if not (hydra.parent / "metrics.json").is_file()]
+    if unfinished:  # a failed or still running job: means over seeds would silently count fewer runs
+        log.warning("%d run%s without metrics.json (failed or not finished) left out: %s", len(unfinished),
+                    "s" * (len(unfinished) != 1), ", ".join(unfinished))
     rows = []
     for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"))]:
         run_dir = metrics_file.parent

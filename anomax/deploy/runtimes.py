@@ -110,9 +110,16 @@ class OpenVinoModel(DeployedModel):
             config["INFERENCE_NUM_THREADS"] = int(threads)
         core = ov.Core()
         try:
-            self.compiled = core.compile_model(core.read_model(str(self.onnx_file)), device, config)
+            network = core.read_model(str(self.onnx_file))
         except Exception as error:  # OpenVINO raises RuntimeError for unreadable files and failed conversions
             raise self._refused(error) from None
+        try:
+            self.compiled = core.compile_model(network, device, config)
+        except Exception as error:  # the file was read: the device or its plugin failed ('AUTO', 'MULTI:..' are devices too)
+            reason = [line for line in str(error).splitlines() if line.strip()]
+            raise ConfigError(f"openvino could not compile {self.onnx_file} for device {device!r} "
+                              f"({reason[-1] if reason else type(error).__name__}); devices here: "
+                              f"{core.available_devices}") from None
         self.precision = precision
         self.outputs = [output.get_any_name() for output in self.compiled.outputs]
         batch = self.compiled.inputs[0].get_partial_shape()[0]

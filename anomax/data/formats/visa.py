@@ -31,7 +31,7 @@ def read_visa(
     root, csv_path = Path(root), Path(root) / split_csv
     if not csv_path.is_file():
         raise DatasetError(f"VisA split file {csv_path} does not exist; check root and split_csv")
-    with open(csv_path, newline="") as file:
+    with open(csv_path, newline="", encoding="utf-8-sig") as file:  # -sig: a byte-order mark (Excel's "CSV UTF-8")
         rows = list(csv.DictReader(file))
     missing = set(COLUMNS) - set(rows[0] if rows else ())
     if missing:
@@ -50,6 +50,8 @@ def read_visa(
         mask = root / row["mask"] if row["mask"].strip() else None
         records.append((root / row["image"], mask, *LABELS[row["label"]], row["split"]))
     if not records:
-        raise DatasetError(f"VisA split file {csv_path} has no rows for category '{category}'")
+        categories = sorted({row["object"] for row in rows})
+        raise DatasetError(f"VisA split file {csv_path} has no rows for category '{category}'; its categories: "
+                           f"{categories}")
     dataset = hold_out_validation(dataset_from_records(records, "visa", root), validation_from_train, seed)
     return move_test_to_validation(dataset, validation_from_test, seed)
