@@ -414,10 +414,10 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
         return model
     if ensemble:
         raise ConfigError(f"{root} is a score ensemble: it runs with runtime='jax' only (no model.onnx)")
-    from anomax.deploy.runtimes import load_runtime
-
     if model.tiling.enabled:  # as for ensembles: the ONNX graph would score one tile
         raise ConfigError(f"{root} is a tiled model: it runs with runtime='jax' only (no model.onnx)")
+    from anomax.deploy.runtimes import load_runtime
+
     if ONNX_FILE not in meta["files"]:  # a model.onnx the manifest does not list is no part of this artifact
         raise ArtifactError(f"{root} was saved without {ONNX_FILE}: runtime '{runtime}' needs the exported model; "
                             f"save the model with anomax.save_model(..., onnx=True) (anomax-train ... export.onnx=true)")

@@ -120,7 +120,7 @@ def build_model(cfg: Mapping[str, Any]) -> AnomalyModel:
                               f"normalisation to each other member's, so the normalisation must be the first "
                               f"member's; leave preprocess.{changed[0]} null")
     adaptor = adaptor.replace(taps=adaptor.taps or tuple(backbone.taps))
-    tiling = TilingConfig.from_dict(cfg.get("tiling")).for_backbone(backbone)
+    tiling = TilingConfig.from_dict(cfg.get("tiling"))  # checked against the backbone by AnomalyModel
     preprocess = create_dl_preprocess_param(**filled_preprocess(backbone.requirements, given))
     return AnomalyModel(preprocess, backbone, FeatureAdaptor(adaptor), head,
                         batch_size=cfg["batch_size"], augment=AugmentConfig.from_dict(cfg.get("augment")),
@@ -269,7 +269,7 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
         notes.append(f"{unmasked} defective images of the '{split}' split have no ground-truth mask: they are left "
                      "out of the pixel metrics.")
     used = [name for name, at in metrics["at_thresholds"].items()
-            if at["threshold"] == getattr(model, "thresholds", {}).get("classification")]
+            if at["threshold"] == model.thresholds.get("classification")]
     if used:
         notes.append(f"The model classifies images with the '{used[0]}' threshold "
                      f"({model.thresholds['classification']:.6g}); anomaly_region uses 'segmentation'.")

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_artifact import _rehashed  # a model.json edited and rehashed, as an earlier anomax wrote it
 
 import anomax
 from anomax.backbones import backbone_requirements, build_backbone
@@ -263,27 +264,13 @@ def test_tiled_round_trip_is_bit_identical(tiling, dataset, tmp_path):
         np.testing.assert_array_equal(have["anomaly_region"]["mask"], want["anomaly_region"]["mask"])
 
 
-def _edit_model_json(path: Path, edit) -> None:
-    """Edit model.json and rehash it, as an artifact written by an earlier anomax would read."""
-    import json
-
-    from anomax.files import sha256_file
-
-    meta = json.loads((path / "model.json").read_text())
-    edit(meta)
-    (path / "model.json").write_text(json.dumps(meta))
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["model.json"] = sha256_file(path / "model.json")
-    (path / "manifest.json").write_text(json.dumps(manifest))
-
-
 def test_an_untiled_artifact_loads_untiled(dataset, tmp_path):
     model = build("padim", TilingConfig())
     model.fit(dataset, progress=False)
     path = anomax.save_model(model, tmp_path / "model")
     assert not anomax.load_model(path).tiling.enabled
     # saved before tiling settings without a tile size were refused: they changed nothing then, nor now
-    _edit_model_json(path, lambda meta: meta["tiling"].update(stride=224, resize_before=0.5))
+    _rehashed(path, "model.json", lambda meta: meta["tiling"].update(stride=224, resize_before=0.5))
     assert anomax.load_model(path).tiling == TilingConfig()
 
 
@@ -292,7 +279,7 @@ def test_a_tiled_model_fitted_with_a_map_border_loads_with_a_warning(dataset, tm
     model = build("efficientad")
     model.fit(dataset, train=TRAIN, progress=False)
     path = anomax.save_model(model, tmp_path / "model")
-    _edit_model_json(path, lambda meta: meta["head"]["hyperparams"].update(border=1))
+    _rehashed(path, "model.json", lambda meta: meta["head"]["hyperparams"].update(border=1))
     with caplog.at_level("WARNING", logger="anomax"):
         loaded = anomax.load_model(path)
     assert loaded.head.config.border == 1 and "each tile seam inside an image is blind" in caplog.text

@@ -23,9 +23,8 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
     (``trained``: the model's config.json), so that its test split is the one it was tested on,
     never images it was trained on. A given seed or split of the training dataset that differs
     from the run's is warned of."""
-    from anomax.pipeline import RunConfig, SplitConfig
-
     from anomax.data.dataset import with_absolute_paths
+    from anomax.pipeline import RunConfig, SplitConfig
 
     trained = dict(trained or {})
     if trained.get("dataset"):  # models saved before their configs recorded absolute paths

@@ -199,14 +199,14 @@ def with_absolute_paths(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def read_dataset(format_name: str, **kwargs) -> DLDataset:
     """Read a dataset through the DATASET_FORMATS registry ('folder', 'mvtec_ad', 'visa', 'elpv', ...)."""
     reader = DATASET_FORMATS.get(format_name)
-    parameters = inspect.signature(reader).parameters
+    signature = inspect.signature(reader)
     try:
-        inspect.signature(reader).bind(**kwargs)
+        signature.bind(**kwargs)
     except TypeError as error:
-        unknown = sorted(set(kwargs) - set(parameters))
+        unknown = sorted(set(kwargs) - set(signature.parameters))
         raise ConfigError(
             f"dataset format '{format_name}' does not accept {unknown or sorted(kwargs)} ({error}); "
-            f"its arguments are {list(parameters)}"
+            f"its arguments are {list(signature.parameters)}"
         ) from None
     return reader(**kwargs)
 

@@ -105,7 +105,10 @@ def _draw_overlay(axis, image, anomaly_image, cmap, ground_truth, region, value_
     image = np.asarray(image)
     image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
     shown = image / 255 if image.dtype == np.uint8 else (image - image.min()) / max(np.ptp(image), 1e-12)
-    axis.imshow(shown, cmap="gray", vmin=0, vmax=1) if shown.ndim == 2 else axis.imshow(shown)  # gray unstretched, as RGB
+    if shown.ndim == 2:
+        axis.imshow(shown, cmap="gray", vmin=0, vmax=1)  # unstretched, as an RGB image is shown
+    else:
+        axis.imshow(shown)
     height, width = image.shape[:2]
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # stretch maps and masks of any size over the image
     low, high = value_range or (None, None)

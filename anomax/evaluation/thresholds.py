@@ -151,7 +151,7 @@ def threshold_dl_anomaly_results(anomaly_images, anomaly_scores, segmentation_th
     if not images:
         return []
     batch = next(iterate_results({"anomaly_image": anomaly_images, "anomaly_score": anomaly_scores,
-                                  "anomaly_label_id": np.zeros(len(np.asarray(anomaly_scores)), np.int32)}))
+                                  "anomaly_label_id": np.zeros(len(scores), np.int32)}))
     regions = batch["anomaly_image"] >= np.float64(segmentation_threshold)  # float64, as the score below
     components, _ = label_regions(regions)
     areas = np.bincount(components.ravel())

@@ -26,7 +26,7 @@ def read_mvtec_ad(root: str | Path, category: str, validation_from_train: float 
     if not Path(root).is_dir():
         raise DatasetError(f"MVTec AD root {root} does not exist; dataset.root names the folder holding the categories")
     if not folder.is_dir():
-        known = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        known = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
         raise DatasetError(f"MVTec AD category folder {folder} does not exist; categories in {root}: {known}")
     ground_truth = folder / "ground_truth"
     parts = {
