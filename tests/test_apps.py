@@ -243,6 +243,15 @@ def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
                   check=False)
     assert ignored.returncode == 2 and "evaluate.std_factor: anomax-evaluate applies the thresholds saved" in \
         ignored.stderr
+    # an image added since training reshuffles the re-read split: training images would be tested on
+    import shutil
+
+    good = tmp_path / "parts" / "brick" / "test" / "good"
+    shutil.copy(min(good.iterdir()), good / "0000-new.png")
+    grown = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", f"hydra.run.dir={tmp_path / 'grown'}",
+                cwd=tmp_path, check=False)
+    assert grown.returncode == 2 and "were in the model's training split" in grown.stderr, grown.stderr
+    assert str(tmp_path / "run" / "dataset.json") in grown.stderr and not (tmp_path / "grown" / "metrics.json").exists()
 
 
 def test_a_bad_test_image_does_not_cost_the_fitted_model(tmp_path):

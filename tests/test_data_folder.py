@@ -223,3 +223,40 @@ def test_a_saved_config_records_absolute_paths_and_keeps_empty_masks(tmp_path, m
     assert cfg["anomaly_list"] == ["", str(tmp_path / "m/crack/c.png")] and cfg["anomaly_dir"] is None
     visa = with_absolute_paths({"format": "visa", "root": "visa", "split_csv": "split_csv/1cls.csv"})
     assert visa == {"format": "visa", "root": str(tmp_path / "visa"), "split_csv": "split_csv/1cls.csv"}
+
+
+def test_mask_arguments_of_the_other_mode_are_refused(folders):
+    images, masks = folders
+    with pytest.raises(ConfigError, match="anomaly_list goes with image_list"):
+        read_dl_dataset_anomaly(images, anomaly_list=[masks / "scratch" / "c.png"])
+    with pytest.raises(ConfigError, match="anomaly_dir goes with image_dir"):
+        read_dl_dataset_anomaly(anomaly_dir=masks, image_list=[images / "scratch" / "c.png"])
+
+
+def test_list_mode_refuses_a_repeated_image_and_warns_of_folders_under_good(folders, caplog):
+    images, _ = folders
+    with pytest.raises(DatasetError, match=r"image_list names .*c.png twice"):
+        read_dl_dataset_anomaly(image_list=[images / "scratch" / "c.png", images / "Good" / "a.png",
+                                            images / "scratch" / ".." / "scratch" / "c.png"])
+    nested = write(images / "Good" / "side" / "f.png")
+    with caplog.at_level("WARNING", logger="anomax"):
+        dataset = read_dl_dataset_anomaly(image_list=[images / "Good" / "a.png", nested])
+    assert [s.defect_type for s in dataset.samples] == ["good", "side"]  # as documented: its own folder
+    assert any("sub-folder of a good/ok folder" in r.getMessage() and "'side'" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_mask_sizes_and_jpeg_masks_are_checked_when_the_dataset_is_read(folders, caplog):
+    """A mask of another size than its image fails at reading, before any fit spends time; a JPEG mask
+    (its compression marks pixels around every edge) is warned of."""
+    images, masks = folders
+    with caplog.at_level("WARNING", logger="anomax"):
+        (masks / "scratch" / "c.png").unlink()
+        square = np.zeros((6, 8), np.uint8)
+        square[2:4, 3:5] = 255
+        Image.fromarray(square).save(masks / "scratch" / "c.jpg", quality=75)
+        read_dl_dataset_anomaly(images, masks)
+    assert any("the folder dataset has 1 JPEG mask" in r.getMessage() for r in caplog.records)
+    write(masks / "scratch" / "d.png", 255, shape=(6, 7))
+    with pytest.raises(DatasetError, match=r"mask .*d.png has size 7x6 but its image .*d.png has 8x6"):
+        read_dl_dataset_anomaly(images, masks)

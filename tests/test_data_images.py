@@ -167,3 +167,43 @@ def test_listing_skips_broken_symlinks_once_with_the_count(tmp_path, caplog):
     assert any("2 dangling symlinks" in m and "gone.png" in m for m in messages)
     assert any("2 symlink loops" in m for m in messages)
     assert any("1 folder reached again through a symlink" in m and "again" in m for m in messages)
+
+
+def test_twelve_bit_data_in_16_bit_images_is_warned_of_and_32_bit_integers_refused(tmp_path, caplog):
+    """12-bit camera data saved as 16 bits keeps 16 gray levels once read as 0..65535 → 0..255: warned
+    of, once with the count; full-range 16-bit images are not. Mode I beyond 16 bits is refused."""
+    from anomax.data.images import log_conversions
+
+    twelve_bit = (np.arange(64, dtype=np.uint16) * 64).reshape(8, 8)  # 0..4032
+    Image.fromarray(twelve_bit).save(tmp_path / "twelve.png")
+    Image.fromarray(twelve_bit * 16).save(tmp_path / "full.png")
+    log_conversions("before")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anomax"):
+        assert len(np.unique(read_image(tmp_path / "twelve.png"))) == 17  # what the warning is about
+        read_image(tmp_path / "full.png")
+        log_conversions("caching train")
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("caching train: 1 16-bit image used only values below 4096") and "twelve.png" in line
+    Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I").save(tmp_path / "wide.tif")
+    with pytest.raises(DatasetError, match=r"wide.tif holds 32-bit integer pixels \(70000..70000\)"):
+        read_image(tmp_path / "wide.tif")
+
+
+def test_a_cmyk_mask_marks_its_drawn_pixels(tmp_path):
+    drawn = np.zeros((6, 6), np.uint8)
+    drawn[1:3, 2:5] = 255
+    Image.fromarray(drawn).convert("CMYK").save(tmp_path / "mask.tif")  # black is K = 255
+    assert np.array_equal(read_mask(tmp_path / "mask.tif"), drawn > 0)
+
+
+def test_gif_files_are_listed_and_other_suffixes_skipped_with_a_warning(tmp_path, caplog):
+    from anomax.data.images import IMAGE_SUFFIXES, list_files
+
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / "a.gif")
+    (tmp_path / "Thumbs.db").write_bytes(b"\0")
+    (tmp_path / "notes.txt").write_text("x")
+    with caplog.at_level("WARNING", logger="anomax"):
+        assert list_files(tmp_path, IMAGE_SUFFIXES) == [tmp_path / "a.gif"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "skipped 2 files without an image suffix" in line and "Thumbs.db" in line

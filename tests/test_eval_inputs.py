@@ -24,6 +24,7 @@ def _batch(**changes):
     ({"anomaly_label_id": np.array([0, 2, 1, 1])}, "use 0 for ok and 1 for nok"),
     ({"anomaly_score": np.array([0.1, 0.2, 0.8])}, r"expected \(3,\)"),
     ({"defect_type": ["good", "good", "scratch"]}, "'defect_type' has shape"),
+    ({"anomaly_ground_truth": [np.zeros((5, 5))] * 3 + [np.zeros((6, 6))]}, r"\[\(5, 5\), .*\(6, 6\)\] does not match"),
 ])
 def test_bad_evaluation_inputs_raise_input_error(changes, message):
     with pytest.raises(InputError, match=message):
@@ -39,6 +40,9 @@ def test_good_images_only_cannot_be_evaluated():
 def test_threshold_inputs_are_checked_too():
     with pytest.raises(InputError, match="'anomaly_score' contains NaN"):
         compute_dl_anomaly_thresholds(_batch(anomaly_score=np.array([np.nan, 0.2, 0.8, 0.9])), split="validation")
+    with pytest.raises(InputError, match="resize the masks to the anomaly images' size") as refused:
+        compute_dl_anomaly_thresholds(_batch(anomaly_ground_truth=np.zeros((4, 6, 6))), split="validation")
+    assert "native_resolution=True" in str(refused.value) and "evaluate_dl_model" in str(refused.value)
     with pytest.raises(InputError, match="needs 'anomaly_image'"):
         compute_dl_anomaly_thresholds({"anomaly_score": [0.1], "anomaly_label_id": [0]}, split="validation")
 

@@ -272,3 +272,11 @@ def test_adaptive_bins_match_exact_counts_and_merge_like_one_pass():
         assert single == pytest.approx(getattr(exact.curve(), metric)(), abs=5e-3)
     # Counts are conserved exactly through every widening.
     assert adaptive.curve().false_positives[-1] == exact.curve().false_positives[-1]
+
+
+def test_aupro_refuses_maps_and_masks_of_other_shapes():
+    maps, masks = np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool)
+    masks[0, 1, 1] = True
+    for bad_maps, bad_masks in ((maps[0], masks[0]), (maps, masks[:, None]), (maps, masks[:, :3])):
+        with pytest.raises(InputError, match=r"AUPRO needs maps and masks of one shape \(N, H, W\)"):
+            aupro(bad_maps, bad_masks)

@@ -227,3 +227,22 @@ def test_the_cache_bar_shows_only_when_progress_is_asked(dataset, tmp_path, capf
     assert "cache test" not in "".join(capfd.readouterr())
     iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / "shown", progress="score test")
     assert "cache test" in capfd.readouterr().err
+
+
+def test_a_domain_mask_edited_in_place_is_read_again_and_makes_a_new_cache(dataset, tmp_path):
+    """The params name the domain mask's file; its content, not its path, is what the model saw."""
+    from PIL import Image
+
+    roi = tmp_path / "roi.png"
+    small = np.zeros((24, 24), np.uint8)
+    small[4:12, 4:12] = 255
+    Image.fromarray(small).save(roi)
+    keep = create_dl_preprocess_param(width=24, height=24, num_channels=1, domain_handling="keep_domain",
+                                      domain=str(roi))
+    image = np.full((24, 24, 1), 200, np.uint8)
+    assert (preprocess_image(keep, image) != 0).sum() == 64
+    before = cache_path(dataset, "train", keep, tmp_path / "cache")
+    Image.fromarray(np.full((24, 24), 255, np.uint8)).save(roi)
+    os.utime(roi, ns=(os.stat(roi).st_atime_ns, os.stat(roi).st_mtime_ns + 10**9))  # a later write
+    assert (preprocess_image(keep, image) != 0).sum() == 24 * 24
+    assert cache_path(dataset, "train", keep, tmp_path / "cache") != before

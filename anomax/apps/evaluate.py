@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import hydra
@@ -10,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anomax.apps._common import load_configured_model, plain, print_version_if_asked, reports_errors
 from anomax.apps.config import CONF_DIR, register_schemas
-from anomax.errors import ConfigError
+from anomax.errors import ConfigError, DatasetError
 
 log = logging.getLogger("anomax")
 
@@ -45,6 +46,25 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
     return dataset, split, seed
 
 
+def check_not_trained_on(dataset, split: str, model_dir: str) -> None:
+    """Refuse a split holding images the model was trained on, by the training run's dataset.json
+    (beside the model in anomax-train's run directory). Re-splitting a folder that gained or lost
+    images since training reshuffles its splits, whatever the seed; the config check above cannot see that."""
+    from anomax.data.dataset import DLDataset
+
+    record = Path(model_dir).absolute().parent / "dataset.json"
+    if not record.is_file():
+        return
+    trained_on = {Path(s.image_file_name).absolute() for s in DLDataset.from_json(record).samples_of("train")}
+    overlap = sorted(s.image_file_name for s in dataset.samples_of(split)
+                     if Path(s.image_file_name).absolute() in trained_on)
+    if overlap:
+        raise DatasetError(f"{len(overlap)} images of the {split} split were in the model's training split "
+                           f"({record}), e.g. {overlap[0]}: the dataset changed since training (an image added or "
+                           "removed reshuffles the split) or the split settings differ; evaluate on images the model "
+                           "has not seen (e.g. a folder of new images)")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="anomax_evaluate")
 @reports_errors("anomax-evaluate")
 def _evaluate(cfg: DictConfig) -> float:
@@ -64,10 +84,11 @@ def _evaluate(cfg: DictConfig) -> float:
                           f"(estimated when it was trained), so {', '.join('evaluate.' + k for k in changed)} "
                           "would change nothing; leave them out, or train again with them")
     dataset_cfg, split_percent, seed = as_trained(config, metadata["config"])
+    dataset = read_configured_dataset(dataset_cfg, split_percent, seed)
+    check_not_trained_on(dataset, config["split"], config["model_dir"])
     with claim_run_dir(HydraConfig.get().runtime.output_dir) as run_dir:
         model = load_configured_model(config)
         estimates = metadata["thresholds"]["estimates"]
-        dataset = read_configured_dataset(dataset_cfg, split_percent, seed)
         dataset.to_json(run_dir / "dataset.json")  # which images each split held, as anomax-train records it
         metrics = evaluate_split(model, dataset, config["split"], run_dir, evaluate_cfg,
                                  estimates and AnomalyThresholds.from_dict(estimates), config["cache_dir"],

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from anomax.data.images import IMAGE_SUFFIXES, list_files, read_mask
+from anomax.data.images import IMAGE_SUFFIXES, header_size, list_files, read_mask
 from anomax.errors import ConfigError, DatasetError
 from anomax.registry import DATASET_FORMATS
 
@@ -109,10 +109,21 @@ def dataset_from_records(
                 raise DatasetError(f"file {path} of the {format_name} dataset does not exist; check the dataset paths")
         if label == "ok" and mask is not None:
             _check_ok_mask(image, mask)
+        if mask is not None:  # from the headers, before any fit: read_pair would find it only when scoring
+            sizes = header_size(image), header_size(mask)
+            if None not in sizes and sizes[0] != sizes[1]:
+                raise DatasetError(f"mask {mask} has size {sizes[1][0]}x{sizes[1][1]} but its image {image} has "
+                                   f"{sizes[0][0]}x{sizes[0][1]} (width x height); the mask must match its image")
         mask_file = None if mask is None else str(Path(mask).absolute())
         samples.append(Sample(image_id, str(Path(image).absolute()), label, defect_type, mask_file, split))
     if not samples:
         raise DatasetError(f"the {format_name} dataset from {image_dir} has no images")
+    lossy = sorted(s.anomaly_file_name for s in samples
+                   if s.anomaly_file_name and Path(s.anomaly_file_name).suffix.lower() in (".jpg", ".jpeg"))
+    if lossy:  # JPEG's ringing leaves faint nonzero pixels around every edge, and any pixel > 0 is a defect
+        log.warning("the %s dataset has %d JPEG mask%s (e.g. %s): lossy compression spreads a mask beyond its "
+                    "edges, since every pixel > 0 marks a defect; save masks losslessly (PNG)", format_name,
+                    len(lossy), "s" * (len(lossy) != 1), lossy[0])
     return DLDataset(samples, format_name, image_dir=_str(image_dir), anomaly_dir=_str(anomaly_dir))
 
 
@@ -135,7 +146,11 @@ def read_dl_dataset_anomaly(
     if (image_dir is None) == (image_list is None):
         raise ConfigError("give read_dl_dataset_anomaly either image_dir or image_list, not both or neither")
     if image_list is not None:
+        if anomaly_dir is not None:
+            raise ConfigError("anomaly_dir goes with image_dir; with image_list, give the masks as anomaly_list")
         return _read_lists(image_list, anomaly_list)
+    if anomaly_list is not None:
+        raise ConfigError("anomaly_list goes with image_list; with image_dir, give the masks as anomaly_dir")
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise DatasetError(f"image directory {image_dir} does not exist; check the dataset path")
@@ -282,7 +297,9 @@ def move_test_to_validation(dataset: DLDataset, fraction: float, seed: int = 0) 
 def _stratified_share(samples: list[Sample], indices: list[int], share: float, rng: np.random.Generator) -> list[int]:
     """round(share · n) seeded picks of ``indices``, spread over the defect types in proportion:
     floor(share · n_type) each, the rest to the types with the largest remainders (so that small
-    types are not all rounded down to nothing)."""
+    types are not all rounded down to nothing). Equal remainders go by type name, whatever the seed:
+    a seeded order would be fairer to rare types, but it would change published splits (ELPV mono's
+    seed 2), so it waits for a release that may change splits."""
     groups: dict[str, list[int]] = {}
     for index in indices:
         groups.setdefault(samples[index].defect_type, []).append(index)
@@ -322,6 +339,18 @@ def _read_lists(image_list, anomaly_list) -> DLDataset:
         raise DatasetError(
             f"image_list has {len(image_list)} entries but anomaly_list {len(anomaly_list)}; they must pair up"
         )
+    seen: set[Path] = set()
+    for image in image_list:
+        path = Path(image).resolve()  # the same file through '..' or a symlink too
+        if path in seen:  # it would be drawn into two splits: trained on and tested on
+            raise DatasetError(f"image_list names {image} twice; each image may appear once")
+        seen.add(path)
+    under_good = [image for image in image_list if _label(Path(image).parent.name)[0] == "nok"
+                  and any(folder.name.lower() in GOOD_FOLDER_NAMES for folder in Path(image).parents)]
+    if under_good:
+        log.warning("%d images of image_list lie in a sub-folder of a good/ok folder, e.g. %s: in list mode an image's "
+                    "label is its own folder's name, so they are read as the defect class '%s'", len(under_good),
+                    under_good[0], Path(under_good[0]).parent.name)
     records = (
         (image, mask or None, *_label(Path(image).parent.name), None)
         for image, mask in zip(image_list, anomaly_list, strict=True)

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from anomax.errors import ConfigError, DatasetError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif"})
 PIXEL_LIMIT_VARIABLE = "ANOMAX_MAX_IMAGE_PIXELS"
 
 log = logging.getLogger("anomax")
@@ -66,10 +66,11 @@ def _open(path: str | Path) -> Image.Image:
         raise DatasetError(f"cannot read image file {path} ({error}); replace or remove the file") from None
 
 
-class _AlphaTally:
-    """The images read since the last report whose alpha channel was dropped (reads run in threads)."""
+class _Tally:
+    """The images read since the last report that were converted one way (reads run in threads)."""
 
-    def __init__(self):
+    def __init__(self, message: str):
+        self.message = message  # %-format of (context, count, plural s, example)
         self._lock = threading.Lock()
         self.count, self.example = 0, None
 
@@ -85,25 +86,39 @@ class _AlphaTally:
             return taken
 
 
-_dropped_alpha = _AlphaTally()
+_TALLIES = (
+    _dropped_alpha := _Tally("%s: %d image%s had an alpha channel, which anomax drops (it uses the colour "
+                             "channels only), e.g. %s"),
+    # 12-bit (or 10-bit) camera data saved as 16 bits: 0..4095 scaled by 1/257 keeps 17 gray levels
+    _narrow_16_bit := _Tally("%s: %d 16-bit image%s used only values below 4096 (e.g. %s), which anomax, reading "
+                             "0..65535 as 0..255, keeps as at most 16 gray levels; scale 12- or 10-bit data to the "
+                             "full 16-bit range (e.g. multiply by 16) or to 8 bits before training and applying"),
+)
 
 
 def log_conversions(context: str) -> None:
-    """Log once, with the count, the conversions of the images read since the last call."""
-    count, example = _dropped_alpha.take()
-    if count:
-        log.warning("%s: %d image%s had an alpha channel, which anomax drops (it uses the colour channels "
-                    "only), e.g. %s", context, count, "s" * (count != 1), example)
+    """Log once per kind, with the count, the conversions of the images read since the last call."""
+    for tally in _TALLIES:
+        count, example = tally.take()
+        if count:
+            log.warning(tally.message, context, count, "s" * (count != 1), example)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """The image as uint8 (H, W, C) with C = 1 (gray) or 3 (colour); 16-bit images are scaled to 8 bits.
-    An alpha channel (or transparency) is dropped and counted for ``log_conversions``."""
+    """The image as uint8 (H, W, C) with C = 1 (gray) or 3 (colour); 16-bit images are scaled to 8 bits
+    (0..65535 to 0..255). An alpha channel (or transparency) is dropped, and a 16-bit image using only
+    values below 4096 (12-bit data, which keeps 16 gray levels) is counted, for ``log_conversions``."""
     image = _open(path)
     if image.has_transparency_data:
         _dropped_alpha.add(Path(path))
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         gray = np.asarray(image, dtype=np.float64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):  # mode I holds 32-bit integers
+            raise DatasetError(f"image {path} holds 32-bit integer pixels ({gray.min():.0f}..{gray.max():.0f}) "
+                               "outside 0..65535, whose value range anomax cannot know; save it as an 8- or "
+                               "16-bit image")
+        if gray.size and 0 < gray.max() < 4096:
+            _narrow_16_bit.add(Path(path))
         return np.round(np.clip(gray / 257.0, 0, 255)).astype(np.uint8)[..., None]
     if image.mode == "F":  # converting would clip to 0..255: a [0, 1] image would come out black and white
         raise DatasetError(f"image {path} holds 32-bit float pixels, whose value range anomax cannot know; "
@@ -130,10 +145,22 @@ def read_mask(path: str | Path) -> np.ndarray:
                      and bool((colours == 0).all(axis=1).any()))
         mask = palette[indices].any(axis=-1) if by_colour else indices > 0
         return mask & (np.asarray(image.getchannel("A")) > 0) if image.mode == "PA" else mask
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # their raw channels mark black as > 0 (CMYK's K = 255)
+        image = image.convert("RGB")
     mask = np.asarray(image)
     if image.mode in ("RGBA", "LA"):
         return mask[..., :-1].any(axis=-1) & (mask[..., -1] > 0)
     return mask.any(axis=-1) if mask.ndim == 3 else mask > 0
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header alone (cheap), or None when it cannot be read (the full
+    read names the problem later)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - any failure is reported by read_image
+        return None
 
 
 def read_pair(image_path: str | Path, mask_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +183,8 @@ _UNLISTABLE = {errno.ELOOP: ("symlink loop", "symlink loops"), errno.ENOENT: ("d
 def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = None) -> list[Path]:
     """The files under ``folder``, recursively and sorted, optionally only those with ``suffixes``
     (lower case). Symlinked folders are followed; hidden files and folders (names starting with
-    '.'), dangling symlinks, symlink loops, a folder reached again through a symlink and unreadable
-    folders are skipped, each kind logged once with its count."""
+    '.'), files without one of ``suffixes``, dangling symlinks, symlink loops, a folder reached again
+    through a symlink and unreadable folders are skipped, each kind logged once with its count."""
     files: list[Path] = []
     skipped: dict[tuple[str, str], list[Path]] = {}  # (singular, plural) -> paths
     seen: set[tuple[int, int]] = set()
@@ -186,6 +213,7 @@ def list_files(folder: str | Path, suffixes: frozenset[str] | set[str] | None = 
                     skip(("hidden file", "hidden files"), path)
                 continue
             if suffixes is not None and path.suffix.lower() not in suffixes:
+                skip(("file without an image suffix", "files without an image suffix"), path)
                 continue
             try:
                 os.stat(path)

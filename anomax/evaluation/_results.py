@@ -75,13 +75,18 @@ def _ground_truth(raw, checked: dict, keep: np.ndarray, where: str, native_resol
         shapes, fits = [mask.shape for mask in masks], all(mask.ndim == 2 for mask in masks)
         binary = all(np.isin(mask, (0, 1)).all() for mask in masks)
     else:
-        masks = np.asarray(raw)[keep]
-        shapes, fits = masks.shape, masks.ndim == 3 and (maps is None or masks.shape == maps.shape)
-        binary = np.isin(masks, (0, 1)).all()
+        try:
+            masks = np.asarray(raw)[keep]
+        except ValueError:  # masks of different sizes make a ragged array
+            masks = None
+        shapes = [np.shape(mask) for mask in raw] if masks is None else masks.shape
+        fits = masks is not None and masks.ndim == 3 and (maps is None or masks.shape == maps.shape)
+        binary = fits and np.isin(masks, (0, 1)).all()
     if not fits:
         expected = "one 2-D mask per image" if maps is None or native_resolution else f"{maps.shape}"
         raise InputError(f"{where} 'anomaly_ground_truth' of shape {shapes} does not match the anomaly images, "
-                         f"expected {expected}; resize the masks or pass native_resolution=True")
+                         f"expected {expected}; resize the masks to the anomaly images' size (evaluate_dl_model "
+                         "also scores masks at their original sizes with native_resolution=True)")
     if not binary:
         raise InputError(f"{where} 'anomaly_ground_truth' holds values other than 0 and 1; binarise the masks")
     if any(masks[i].any() for i in np.flatnonzero(checked["anomaly_label_id"] == 0)):

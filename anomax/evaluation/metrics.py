@@ -125,11 +125,14 @@ def f1_max(scores, labels) -> tuple[float, float]:
 
 def aupro(anomaly_images, masks, fpr_limit: float = 0.3) -> float:
     """Exact AUPRO of maps (N,H,W) against binary masks (N,H,W)."""
-    masks = np.asarray(masks).astype(bool)
+    anomaly_images, masks = np.asarray(anomaly_images), np.asarray(masks).astype(bool)
+    if anomaly_images.ndim != 3 or masks.shape != anomaly_images.shape:  # regions are found per image
+        raise InputError(f"AUPRO needs maps and masks of one shape (N, H, W), got maps {anomaly_images.shape} and "
+                         f"masks {masks.shape}")
     if masks.all() or not masks.any():  # as auroc: a curve needs defect and defect-free pixels
         raise InputError("AUPRO needs defect and defect-free pixels; the masks hold only one class")
     accumulator = PixelAccumulator(exact=True)
-    accumulator.add(np.asarray(anomaly_images), masks)
+    accumulator.add(anomaly_images, masks)
     return accumulator.curve().aupro(fpr_limit)
 
 

@@ -311,6 +311,8 @@ def _cache_key(samples: list[Sample], params: PreprocessParams) -> str:
         "params": params.to_dict(),
         "samples": [[s.anomaly_label, digests[s.image_file_name], digests.get(s.anomaly_file_name)] for s in samples],
     }
+    if isinstance(params.domain, str):  # the params name the domain mask's file: its content counts
+        content["domain_mask"] = _content_hash(params.domain)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
 
 

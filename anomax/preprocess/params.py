@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -137,14 +138,19 @@ def _domain_inside(params: PreprocessParams, shape: tuple[int, int]) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=8)
-def _read_domain_mask_file(path: str) -> np.ndarray:
+def _read_domain_mask_file(path: str, modified_ns: int | None, size: int | None) -> np.ndarray:
+    """Cached by the file's modification time and size too: a mask edited in place is read again."""
     from anomax.data.images import read_mask  # images is data I/O; only a mask domain needs it
 
     return read_mask(path)
 
 
 def _read_domain_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
-    inside = _read_domain_mask_file(path)
+    try:
+        status = os.stat(path)
+    except OSError:
+        status = None  # read_mask names the missing file
+    inside = _read_domain_mask_file(path, status and status.st_mtime_ns, status and status.st_size)
     if inside.shape != tuple(shape):
         raise InputError(f"domain mask {path} is {inside.shape} (rows, cols) but the image is {tuple(shape)}")
     if not inside.any():
