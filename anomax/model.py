@@ -7,7 +7,7 @@ training split through the backbone and adaptor into the head in one pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,10 +195,12 @@ class AnomalyModel:
             return self._classified(apply_tiled(self, checked_images(images)))
         params = self._placed_params()
 
-        def run(batch: np.ndarray) -> dict[str, np.ndarray]:  # compiled once: every batch is padded to batch_size
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:  # compiled once per batch shape (see pad)
             return jax.device_get(self._infer(params, self._placed(batch, split_batch=True), mesh=self.mesh))
 
-        return apply_in_batches(images, self.preprocess, self.batch_size, run, self.thresholds)
+        # a mesh splits every batch over its devices: batch_size is a multiple of their count, a bucket may not be
+        return apply_in_batches(images, self.preprocess, self.batch_size, run, self.thresholds,
+                                pad="batch" if self.mesh is not None else "bucket")
 
     def _classified(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return classified(results, self.thresholds)
@@ -233,18 +235,22 @@ def checked_images(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
 
 def apply_in_batches(images: Sequence[np.ndarray], preprocess: PreprocessParams, batch_size: int,
                      run: Callable[[np.ndarray], Mapping[str, np.ndarray]], thresholds: Mapping[str, float],
-                     pad: bool = True) -> list[dict[str, Any]]:
+                     pad: Literal["batch", "bucket", "none"] = "bucket") -> list[dict[str, Any]]:
     """What every runtime's ``apply`` does around its inference ``run``: raw images preprocessed
-    ``batch_size`` at a time (the last batch padded to that size when ``pad``, so a compiled or
-    fixed-batch ``run`` sees one shape), one result dict per image, classified with ``thresholds``."""
+    ``batch_size`` at a time, one result dict per image,
+    classified with ``thresholds``. A short last batch is padded, repeating its last image, to
+    ``batch_size`` ('batch': a run with one fixed batch), to the next power of two ('bucket': a
+    compiled run then compiles at most log2(batch_size) + 1 shapes, and one image costs one image's
+    inference, not a whole batch's), or not at all ('none')."""
     images = checked_images(images)
     results = []
     for start in range(0, len(images), batch_size):
         chunk = np.stack([preprocess_image(preprocess, np.asarray(image)) for image in images[start:start + batch_size]])
-        batch = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)]) if pad else chunk
-        out = run(batch)
-        for row in range(len(chunk)):
-            results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.asarray(value[row]))
+        size = {"batch": batch_size, "bucket": min(batch_size, 1 << (len(chunk) - 1).bit_length()),
+                "none": len(chunk)}[pad]
+        out = run(np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]))
+        for row in range(len(chunk)):  # copies: a view would keep the whole batch's maps alive
+            results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.array(value[row]))
                             for key, value in out.items()})
     return classified(results, thresholds)
 

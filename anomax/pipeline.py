@@ -236,7 +236,7 @@ class _WorstMaps:
                 priority = score if label == 0 else -score
                 heap = self.kept[label]
                 if len(heap) < self.count or priority > heap[0][0]:
-                    entry = {key: np.asarray(value[row]) for key, value in batch.items()
+                    entry = {key: np.array(value[row]) for key, value in batch.items()  # copies: a view keeps its batch
                              if key.startswith("anomaly_image") or key == "anomaly_ground_truth"}
                     item = (priority, int(batch["index"][row]), entry)
                     (heapq.heapreplace if len(heap) >= self.count else heapq.heappush)(heap, item)

@@ -500,7 +500,7 @@ def _stitched(model, records: Iterable[dict[str, Any]], where: Callable[[dict], 
                 model.head.check_grid(record["grid"], where(record))
             yield record
 
-    params = model._placed(model.params)
+    params = model._placed_params()  # placed once while the model keeps its arrays
     infer = _tile_infer(model)
     pending: dict[int, dict[str, Any]] = {}
     for batch in _tile_batches(checked(records), model.batch_size):

@@ -22,9 +22,11 @@ from benchmarks.profile_onnx import IDLE_S
 
 
 def measure_apply(path: str | Path, batch_sizes: tuple[int, ...] = (1, 16), repeats: int = 10,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, short_calls: tuple[int, ...] = (1,)) -> dict:
     """{'load_s', 'batches': {batch_size: {'first_call_s', 'median_s', 'images_per_s'}}} for the artifact
-    at ``path``, fed random uint8 images of its preprocess size."""
+    at ``path``, fed random uint8 images of its preprocess size; plus, for each n of ``short_calls``, a
+    call of n images at the largest batch size (a saved model keeps its training batch size, 16, and
+    is often applied to one image at a time), keyed '<batch size>, <n>/call'."""
     import anomax
 
     began = time.perf_counter()
@@ -33,9 +35,11 @@ def measure_apply(path: str | Path, batch_sizes: tuple[int, ...] = (1, 16), repe
     shape = (model.preprocess.height, model.preprocess.width, model.preprocess.num_channels)
     rng = np.random.default_rng(seed)
     batches = {}
-    for batch_size in batch_sizes:
+    calls = [(batch_size, batch_size, batch_size) for batch_size in batch_sizes]
+    calls += [(f"{max(batch_sizes)}, {count}/call", max(batch_sizes), count) for count in short_calls]
+    for key, batch_size, count in calls:
         model.set_params(batch_size=batch_size)
-        images = list(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8))
+        images = list(rng.integers(0, 256, (count, *shape), dtype=np.uint8))
         began = time.perf_counter()
         model.apply(images)  # compiles this batch shape
         first_call_s = time.perf_counter() - began
@@ -46,8 +50,7 @@ def measure_apply(path: str | Path, batch_sizes: tuple[int, ...] = (1, 16), repe
             model.apply(images)
             times.append(time.perf_counter() - began)
         median_s = statistics.median(times)
-        batches[batch_size] = {"first_call_s": first_call_s, "median_s": median_s,
-                               "images_per_s": batch_size / median_s}
+        batches[key] = {"first_call_s": first_call_s, "median_s": median_s, "images_per_s": count / median_s}
     return {"load_s": load_s, "batches": batches}
 
 

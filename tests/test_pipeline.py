@@ -183,3 +183,33 @@ def test_the_readme_library_workflow_runs_through_the_public_api(tmp_path):
     assert 0.0 <= metrics["image"]["auroc"] <= 1.0 and "intermediate" in metrics["at_thresholds"]
     saved = anomax.load_model(anomax.save_model(model, tmp_path / "my_model", thresholds=thresholds))
     assert saved.thresholds == model.thresholds
+
+
+def test_apply_pads_a_short_batch_to_a_power_of_two_and_returns_copies():
+    """One image costs one image's inference, not a padded batch of batch_size (a saved model keeps
+    the training batch size, 16); the compiled shapes stay few; the scores are those of full batches;
+    a result does not keep its batch's maps alive."""
+    import jax
+    import tiny_models
+
+    from anomax.model import apply_in_batches
+
+    model = tiny_models.fitted_model("mobilenet_v2", "padim", {"eps": 0.01},
+                                     {"pool_size": 1, "projection_dim": 8, "projection": "subset"}, size=32)
+    images = list(np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8))
+    seen = []
+
+    def run(batch):
+        seen.append(len(batch))
+        return jax.device_get(model._infer(model.params, batch))
+
+    for count, pad, shapes in ((1, "bucket", [1]), (3, "bucket", [4]), (11, "bucket", [8, 4]), (3, "batch", [8]),
+                               (3, "none", [3])):
+        seen.clear()
+        results = apply_in_batches(images[:count], model.preprocess, 8, run, {}, pad=pad)
+        assert seen == shapes and len(results) == count, (count, pad)
+    model.set_params(batch_size=8)
+    scores = [r["anomaly_score"] for r in model.apply(images[:3])]
+    model.set_params(batch_size=1)
+    assert scores == pytest.approx([r["anomaly_score"] for r in model.apply(images[:3])], rel=1e-5)
+    assert model.apply(images[:1])[0]["anomaly_image"].base is None

@@ -43,7 +43,7 @@ class DeployedModel:
         from anomax.model import apply_in_batches
 
         return apply_in_batches(images, self.preprocess, self._fixed_batch or self.batch_size, self.run,
-                                self.thresholds, pad=self._fixed_batch is not None)
+                                self.thresholds, pad="batch" if self._fixed_batch is not None else "none")
 
     def get_params(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "thresholds": dict(self.thresholds), "device": self.runtime}

@@ -117,8 +117,9 @@ def crop_to_domain(params: PreprocessParams, array: np.ndarray) -> np.ndarray:
 
 def domain_box(params: PreprocessParams, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     if isinstance(params.domain, str):
-        rows, cols = np.nonzero(_read_domain_mask(params.domain, shape))
-        return rows.min(), cols.min(), rows.max(), cols.max()
+        inside = _read_domain_mask(params.domain, shape)  # not empty: checked there
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))  # np.nonzero: 100x slower
+        return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
     row1, col1, row2, col2 = params.domain
     if row2 >= shape[0] or col2 >= shape[1]:
         raise InputError(
