@@ -142,10 +142,11 @@ def claim_run_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield run_dir
 
 
-def check_run_dir_unused(path: str | os.PathLike) -> None:
+def check_run_dir_unused(path: str | os.PathLike, key: str = "hydra.run.dir") -> None:
     """Refuse ``path`` early (claim_run_dir checks again under its lock) when another run holds it or
     it holds a finished run's outputs: Hydra writes .hydra/ into the run directory before the task
-    starts, which would overwrite the earlier run's record of its config."""
+    starts, which would overwrite the earlier run's record of its config. ``key``: the setting that
+    chose the directory, named in the refusal (a sweep's jobs: hydra.sweep.dir)."""
     run_dir = Path(path).absolute()
     if not run_dir.is_dir():
         return
@@ -155,19 +156,19 @@ def check_run_dir_unused(path: str | os.PathLike) -> None:
             with locked(lock, wait=False):
                 pass
         except BlockingIOError:
-            raise _in_use(run_dir) from None
-    _refuse_outputs(run_dir)
+            raise _in_use(run_dir, key) from None
+    _refuse_outputs(run_dir, key)
 
 
-def _in_use(run_dir: Path) -> OutputError:
+def _in_use(run_dir: Path, key: str = "hydra.run.dir") -> OutputError:
     owner = (run_dir / RUN_LOCK).read_text().strip() or "unknown"
     return OutputError(f"{run_dir} is in use by another anomax run (pid {owner}); give this run its own "
-                       f"directory (hydra.run.dir=...) or wait for that one to finish")
+                       f"directory ({key}=...) or wait for that one to finish")
 
 
-def _refuse_outputs(run_dir: Path) -> None:
+def _refuse_outputs(run_dir: Path, key: str = "hydra.run.dir") -> None:
     found = sorted(entry.name for entry in run_dir.iterdir() if not _before_the_run(entry))
     if found:
         raise OutputError(f"{run_dir} already holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}: "
-                          f"a run writes only into a new or empty directory; choose another hydra.run.dir "
+                          f"a run writes only into a new or empty directory; choose another {key} "
                           f"or move those files away")

@@ -172,6 +172,17 @@ def check_thresholds_possible(dataset: DLDataset, evaluate_cfg: EvaluateConfig) 
                     "largest_good", split, evaluate_cfg.classification_threshold)
 
 
+def check_objective_possible(dataset: DLDataset, evaluate_cfg: EvaluateConfig) -> None:
+    """Fail before the fit when a search's objective, the validation image AUROC, cannot be measured."""
+    counts = _split_counts(dataset).get("validation", {"ok": 0, "nok": 0})
+    if evaluate_cfg.threshold_split != "validation" or not (counts["ok"] and counts["nok"]):
+        raise ConfigError(
+            f"a search (hydra/sweeper=optuna) optimises the validation image AUROC, which needs "
+            f"evaluate.threshold_split=validation (got {evaluate_cfg.threshold_split}) and good and defective "
+            f"validation images (got {counts['ok']} good, {counts['nok']} defective: dataset.validation_from_test or "
+            "split.validation_percent give it some)")
+
+
 def has_evaluable_test_split(dataset: DLDataset) -> bool:
     """Fail before the fit when the test split is empty. False, with a warning, when it lacks good or
     defective images (a dataset of good images only, HALCON's usual start): the model is then fitted,
@@ -372,6 +383,8 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     ``members``: a score ensemble's composed member configs, one per ``ensemble.members`` entry
     (anomax.apps.config.ensemble_member_configs), each checked as a run of its own."""
     _check_known_keys(cfg)
+    # first: the top-level settings (seed, ...) that others interpolate, so an error names them
+    run = RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()})
     head_cfg = dict(cfg["model"]["head"])
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
@@ -387,8 +400,7 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
         _check_range_normalisation(backbone["name"], requirements, preprocess)
         PreprocessParams.from_dict(filled_preprocess(requirements, preprocess))  # as build_model will fill them
     settings = RunSettings(
-        run=RunConfig.from_dict({key: cfg.get(key, default) for key, default in RunConfig().to_dict().items()}),
-        split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
+        run=run, split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
         head=head_cls.Config.from_dict(head_cfg), train=TrainConfig.from_dict(cfg.get("train")),
         evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")), export=ExportConfig.from_dict(cfg.get("export")),
         augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=TilingConfig.from_dict(cfg.get("tiling")),
@@ -483,11 +495,12 @@ def build_run_model(cfg: Mapping[str, Any],
 
 
 def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_config: Mapping | None = None,
-                       members: Sequence[Mapping[str, Any]] = ()) -> dict:
+                       members: Sequence[Mapping[str, Any]] = (), objective: bool = False) -> dict:
     """The whole workflow into ``run_dir``: dataset.json, model/, metrics.json, pictures/, index.html.
     ``members``: with ``ensemble.members`` set, the members' composed configs
     (anomax.apps.config.ensemble_member_configs); each member is fitted on the train split and
-    normalised on the validation split's good images, then everything else runs on the ensemble."""
+    normalised on the validation split's good images, then everything else runs on the ensemble.
+    ``objective``: the run is a search's trial, whose validation image AUROC must be measurable."""
     from anomax.artifact import save_model
 
     settings = validate_config(cfg, members)  # every setting first: nothing is read before they all hold
@@ -504,6 +517,8 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_thresholds_possible(dataset, evaluate_cfg)
+        if objective:
+            check_objective_possible(dataset, evaluate_cfg)
         evaluable = has_evaluable_test_split(dataset)
         if is_main():
             dataset.to_json(run_dir / "dataset.json")
@@ -517,7 +532,10 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         log.info("fit %s in %.1f s: %s", model.description, timings["fit_s"], fit_summary(fit_info))
 
         start = time.perf_counter()
-        thresholds, validation = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir, run.progress)
+        thresholds, on_threshold_split = estimate_thresholds(model, dataset, evaluate_cfg, run.cache_dir,
+                                                             run.progress)
+        # the objective of a search: the validation split's AUROC only, never another threshold split's (test)
+        validation = on_threshold_split if evaluate_cfg.threshold_split == "validation" else {}
         thresholds_s = time.perf_counter() - start
         start = time.perf_counter()
         if is_main():  # before the test split is read: a file there that fails does not cost the fit

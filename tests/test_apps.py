@@ -367,3 +367,26 @@ def test_a_dataset_of_good_images_only_is_fitted_and_saved(tmp_path):
                   cwd=tmp_path, check=False)
     assert emptied.returncode == 2 and "split 'test'" in emptied.stderr and "is empty" in emptied.stderr
     assert not (tmp_path / "empty" / "model").exists()
+
+
+def test_a_failing_job_fails_alone_and_a_used_sweep_directory_names_its_key(tmp_path):
+    """In a sweep, one job's error is reported on its line and the other jobs still run; the sweep
+    then ends with an error status. Rerunning into the same sweep directory names hydra.sweep.dir."""
+    done = run("train", "-m", *SMOKE, "model/head=padim", "progress=false", "seed=-1,3", "hydra.sweep.dir=sweep",
+               cwd=tmp_path, check=False)
+    assert done.returncode != 0 and "anomax-train: error: " in done.stderr and "seed" in done.stderr
+    finished = [p.name for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file()]
+    assert len(finished) == 1 and finished[0].startswith("1_"), finished  # the second job ran after the first failed
+    again = run("train", "-m", *SMOKE, "model/head=padim", "seed=3", "hydra.sweep.dir=sweep", cwd=tmp_path,
+                check=False)
+    assert again.returncode == 2 and "choose another hydra.sweep.dir" in again.stderr
+
+
+def test_thresholds_on_test_give_no_validation_objective(tmp_path):
+    """With evaluate.threshold_split=test the test split's AUROC is not recorded (or returned to a
+    search) as the validation AUROC."""
+    done = run("train", *SMOKE, "model/head=padim", "progress=false", "evaluate.threshold_split=test",
+               "evaluate.allow_test_split=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["validation"] == {} and record["thresholds"]["split"] == "test"
+    assert "validation:" not in done.stdout and "image_auroc" in done.stdout

@@ -100,3 +100,12 @@ def test_runs_without_metrics_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="anomax"):
         report.main([str(tmp_path)])
     assert f"1 run without metrics.json (failed or not finished) left out: {tmp_path / '1'}" in caplog.text
+
+
+def test_runs_are_listed_in_job_order(tmp_path, capsys):
+    """Hydra's job folders 0_..., 2_..., 10_... sort as text 0, 10, 2: the table follows the job numbers."""
+    for job, head in ((0, "a"), (2, "b"), (10, "c"), (11, "d")):
+        finished_run(tmp_path / f"{job}_run", head, 0.5)
+    report.main([str(tmp_path)])
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["| a", "| b", "| c", "| d"]

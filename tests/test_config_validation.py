@@ -161,3 +161,9 @@ def test_a_dataset_config_without_its_schema_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"does not accept \['textur'\]"):
         read_configured_dataset({"format": "synthetic", "textur": "gravel", "seed": 0, "root": str(tmp_path)}, {},
                                 seed=0)
+
+
+def test_a_wrong_top_level_seed_is_named_itself_not_a_key_interpolating_it():
+    with pytest.raises(ConfigError) as failure:
+        validated("seed=-1")
+    assert str(failure.value).startswith("seed = -1 is invalid"), str(failure.value)

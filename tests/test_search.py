@@ -66,3 +66,13 @@ def test_report_lists_best_mean_validation_auroc_first_only_when_asked():
     _, best_first = summarise(rows, best_first=True)
     assert [r[0] for r in in_run_order] == ["a", "b"]
     assert [r[0] for r in best_first] == ["b", "a"]  # means 0.8 > 0.7, although 'a' has the single best run
+
+
+def test_a_search_without_defective_validation_images_is_refused_before_the_fit(tmp_path):
+    """Its objective, the validation image AUROC, could not be measured: every trial would fit for nothing."""
+    script = "import sys; from anomax.apps.train import main; sys.argv[0] = 'anomax-train'; main()"
+    done = subprocess.run([sys.executable, "-c", script, *SMOKE, "+hparams_search=synthetic_smoke",
+                           "dataset.validation_from_test=0", "hydra.sweep.dir=search"], cwd=tmp_path,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and "a search (hydra/sweeper=optuna) optimises the validation image AUROC" in done.stderr
+    assert not any((tmp_path / "search").glob("*/model"))  # refused before any fit

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
@@ -51,8 +53,13 @@ def print_version_if_asked(app: str) -> None:
         raise SystemExit(0)
 
 
+class JobFailed(RuntimeError):
+    """One job of a sweep failed with an AnomaxError (already reported on its own line)."""
+
+
 def reports_errors(app: str) -> Callable:
-    """An AnomaxError ends the job with one clear line (and exit status 2), not a traceback."""
+    """An AnomaxError ends the job with one clear line (and exit status 2), not a traceback; in a sweep
+    (-m) it fails that job only, and Hydra reports the failures when the sweep ends."""
 
     def wrap(task: Callable) -> Callable:
         @functools.wraps(task)
@@ -64,6 +71,10 @@ def reports_errors(app: str) -> Callable:
             except AnomaxError as error:
                 logging.getLogger().error("%s: %s", app, error)  # the log file; the console gets the line below
                 print(f"{app}: error: {error}", file=sys.stderr)
+                if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                    # an ordinary exception: Hydra marks this job failed and runs the others (a search counts
+                    # it against max_failure_rate); SystemExit would end the whole sweep here
+                    raise JobFailed(f"{app}: {error}") from None
                 raise SystemExit(2) from None
 
         return run
@@ -87,11 +98,11 @@ class RefuseUsedRunDir(Callback):
         sweep = Path(config.hydra.sweep.dir)
         for job in sorted(sweep.iterdir()) if sweep.is_dir() else ():
             if job.is_dir():
-                self._check(job)
+                self._check(job, "hydra.sweep.dir")
 
-    def _check(self, run_dir: str | Path) -> None:
+    def _check(self, run_dir: str | Path, key: str = "hydra.run.dir") -> None:
         try:
-            check_run_dir_unused(run_dir)
+            check_run_dir_unused(run_dir, key)
         except AnomaxError as error:
             print(f"{self.app}: error: {error}", file=sys.stderr)
             raise SystemExit(2) from None

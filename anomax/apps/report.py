@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
         log.warning("%d run%s without metrics.json (failed or not finished) left out: %s", len(unfinished),
                     "s" * (len(unfinished) != 1), ", ".join(unfinished))
     rows = []
-    for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"))]:
+    for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"),
+                                                                                key=_in_job_order)]:
         run_dir = metrics_file.parent
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         try:
@@ -63,6 +65,11 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
         raise DatasetError(f"no finished runs (metrics.json) under {', '.join(map(str, sweep_dirs))}; "
                            "is it a multirun directory?")
     return rows
+
+
+def _in_job_order(path: Path) -> list:
+    """Hydra numbers a sweep's jobs 0_..., 1_..., 10_...: by number, not as text (0, 1, 10, 11, 2)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def summarise(rows: list[dict[str, Any]], seed_key: str = "seed",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from anomax.apps._common import plain, print_version_if_asked, reports_errors
@@ -22,7 +23,8 @@ def _train(cfg: DictConfig) -> float | None:
     # a score ensemble's members: the run's config with each member's overrides (conf/ensemble/)
     members = ensemble_member_configs(config, hydra_config.overrides.task, hydra_config.job.config_name)
     distributed.initialize(config.get("distributed"))  # before any other JAX use
-    record = train_and_evaluate(config, run_dir, resolved_config=config, members=members)
+    searching = hydra_config.mode == RunMode.MULTIRUN and "optuna" in str(hydra_config.sweeper.get("_target_"))
+    record = train_and_evaluate(config, run_dir, resolved_config=config, members=members, objective=searching)
     if distributed.is_main():
         names = [f"{c['model']['head']['name']} + {c['model']['backbone']['name']}" for c in members or [config]]
         print(f"anomax-train: {' and '.join(names)}{' (score ensemble)' if members else ''} on "
