@@ -167,3 +167,22 @@ def test_a_wrong_top_level_seed_is_named_itself_not_a_key_interpolating_it():
     with pytest.raises(ConfigError) as failure:
         validated("seed=-1")
     assert str(failure.value).startswith("seed = -1 is invalid"), str(failure.value)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.backbone.seed=-1", "model.backbone.seed must be an integer >= 0"),
+    ("model.backbone.width_multiplier=0", "model.backbone.width_multiplier must be a number > 0"),
+    ("dataset.n_train=0", "dataset.n_train must be an integer >= 1"),
+    ("dataset.n_test_defect=-2", "dataset.n_test_defect must be an integer >= 0"),
+])
+def test_backbone_and_synthetic_arguments_are_bounded(override, named, tmp_path):
+    """Plain function arguments, not Settings: checked where they are used, before any weights or images."""
+    from omegaconf import OmegaConf
+
+    from anomax.pipeline import build_model, read_configured_dataset
+
+    cfg = OmegaConf.to_container(composed("+experiment=synthetic_smoke", f"dataset.root={tmp_path}", override),
+                                 resolve=True)
+    with pytest.raises(ConfigError, match=named):
+        build_model(cfg) if override.startswith("model") else read_configured_dataset(cfg["dataset"], {}, seed=0)
+    assert not any(tmp_path.iterdir())  # no half-generated dataset left to be read again

@@ -19,7 +19,7 @@ from flax import nnx
 from anomax.backbones._checkpoint import load_state_dict
 from anomax.backbones._layers import FeatureNetwork, assign_torch_weights, check_taps
 from anomax.backbones._weights import WeightsSource, file_sha256, resolve_weights
-from anomax.errors import InputError, WeightsError
+from anomax.errors import ConfigError, InputError, WeightsError
 from anomax.preprocess.params import IMAGENET_MEAN, IMAGENET_STD
 from anomax.registry import BACKBONES
 
@@ -114,6 +114,10 @@ def build_backbone(name: str, *, taps: Iterable[str] | None = None,
                    width_multiplier: float = 1.0) -> Backbone:
     """The registered backbone ``name``: ImageNet weights, a weights file, or random (``pretrained=None``)."""
     spec: BackboneSpec = BACKBONES.get(name)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"model.backbone.seed must be an integer >= 0, got {seed!r}")
+    if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
+        raise ConfigError(f"model.backbone.width_multiplier must be a number > 0, got {width_multiplier!r}")
 
     def make() -> FeatureNetwork:
         return spec.network(width_multiplier=width_multiplier, rngs=nnx.Rngs(seed))

@@ -6,11 +6,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from anomax.data.dataset import DLDataset
 from anomax.data.formats.mvtec_ad import read_mvtec_ad
+from anomax.errors import ConfigError
 from anomax.data.synthetic import LARGE_VERSION, PARTS, PARTS_VERSION, TEXTURE_SIDE, make_synthetic_dataset
 from anomax.registry import DATASET_FORMATS
 
@@ -28,6 +29,10 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
     Files go to ``root`` or ``~/.cache/anomax/synthetic/<hash of the arguments>``; the folder is
     written under a temporary name and renamed when complete, so a half-written one is never read.
     """
+    for key, value, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 0),
+                              ("n_test_defect", n_test_defect, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"dataset.{key} must be an integer >= {least}, got {value!r}")
     spec = dict(texture=texture, size=size, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
                 seed=seed)
     if texture == PARTS:  # bump PARTS_VERSION when the generator's output changes: a new cache folder
@@ -40,7 +45,8 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
     folder = Path(root or Path(os.path.expanduser("~/.cache/anomax/synthetic"))) / key
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+        staging = folder.parent / f".{key}-{uuid.uuid4().hex}"  # mkdir, not mkdtemp: mode from the umask, not 0700
+        staging.mkdir()
         try:
             make_synthetic_dataset(staging, size=size, n_train=n_train, n_test_good=n_test_good,
                                    n_test_defect=n_test_defect, textures=(texture,), seed=seed,
