@@ -24,7 +24,6 @@ import logging
 import tempfile
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +35,7 @@ from anomax.data.images import read_mask, read_pair
 from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import FeatureBatches, Head
 from anomax.preprocess.params import PreprocessParams, domain_box, preprocess_image, preprocess_mask
+from anomax.preprocess.cache import grain  # imported there without touching the root logger
 from anomax.settings import Settings, setting
 
 log = logging.getLogger("anomax")

@@ -79,3 +79,24 @@ def test_the_public_names_resolve_and_are_listed():
     assert set(anomax.__all__) <= set(dir(anomax))
     for name in anomax.__all__:
         assert getattr(anomax, name) is not None
+
+
+def test_the_library_leaves_the_root_logger_to_the_application(tmp_path):
+    """TFDS and grain log through absl, which configures the root logger when it has no handler: after
+    anomax has built, fitted and scored a model, an application's own basicConfig still takes effect."""
+    script = f"""
+import logging, anomax
+cfg = anomax.compose_train_config(["+experiment=synthetic_smoke", "dataset.n_train=4", "dataset.n_test_good=2",
+                                   "dataset.n_test_defect=2", "model/head=padim", "cache_dir={tmp_path / 'cache'}"])
+model = anomax.build_model(cfg)
+from anomax.pipeline import read_configured_dataset
+dataset = read_configured_dataset(cfg["dataset"], {{}}, seed=0)
+model.fit(dataset, progress=False, cache_dir="{tmp_path / 'cache'}")
+list(anomax.results_of(model, dataset, "test", "{tmp_path / 'cache'}", False))
+assert logging.getLogger().handlers == [], logging.getLogger().handlers
+logging.basicConfig(level=logging.INFO, format="MYAPP %(name)s: %(message)s")
+logging.getLogger("anomax").info("a line")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "MYAPP anomax: a line" in done.stderr

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
@@ -37,6 +36,28 @@ from anomax.data.images import log_conversions, read_pair
 from anomax.errors import ConfigError, DatasetError
 from anomax.files import sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
+
+
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """absl's log() calls logging.basicConfig() when the root logger has no handler; TFDS and grain log
+    through absl, so a library call would leave a stderr handler on the root, and an application's own
+    basicConfig afterwards would change nothing (anomax's INFO lines never showed). A NullHandler
+    stands in meanwhile."""
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+
+
+with _root_logger_kept():
+    import grain  # noqa: E402 - its import logs through absl
+
 
 CACHE_LAYOUT_VERSION = 3  # bump when the stored features or splits change, so old caches are not reused
 READ_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -296,7 +317,8 @@ def _tfds_notes_to_debug() -> Iterator[None]:
     absl, demote = logging.getLogger("absl"), _ToDebug()
     absl.addFilter(demote)
     try:
-        yield
+        with _root_logger_kept():
+            yield
     finally:
         absl.removeFilter(demote)
 
