@@ -186,3 +186,20 @@ def test_backbone_and_synthetic_arguments_are_bounded(override, named, tmp_path)
     with pytest.raises(ConfigError, match=named):
         build_model(cfg) if override.startswith("model") else read_configured_dataset(cfg["dataset"], {}, seed=0)
     assert not any(tmp_path.iterdir())  # no half-generated dataset left to be read again
+
+
+def test_compose_train_config_checks_what_it_composes_and_works_inside_another_hydra(tmp_path):
+    """The library path of the README: a misspelt key or option is a ConfigError naming it (build_model
+    ignored unknown keys), as in anomax-train; an application's own Hydra is kept as it was."""
+    import anomax
+
+    for overrides, named in ((["+batchsize=2"], r"unknown key\(s\) batchsize"),
+                             (["+model.backbone.widht_multiplier=0.5"], "model.backbone.widht_multiplier"),
+                             (["model/head=nope"], "Could not find 'model/head/nope'"),
+                             ("model/head=padim", "takes a list of overrides")):
+        with pytest.raises(ConfigError, match=named):
+            anomax.compose_train_config(overrides)
+    (tmp_path / "mine.yaml").write_text("x: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        assert anomax.compose_train_config(["model/head=padim"])["model"]["head"]["name"] == "padim"
+        assert compose("mine").x == 1  # the application's Hydra is back

@@ -164,18 +164,52 @@ def register_schemas() -> None:
 
 
 def compose_train_config(overrides: Sequence[str], config_name: str = "anomax_train") -> dict[str, Any]:
-    """conf/anomax_train.yaml with these overrides, composed and resolved as anomax-train does; inside
-    a running Hydra app (anomax-train itself) with that app's Hydra, so its --config-dir counts too."""
+    """conf/anomax_train.yaml with these overrides, composed, resolved and checked (validate_config,
+    the members of a score ensemble too) as anomax-train does; a wrong key or value is a ConfigError.
+    Inside a running anomax app with that app's Hydra, so its --config-dir counts too; inside another
+    application's Hydra, anomax's conf/ is composed on the side and that Hydra is left as it was."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from anomax.errors import ConfigError
+    from anomax.pipeline import validate_config
+
+    if isinstance(overrides, str):  # it would be read character by character
+        raise ConfigError(f"compose_train_config takes a list of overrides, e.g. ['model/head=padim'], got the "
+                          f"string {overrides!r}")
+    register_schemas()
+    try:
+        cfg = _composed(list(overrides), config_name)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"the overrides {list(overrides)} do not compose: {error}") from None
+    validate_config(cfg, ensemble_member_configs(cfg, overrides, config_name))
+    return cfg
+
+
+def _composed(overrides: list[str], config_name: str) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
 
     from anomax.apps._common import plain
 
-    register_schemas()
-    if GlobalHydra.instance().is_initialized():
-        return plain(compose(config_name, overrides=list(overrides)))
+    running = GlobalHydra.instance()
+    if running.is_initialized():
+        try:
+            return plain(compose(config_name, overrides=overrides))
+        except MissingConfigException as error:
+            if f"primary config '{config_name}'" not in str(error):
+                raise
+        saved = running.hydra  # another application's Hydra, without anomax's conf/
+        running.clear()
+        try:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                return plain(compose(config_name, overrides=overrides))
+        finally:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(saved)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return plain(compose(config_name, overrides=list(overrides)))
+        return plain(compose(config_name, overrides=overrides))
 
 
 def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
