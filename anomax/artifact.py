@@ -604,6 +604,9 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
     """
     from jax import export
 
+    for key, value in (("batch_size", batch_size), ("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"export_inference: {key} must be an integer >= 1, got {value!r}")
     if getattr(getattr(model, "tiling", None), "enabled", False):
         raise ConfigError("export_inference: tiled models are not exportable (the function would score one tile, "
                           "not the whole image); export an untiled model")

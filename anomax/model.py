@@ -42,8 +42,7 @@ class AnomalyModel:
         self.adaptor = adaptor
         self.head = head
         self.adaptor_params = dict(adaptor.init(backbone.channels) if adaptor_params is None else adaptor_params)
-        self.thresholds = dict(thresholds or {})
-        self.batch_size = batch_size
+        self.thresholds, self.batch_size = {}, 16  # set through set_params below, which checks them
         self.augment = augment or AugmentConfig()  # fit-time and test-time transforms (anomax.augment)
         self.augment.check_input(preprocess.height, preprocess.width)
         self.tiling = (tiling or TilingConfig()).for_backbone(backbone)  # large images tile by tile (anomax.tiling)
@@ -59,6 +58,7 @@ class AnomalyModel:
         self.mesh = None  # set_params(device='all'): a 1-D 'data' mesh, batches split over all devices
         self._features = parallel.jit(self.features)
         self._infer = parallel.jit(self.infer, static_argnames=("mesh",))
+        self.set_params(batch_size=batch_size, thresholds=thresholds or {})
 
     @property
     def description(self) -> str:

@@ -127,10 +127,10 @@ def run_suite(suite: str, out: Path, train: bool = False, only: tuple[str, ...] 
 
 def _machine() -> dict:
     import jax
-    import psutil
 
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # POSIX: no psutil dependency for one number
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "jax": jax.__version__,
+            "memory_gib": round(memory / 2**30, 1), "jax": jax.__version__,
             "devices": [str(d) for d in jax.devices()]}
 
 

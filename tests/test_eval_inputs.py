@@ -67,3 +67,17 @@ def test_results_are_read_once_and_streamed_metrics_match_exact_ones():
         streamed = evaluate_dl_model(iter([_batch(), _batch()]), pixel_range=pixel_range)["pixel"]
         assert streamed["auroc"] == pytest.approx(exact["auroc"], abs=1e-3)
         assert streamed["aupro"] == pytest.approx(exact["aupro"], abs=1e-3)
+
+
+def test_threshold_settings_and_empty_results_are_checked_by_the_api():
+    """As EvaluateConfig checks them for anomax-train."""
+    for kwargs, message in (({"std_factor": -10}, "std_factor must be a finite number >= 0"),
+                            ({"clip": (5, 1)}, r"clip must be None or \(low, high\) with low <= high"),
+                            ({"clip": (1.0,)}, "clip must be None")):
+        with pytest.raises(InputError, match=message):
+            compute_dl_anomaly_thresholds(_batch(), split="validation", **kwargs)
+    assert compute_dl_anomaly_thresholds(_batch(), split="validation", clip=(None, 0.5)).segmentation == 0.5
+    with pytest.raises(InputError, match="'validation' split's results hold no images"):
+        compute_dl_anomaly_thresholds([], split="validation")
+    with pytest.raises(InputError, match="the results hold no images"):
+        evaluate_dl_model([])

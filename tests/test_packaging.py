@@ -53,6 +53,18 @@ def test_the_wheel_carries_its_licence(built_wheel):
         assert "License-File: LICENSE" in wheel.read(next(n for n in wheel.namelist() if n.endswith("METADATA"))).decode()
 
 
+def test_the_wheel_carries_its_typing_marker_and_one_version(built_wheel):
+    """PEP 561's py.typed, so type checkers read anomax's annotations; the version of the metadata is
+    the one anomax reports."""
+    import zipfile
+
+    import anomax
+
+    with zipfile.ZipFile(built_wheel[0]) as wheel:
+        assert "anomax/py.typed" in wheel.namelist()
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == anomax.__version__
+
+
 def test_configs_compose_from_the_installed_wheel(installed_wheel, tmp_path):
     script = """
 import anomax, anomax.apps.config as config

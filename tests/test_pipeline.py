@@ -213,3 +213,41 @@ def test_apply_pads_a_short_batch_to_a_power_of_two_and_returns_copies():
     model.set_params(batch_size=1)
     assert scores == pytest.approx([r["anomaly_score"] for r in model.apply(images[:3])], rel=1e-5)
     assert model.apply(images[:1])[0]["anomaly_image"].base is None
+
+
+def test_the_model_constructor_and_export_inference_check_their_arguments(tmp_path):
+    """As set_params and export_onnx do: batch_size 0 failed at apply on range(); NaN thresholds were used,
+    then failed to save; one threshold alone was silently ignored; export_inference wrote a batch of 0."""
+    import tiny_models
+
+    import anomax
+    from anomax.errors import ConfigError
+    from anomax.model import AnomalyModel
+
+    model = tiny_models.fitted_model("mobilenet_v2", "padim", {"eps": 0.01},
+                                     {"pool_size": 1, "projection_dim": 8, "projection": "subset"}, size=32)
+    parts = (model.preprocess, model.backbone, model.adaptor, model.head)
+    for kwargs, named in (({"batch_size": 0}, "'batch_size' must be an integer >= 1"),
+                          ({"thresholds": {"segmentation": float("nan"), "classification": 1.0}}, "'thresholds'"),
+                          ({"thresholds": {"classification": 1.0}}, "'thresholds'")):
+        with pytest.raises(ConfigError, match=named):
+            AnomalyModel(*parts, adaptor_params=model.adaptor_params, **kwargs)
+    for value in (0, -1, None, 2.0):
+        with pytest.raises(ConfigError, match=r"export_inference: batch_size must be an integer >= 1"):
+            anomax.export_inference(model, tmp_path / "f.npz", batch_size=value, height=32, width=32)
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_a_picture_that_cannot_be_written_is_an_output_error_naming_it(tmp_path):
+    import os
+
+    from anomax.errors import OutputError
+    from anomax.evaluation.pictures import plot_anomaly_overlay
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    written = plot_anomaly_overlay(folder / "a.png", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)))
+    assert written.read_bytes()[:4] == b"\x89PNG" and os.listdir(folder) == ["a.png"]  # no temporary left
+    (folder / "taken").write_text("a file where a folder should be")  # fails as root too, unlike a read-only folder
+    with pytest.raises(OutputError, match=r"cannot write .*taken/b.png"):
+        plot_anomaly_overlay(folder / "taken" / "b.png", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)))

@@ -21,6 +21,7 @@ import numpy as np
 
 from anomax.data.images import IMAGE_SUFFIXES, header_size, list_files, read_mask
 from anomax.errors import ConfigError, DatasetError
+from anomax.files import write_json_atomic
 from anomax.registry import DATASET_FORMATS
 
 log = logging.getLogger("anomax")
@@ -80,8 +81,8 @@ class DLDataset:
         return chosen
 
     def to_json(self, path: str | Path) -> None:
-        manifest = {"manifest_version": MANIFEST_VERSION, **dataclasses.asdict(self)}
-        Path(path).write_text(json.dumps(manifest, indent=1))
+        """The dataset and its splits as a JSON manifest, written atomically (from_json reads it back)."""
+        write_json_atomic(path, {"manifest_version": MANIFEST_VERSION, **dataclasses.asdict(self)})
 
     @classmethod
     def from_json(cls, path: str | Path) -> DLDataset:

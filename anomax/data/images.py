@@ -3,7 +3,8 @@
 ``MAX_IMAGE_PIXELS`` (default 150,000,000; set the environment variable ANOMAX_MAX_IMAGE_PIXELS,
 or the module constant at run time) refuses larger images before they are decoded: a 24 KB PNG
 can declare 14000 x 14000 pixels. PIL's own guard (a warning above its limit, an error above
-twice it) is raised to this limit when lower, so PIL never refuses what anomax allows.
+twice it) is raised to this limit when lower, for anomax's own reads only, so PIL never refuses what
+anomax allows.
 """
 
 from __future__ import annotations
@@ -47,14 +48,28 @@ def _too_large(path: Path, detail: str) -> DatasetError:
     )
 
 
+_PIL_LIMIT = threading.Lock()
+
+
+def _opened(path: Path) -> Image.Image:
+    """Image.open with PIL's own bomb guard raised to anomax's limit when it is lower, for this call only
+    (the guard is PIL's process-wide setting, which the host application may rely on)."""
+    with _PIL_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        if saved is not None and saved < MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image file {path} does not exist; check the dataset paths")
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:  # reads the header only
+        with _opened(path) as image:  # reads the header only
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise _too_large(path, f"has {width}x{height} = {width * height:,} pixels")

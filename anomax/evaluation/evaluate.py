@@ -51,6 +51,8 @@ def evaluate_dl_model(
                 chosen = (batch["defect_type"] == defect_type) & batch["has_ground_truth"]
                 for maps, masks in _pixel_pairs(batch, chosen, native_resolution):
                     accumulator.add(maps, masks)
+    if not scores:
+        raise InputError("evaluate_dl_model: the results hold no images")
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     defect_types, indices = np.concatenate(defect_types), np.concatenate(indices)
     if not (labels == 0).any() or not (labels == 1).any():

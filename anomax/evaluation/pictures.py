@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from anomax.files import output_errors, writing
+
 _DPI = 100
 
 
@@ -123,7 +125,10 @@ def _draw_overlay(axis, image, anomaly_image, cmap, ground_truth, region, value_
 
 
 def _save(figure: Figure, path) -> Path:
+    """Written atomically; a full disk or a read-only folder is an OutputError naming the picture."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=_DPI)
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path) as temporary:
+        figure.savefig(temporary, dpi=_DPI, format=path.suffix.lstrip(".") or "png")
     return path

@@ -66,6 +66,13 @@ def compute_dl_anomaly_thresholds(
     and is streamed through num_bins bins over pixel_range (None: bins that widen with the data) unless
     exact. Results are read once.
     """
+    if isinstance(std_factor, bool) or not isinstance(std_factor, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(std_factor) or std_factor < 0:
+        raise InputError(f"std_factor must be a finite number >= 0, got {std_factor!r}")
+    if clip is not None:
+        bounds = tuple(clip) if isinstance(clip, (tuple, list)) else ()
+        if len(bounds) != 2 or (None not in bounds and bounds[0] > bounds[1]):
+            raise InputError(f"clip must be None or (low, high) with low <= high (either may be None), got {clip!r}")
     if split == "test":
         if not allow_test_split:
             raise ConfigError("thresholds would be fitted on the 'test' split, which makes its metrics optimistic; "
@@ -89,6 +96,8 @@ def compute_dl_anomaly_thresholds(
                 pixels = PixelAccumulator(pixel_range, num_bins, exact=exact)
             has = batch["has_ground_truth"]  # a defective image without a mask has no pixel ground truth
             pixels.add(batch["anomaly_image"][has], batch["anomaly_ground_truth"][has])
+    if not scores:
+        raise InputError(f"compute_dl_anomaly_thresholds: the '{split}' split's results hold no images")
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     good, defective = scores[labels == 0], scores[labels == 1]
     if len(good) == 0:
