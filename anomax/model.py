@@ -33,6 +33,12 @@ def fit_summary(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class AnomalyModel:
+    """HALCON's anomaly-detection model: preprocess parameters, a frozen backbone, a feature adaptor
+    and a scoring head, with the runtime parameters (batch size, thresholds, device) of
+    get_params / set_params. ``fit`` on a dataset's good images, ``score_split`` and ``apply`` for
+    maps and scores; ``anomax.build_model(cfg)`` builds one from a composed config, and
+    ``anomax.save_model`` / ``anomax.load_model`` keep it."""
+
     def __init__(self, preprocess: PreprocessParams, backbone: Backbone, adaptor: FeatureAdaptor, head: Head,
                  adaptor_params: Mapping[str, Any] | None = None, thresholds: Mapping[str, float] | None = None,
                  batch_size: int = 16, augment: AugmentConfig | None = None,
