@@ -140,9 +140,7 @@ class AnomalyModel:
         if any(s.anomaly_label != "ok" for s in dataset.samples_of(split)):
             raise InputError(f"split '{split}' holds defective ('nok') images; heads train on good images only")
         if self.tiling.enabled and getattr(self.head.config, "border", 0):  # (models fitted before load, warned of)
-            raise ConfigError(f"model.head.border = {self.head.config.border} needs tiling off: the head sets the "
-                              "cells at each tile's edge to 0, so every seam inside the image would be blind; set "
-                              "model.head.border=0 (the tiles' blended overlap weights their edges down) or tiling=off")
+            raise ConfigError(border_under_tiling(self.head.config.border))
         if self.tiling.enabled:
             return fit_tiled(self, dataset, split, train=train, validation_split=validation_split, progress=progress)
         validation = None
@@ -272,6 +270,12 @@ def classified(results: list[dict[str, Any]], thresholds: Mapping[str, float]) -
         for result, extra in zip(results, applied):
             result.update(extra)
     return results
+
+
+def border_under_tiling(border: int) -> str:
+    return (f"model.head.border = {border} needs tiling off: the head sets the cells at each tile's edge to 0, so "
+            "every seam inside the image would be blind; set model.head.border=0 (the tiles' blended overlap "
+            "weights their edges down) or tiling=off")
 
 
 def checked_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:

@@ -34,7 +34,7 @@ from anomax.evaluation.config import EvaluateConfig
 from anomax.evaluation.metrics import auroc
 from anomax.features import AdaptorConfig, FeatureAdaptor
 from anomax.files import claim_run_dir, write_json_atomic
-from anomax.model import AnomalyModel, fit_summary
+from anomax.model import AnomalyModel, border_under_tiling, fit_summary
 from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param, crop_to_domain
 from anomax.registry import DATASET_FORMATS, HEADS
 from anomax.settings import Settings, setting
@@ -406,6 +406,8 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
         augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=TilingConfig.from_dict(cfg.get("tiling")),
         distributed=DistributedConfig.from_dict(cfg.get("distributed")),
         ensemble=EnsembleConfig.from_dict(cfg.get("ensemble")))
+    if settings.tiling.enabled and getattr(settings.head, "border", 0):  # fit refuses it too (the API's path)
+        raise ConfigError(border_under_tiling(settings.head.border))
     if settings.tiling.enabled and settings.export.onnx:
         raise ConfigError("export.onnx = true is not available with tiling (tiling.tile_size is set): the ONNX "
                           "runtimes score whole images, not tiles; set export.onnx=false")

@@ -203,3 +203,10 @@ def test_compose_train_config_checks_what_it_composes_and_works_inside_another_h
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         assert anomax.compose_train_config(["model/head=padim"])["model"]["head"]["name"] == "padim"
         assert compose("mine").x == 1  # the application's Hydra is back
+
+
+def test_a_map_border_under_tiling_fails_at_composition():
+    """Before any image is read (the fit refuses it too, for the API)."""
+    with pytest.raises(ConfigError, match="model.head.border = 1 needs tiling off"):
+        validated("model/head=efficientad", "model.head.border=1", "tiling=default")
+    validated("model/head=efficientad", "model.head.border=0", "tiling=default")
