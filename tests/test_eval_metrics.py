@@ -280,3 +280,25 @@ def test_aupro_refuses_maps_and_masks_of_other_shapes():
     for bad_maps, bad_masks in ((maps[0], masks[0]), (maps, masks[:, None]), (maps, masks[:, :3])):
         with pytest.raises(InputError, match=r"AUPRO needs maps and masks of one shape \(N, H, W\)"):
             aupro(bad_maps, bad_masks)
+
+
+@pytest.mark.parametrize("pixel_range", [None, (0.0, 1.0)])
+def test_pixel_counts_do_not_depend_on_the_chunk_size(pixel_range, monkeypatch):
+    """Maps are binned in chunks (bounded memory on high-resolution maps): any chunk size, any curve."""
+    import anomax.evaluation.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((3, 17, 23))
+    masks = np.zeros((3, 17, 23), bool)
+    masks[0, 2:9, 3:7], masks[2, 10:, 15:] = True, True
+    curves = []
+    for chunk in (1 << 20, 7, 1):
+        monkeypatch.setattr(metrics, "_CHUNK", chunk)
+        accumulator = PixelAccumulator(pixel_range, num_bins=50)
+        accumulator.add(maps[:2], masks[:2])
+        accumulator.add(maps[2:] * 3, masks[2:])  # a wider batch: the adaptive grid coarsens
+        curves.append((accumulator.curve(), accumulator._counts.copy()))
+    (whole, counts), *chunked = curves
+    for curve, other in chunked:  # pixel counts exactly; the overlap weights summed in another order
+        assert np.array_equal(other[:2], counts[:2]) and other[2] == pytest.approx(counts[2], rel=1e-12, abs=1e-15)
+        assert curve.auroc() == whole.auroc() and curve.aupro(0.3) == pytest.approx(whole.aupro(0.3), rel=1e-12)
