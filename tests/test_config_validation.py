@@ -200,9 +200,14 @@ def test_compose_train_config_checks_what_it_composes_and_works_inside_another_h
         with pytest.raises(ConfigError, match=named):
             anomax.compose_train_config(overrides)
     (tmp_path / "mine.yaml").write_text("x: 1\n")
-    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+    from hydra.core.utils import JobRuntime
+    from hydra.version import getbase
+
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.1", job_name="myapp"):
+        before = getbase(), JobRuntime.instance().get("name")
         assert anomax.compose_train_config(["model/head=padim"])["model"]["head"]["name"] == "padim"
-        assert compose("mine").x == 1  # the application's Hydra is back
+        assert compose("mine").x == 1  # the application's Hydra is back, with its version base and job name
+        assert (getbase(), JobRuntime.instance().get("name")) == before
 
 
 def test_a_map_border_under_tiling_fails_at_composition():

@@ -111,6 +111,9 @@ def test_pixel_limit_can_be_raised_and_lowered(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10_000)
     assert read_image(tmp_path / "small.png").shape == (20, 30, 1)
     assert Image.MAX_IMAGE_PIXELS == 100  # for anomax's reads only: the application's guard is as it set it
+    # a compressed TIFF checks PIL's guard again when it decodes: the raise lasts the whole read
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "small.tif", compression="tiff_lzw")
+    assert read_image(tmp_path / "small.tif").shape == (20, 30, 1) and Image.MAX_IMAGE_PIXELS == 100
 
 
 def test_pixel_limit_from_the_environment(tmp_path):

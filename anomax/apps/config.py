@@ -189,7 +189,9 @@ def compose_train_config(overrides: Sequence[str], config_name: str = "anomax_tr
 def _composed(overrides: list[str], config_name: str) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import JobRuntime
     from hydra.errors import MissingConfigException
+    from hydra.version import VersionBase
 
     from anomax.apps._common import plain
 
@@ -200,7 +202,8 @@ def _composed(overrides: list[str], config_name: str) -> dict[str, Any]:
         except MissingConfigException as error:
             if f"primary config '{config_name}'" not in str(error):
                 raise
-        saved = running.hydra  # another application's Hydra, without anomax's conf/
+        # another application's Hydra, without anomax's conf/: it, its version base and job name come back after
+        saved, base, job = running.hydra, VersionBase.instance().version_base, JobRuntime.instance().get("name")
         running.clear()
         try:
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -208,6 +211,8 @@ def _composed(overrides: list[str], config_name: str) -> dict[str, Any]:
         finally:
             GlobalHydra.instance().clear()
             GlobalHydra.instance().initialize(saved)
+            VersionBase.instance().version_base = base
+            JobRuntime.instance().set("name", job)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return plain(compose(config_name, overrides=overrides))
 
@@ -216,7 +221,7 @@ def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
                             config_name: str = "anomax_train") -> list[dict[str, Any]]:
     """A score ensemble's member configs: each is the run's overrides (less its ensemble ones), then
     ensemble=off, then the member's own overrides (which win: later overrides replace earlier ones).
-    An override that does not compose raises ConfigError naming the member and Hydra's reason."""
+    An override that does not compose or check (compose_train_config) raises ConfigError naming the member and why."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -229,7 +234,7 @@ def ensemble_member_configs(cfg: Mapping[str, Any], overrides: Sequence[str],
         try:
             configs.append(compose_train_config([*run, "ensemble=off", *member], config_name))
         except (HydraException, OmegaConfBaseException, ConfigError) as error:
-            raise ConfigError(f"ensemble.members[{number}] ({list(member)}) does not compose: {error}") from None
+            raise ConfigError(f"ensemble.members[{number}] ({list(member)}): {error}") from None
     return configs
 
 

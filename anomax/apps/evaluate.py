@@ -52,7 +52,7 @@ def check_not_trained_on(dataset, split: str, model_dir: str) -> None:
     images since training reshuffles its splits, whatever the seed; the config check above cannot see that."""
     from anomax.data.dataset import DLDataset
 
-    record = Path(model_dir).absolute().parent / "dataset.json"
+    record = Path(model_dir).resolve().parent / "dataset.json"  # resolved: a model_dir given through a symlink
     if not record.is_file():
         return
     trained_on = {Path(s.image_file_name).absolute() for s in DLDataset.from_json(record).samples_of("train")}

@@ -48,20 +48,30 @@ def _too_large(path: Path, detail: str) -> DatasetError:
     )
 
 
-_PIL_LIMIT = threading.Lock()
+class _PilLimit:
+    """PIL's own bomb guard raised to anomax's limit while anomax opens or decodes an image, then put
+    back: it is PIL's process-wide setting, which the host application may rely on. Counted, so reads
+    in several threads share one raise (a compressed TIFF checks the guard again when it decodes)."""
+
+    def __init__(self):
+        self._lock, self._readers, self._saved = threading.Lock(), 0, None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                if self._saved is not None and self._saved < MAX_IMAGE_PIXELS:
+                    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            self._readers += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0:
+                Image.MAX_IMAGE_PIXELS = self._saved
 
 
-def _opened(path: Path) -> Image.Image:
-    """Image.open with PIL's own bomb guard raised to anomax's limit when it is lower, for this call only
-    (the guard is PIL's process-wide setting, which the host application may rely on)."""
-    with _PIL_LIMIT:
-        saved = Image.MAX_IMAGE_PIXELS
-        if saved is not None and saved < MAX_IMAGE_PIXELS:
-            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-        try:
-            return Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+_pil_limit = _PilLimit()
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -69,7 +79,7 @@ def _open(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise DatasetError(f"image file {path} does not exist; check the dataset paths")
     try:
-        with _opened(path) as image:  # reads the header only
+        with _pil_limit, Image.open(path) as image:  # reads the header only
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise _too_large(path, f"has {width}x{height} = {width * height:,} pixels")
@@ -106,7 +116,7 @@ _TALLIES = (
                              "channels only), e.g. %s"),
     # 12-bit (or 10-bit) camera data saved as 16 bits: 0..4095 scaled by 1/257 keeps 17 gray levels
     _narrow_16_bit := _Tally("%s: %d 16-bit image%s used only values below 4096 (e.g. %s), which anomax, reading "
-                             "0..65535 as 0..255, keeps as at most 16 gray levels; scale 12- or 10-bit data to the "
+                             "0..65535 as 0..255, keeps as at most 17 gray levels; scale 12- or 10-bit data to the "
                              "full 16-bit range (e.g. multiply by 16) or to 8 bits before training and applying"),
 )
 
@@ -122,7 +132,7 @@ def log_conversions(context: str) -> None:
 def read_image(path: str | Path) -> np.ndarray:
     """The image as uint8 (H, W, C) with C = 1 (gray) or 3 (colour); 16-bit images are scaled to 8 bits
     (0..65535 to 0..255). An alpha channel (or transparency) is dropped, and a 16-bit image using only
-    values below 4096 (12-bit data, which keeps 16 gray levels) is counted, for ``log_conversions``."""
+    values below 4096 (12-bit data, which keeps 17 gray levels) is counted, for ``log_conversions``."""
     image = _open(path)
     if image.has_transparency_data:
         _dropped_alpha.add(Path(path))
@@ -172,7 +182,7 @@ def header_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) from the file's header alone (cheap), or None when it cannot be read (the full
     read names the problem later)."""
     try:
-        with Image.open(path) as image:
+        with _pil_limit, Image.open(path) as image:
             return image.size
     except Exception:  # noqa: BLE001 - any failure is reported by read_image
         return None

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,24 +39,33 @@ from anomax.files import sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
 
-@contextlib.contextmanager
-def _root_logger_kept() -> Iterator[None]:
+class _RootLoggerKept:
     """absl's log() calls logging.basicConfig() when the root logger has no handler; TFDS and grain log
     through absl, so a library call would leave a stderr handler on the root, and an application's own
     basicConfig afterwards would change nothing (anomax's INFO lines never showed). A NullHandler
-    stands in meanwhile."""
-    root = logging.getLogger()
-    guard = None if root.handlers else logging.NullHandler()
-    if guard is not None:
-        root.addHandler(guard)
-    try:
-        yield
-    finally:
-        if guard is not None:
-            root.removeHandler(guard)
+    stands in meanwhile; counted, so concurrent cache builds share it."""
+
+    def __init__(self):
+        self._lock, self._users, self._guard = threading.Lock(), 0, None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0 and not logging.getLogger().handlers:
+                self._guard = logging.NullHandler()
+                logging.getLogger().addHandler(self._guard)
+            self._users += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._guard is not None:
+                logging.getLogger().removeHandler(self._guard)
+                self._guard = None
 
 
-with _root_logger_kept():
+_root_logger_kept = _RootLoggerKept()
+
+with _root_logger_kept:
     import grain  # noqa: E402 - its import logs through absl
 
 
@@ -317,7 +327,7 @@ def _tfds_notes_to_debug() -> Iterator[None]:
     absl, demote = logging.getLogger("absl"), _ToDebug()
     absl.addFilter(demote)
     try:
-        with _root_logger_kept():
+        with _root_logger_kept:
             yield
     finally:
         absl.removeFilter(demote)
