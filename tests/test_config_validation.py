@@ -188,7 +188,7 @@ def test_backbone_and_synthetic_arguments_are_bounded(override, named, tmp_path)
     assert not any(tmp_path.iterdir())  # no half-generated dataset left to be read again
 
 
-@pytest.mark.filterwarnings("ignore:.*version_base=.1.1. selects Hydra 1.1 compatibility")  # the host's choice
+@pytest.mark.filterwarnings("ignore::hydra.errors.Hydra14MigrationWarning")  # the host application chose 1.1
 def test_compose_train_config_checks_what_it_composes_and_works_inside_another_hydra(tmp_path):
     """The library path of the README: a misspelt key or option is a ConfigError naming it (build_model
     ignored unknown keys), as in anomax-train; an application's own Hydra is kept as it was."""
