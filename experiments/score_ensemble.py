@@ -2,7 +2,7 @@
 with its own map and score statistics on the validation split's good images, then the members' normalised
 maps and scores are averaged. The runs must share one split (their dataset.json files must be equal).
 
-    python experiments/score_ensemble.py OUT_DIR RUN_DIR RUN_DIR [...] [--tta hflip vflip]
+    python experiments/score_ensemble.py OUT_DIR RUN_DIR RUN_DIR [...] [--tta hflip vflip] [--splits validation]
 
 One RUN_DIR scores that run alone (its z-normalisation does not change its AUROC). ``--tta`` scores every
 member with test-time augmentation (anomax.augment: the mean of the maps over the identity and these
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--tta", nargs="*", default=[], help="test-time transforms for every member")
+    parser.add_argument("--splits", nargs="+", default=["validation", "test"], choices=["validation", "test"],
+                        help="the splits to score: 'validation' alone for a screen that leaves the test split unread")
     args = parser.parse_args()
     datasets = [json.loads((Path(run) / "dataset.json").read_text()) for run in args.runs]
     if any(d != datasets[0] for d in datasets[1:]):
@@ -57,7 +59,7 @@ def main() -> None:
     began = time.perf_counter()
     stats = ensemble.normalise(dataset, "validation", cache_dir=CACHE)
     result = {"runs": args.runs, "tta": args.tta, "stats": stats, "normalise_s": time.perf_counter() - began}
-    for split in ("validation", "test"):
+    for split in args.splits:
         began = time.perf_counter()
         result[split] = {"ensemble_image_auroc": image_auroc(ensemble.score_split(dataset, split, cache_dir=CACHE))}
         result[split]["seconds"] = time.perf_counter() - began
