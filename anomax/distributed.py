@@ -26,9 +26,6 @@ from anomax.settings import Settings, setting
 
 log = logging.getLogger("anomax")
 
-# Heads whose fit runs across processes.
-MULTI_PROCESS_HEADS = ("padim", "patchcore", "student", "efficientad")
-
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig(Settings):
@@ -104,18 +101,16 @@ def is_main() -> bool:
 
 
 def check_model(model) -> None:
-    """Refuse, before any work, what does not run across processes yet: a head outside
-    MULTI_PROCESS_HEADS, tiling, and a score ensemble."""
+    """Refuse, before any work, what does not run across processes yet: a head whose ``multi_process``
+    is False, tiling, and a score ensemble."""
     if not is_multi_process():
         return
-    from anomax.ensemble import ScoreEnsemble  # here: the ensemble's modules import this one
-
-    if isinstance(model, ScoreEnsemble):
+    if hasattr(model, "members"):  # a ScoreEnsemble (anomax.ensemble sits above this module)
         raise ConfigError("a score ensemble (ensemble.members) does not run on several processes yet; "
                           "use ensemble=off or distributed=off")
-    if model.head.name not in MULTI_PROCESS_HEADS:
-        raise ConfigError(f"model.head.name = {model.head.name!r} does not run on several processes yet "
-                          f"(multi-process heads: {', '.join(MULTI_PROCESS_HEADS)}); use distributed=off")
+    if not model.head.multi_process:
+        raise ConfigError(f"model.head.name = {model.head.name!r} does not run on several processes yet; "
+                          "use distributed=off")
     if getattr(getattr(model, "tiling", None), "enabled", False):
         raise ConfigError("tiling does not run on several processes yet; use tiling=off or distributed=off")
 

@@ -36,7 +36,7 @@ from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
 from anomax.settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("anomax")
 
 NORMALISATION_KEYS = ("normalization_type", "mean", "std", "range_min", "range_max")
 

@@ -389,8 +389,8 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     head_cls = HEADS.get(head_cfg.pop("name"))
     adaptor = AdaptorConfig.from_dict(head_cfg.pop("adaptor", None))
     backbone = cfg["model"]["backbone"]
-    if adaptor.taps is None and backbone.get("taps"):  # the taps the features will have: checks grid_tap now
-        adaptor.replace(taps=tuple(backbone["taps"]))
+    if adaptor.taps is None and backbone.get("taps"):  # built only to check grid_tap against the taps the
+        adaptor.replace(taps=tuple(backbone["taps"]))    # features will have; the settings keep taps unset
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
     if backbone["name"] == "concat":
         check_concat_members(backbone.get("members"))

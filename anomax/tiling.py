@@ -27,11 +27,10 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from anomax.data.dataset import DLDataset, Sample
-from anomax.data.images import read_mask, read_pair
+from anomax.data.images import image_shape, read_mask, read_pair
 from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import FeatureBatches, Head
 from anomax.preprocess.params import PreprocessParams, domain_box, preprocess_image, preprocess_mask
@@ -198,15 +197,6 @@ def roi_shape(preprocess: PreprocessParams, shape: tuple[int, int], where: str |
 def scaled_shape(roi: tuple[int, int], tiling: TilingConfig) -> tuple[int, int]:
     scale = tiling.resize_before or 1.0
     return max(1, round(roi[0] * scale)), max(1, round(roi[1] * scale))
-
-
-def image_shape(path: str) -> tuple[int, int]:
-    """(rows, cols) of an image file from its header, without decoding it."""
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except OSError as error:
-        raise DatasetError(f"cannot read image {path} ({error}); check the dataset paths") from None
 
 
 def native_mask(preprocess: PreprocessParams, sample: Sample) -> np.ndarray:

@@ -22,7 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from anomax import parallel
-from anomax.errors import AnomaxError, ConfigError
+from anomax.errors import ConfigError, DatasetError, InputError
 from anomax.settings import Settings, setting
 
 
@@ -76,10 +76,10 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
     inputs, targets = jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets)
     num_samples = len(targets)
     if any(len(leaf) != num_samples for leaf in jax.tree.leaves(inputs)):
-        raise AnomaxError(f"{desc}: every input array needs one row per target ({num_samples}), got "
+        raise InputError(f"{desc}: every input array needs one row per target ({num_samples}), got "
                           f"{[len(leaf) for leaf in jax.tree.leaves(inputs)]}")
     if num_samples == 0:
-        raise AnomaxError(f"{desc}: cannot train on {num_samples} inputs and {len(targets)} targets; "
+        raise DatasetError(f"{desc}: cannot train on {num_samples} inputs and {len(targets)} targets; "
                           "the training split must hold at least one image")
     batch_size = min(config.batch_size, num_samples)  # a batch larger than the data would only be padding
     steps = -(-num_samples // batch_size)

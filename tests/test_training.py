@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anomax.errors import AnomaxError, ConfigError
+from anomax.errors import ConfigError, InputError
 from anomax.training import TrainConfig, train
 
 RNG = np.random.default_rng(0)
@@ -105,7 +105,7 @@ def test_inputs_may_be_a_pytree_of_rows():
     single, single_info = train(linear_error, START, INPUTS, TARGETS, config, progress=False)
     np.testing.assert_array_equal(pair["w"], single["w"])
     assert info["best_error"] == single_info["best_error"]
-    with pytest.raises(AnomaxError, match=r"every input array needs one row per target \(13\)"):
+    with pytest.raises(InputError, match=r"every input array needs one row per target \(13\)"):
         train(error, START, {"a": INPUTS, "b": INPUTS[:5]}, TARGETS, config, progress=False)
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def _package_file(source: WeightsSource) -> Path | None:
 
 def _download(source: WeightsSource, target: Path) -> Path | None:
     """Fetch the upstream file into the cache; None when the internet is out of reach."""
-    partial = target.with_name(target.name + ".part")
+    # a name of its own: the processes of one run may all fetch the same file at once
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         with urllib.request.urlopen(source.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from anomax.data.images import IMAGE_SUFFIXES, header_size, list_files, read_mask
+from anomax.data.images import IMAGE_SUFFIXES, image_shape, list_files, read_mask
 from anomax.errors import ConfigError, DatasetError
 from anomax.files import write_json_atomic
 from anomax.registry import DATASET_FORMATS
@@ -111,10 +111,13 @@ def dataset_from_records(
         if label == "ok" and mask is not None:
             _check_ok_mask(image, mask)
         if mask is not None:  # from the headers, before any fit: read_pair would find it only when scoring
-            sizes = header_size(image), header_size(mask)
-            if None not in sizes and sizes[0] != sizes[1]:
-                raise DatasetError(f"mask {mask} has size {sizes[1][0]}x{sizes[1][1]} but its image {image} has "
-                                   f"{sizes[0][0]}x{sizes[0][1]} (width x height); the mask must match its image")
+            try:
+                (rows, cols), (mask_rows, mask_cols) = image_shape(image), image_shape(mask)
+            except DatasetError:  # an unreadable file is named when it is read (after the fit, for a test image)
+                rows = cols = mask_rows = mask_cols = None
+            if (rows, cols) != (mask_rows, mask_cols):
+                raise DatasetError(f"mask {mask} has size {mask_cols}x{mask_rows} but its image {image} has "
+                                   f"{cols}x{rows} (width x height); the mask must match its image")
         mask_file = None if mask is None else str(Path(mask).absolute())
         samples.append(Sample(image_id, str(Path(image).absolute()), label, defect_type, mask_file, split))
     if not samples:

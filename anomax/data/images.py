@@ -178,14 +178,14 @@ def read_mask(path: str | Path) -> np.ndarray:
     return mask.any(axis=-1) if mask.ndim == 3 else mask > 0
 
 
-def header_size(path: str | Path) -> tuple[int, int] | None:
-    """(width, height) from the file's header alone (cheap), or None when it cannot be read (the full
-    read names the problem later)."""
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(rows, cols) of an image file from its header alone (cheap: nothing is decoded), under anomax's
+    pixel limit; an unreadable header is a DatasetError naming the file."""
     try:
         with _pil_limit, Image.open(path) as image:
-            return image.size
-    except Exception:  # noqa: BLE001 - any failure is reported by read_image
-        return None
+            return image.height, image.width
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {path} ({error}); check the dataset paths") from None
 
 
 def read_pair(image_path: str | Path, mask_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:

@@ -103,10 +103,8 @@ def make_synthetic_dataset(
 
 
 def _load_texture(name: str) -> np.ndarray:
-    try:
-        import skimage.data
-    except ImportError:
-        raise ConfigError("the synthetic dataset needs scikit-image: pip install scikit-image") from None
+    import skimage.data  # here: slow to import, and only texture datasets need it
+
     return getattr(skimage.data, name)()
 
 

@@ -17,7 +17,7 @@ _DPI = 100
 
 def plot_anomaly_overlay(path, image, anomaly_image, *, cmap: str = "jet", ground_truth=None, region=None,
                          value_range: tuple[float, float] | None = None, title: str | None = None) -> Path:
-    """The anomaly map (colormap 'jet' or 'hot') over the image, with optional GT and predicted outlines."""
+    """The anomaly map (any matplotlib colormap, e.g. 'jet') over the image, with optional GT and predicted outlines."""
     figure = Figure(figsize=(4, 4), layout="constrained")
     _draw_overlay(figure.add_subplot(), image, anomaly_image, cmap, ground_truth, region, value_range, title)
     figure.colorbar(figure.axes[0].images[-1], ax=figure.axes[0], shrink=0.8, label="anomaly score")

@@ -58,6 +58,7 @@ class Head:
     uses_backbone: ClassVar[bool] = True  # False: score() needs only the images (features=None)
     wants_validation: ClassVar[bool] = False  # True: fit() also gets the validation split's good images
     trained: ClassVar[bool] = False  # True: fit() trains networks, following ``train`` (conf/train/) and its seed
+    multi_process: ClassVar[bool] = True  # False: fit() does not run across processes (distributed.check_model)
 
     def __init__(self, config: HeadConfig | None = None, **settings: Any):
         """``Head(config)`` or ``Head(key=value, ...)``; unknown keys and bad values raise ConfigError."""

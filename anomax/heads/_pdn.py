@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-SIZES = ("small", "medium")
 
 
 class Conv(nnx.Module):

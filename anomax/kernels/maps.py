@@ -19,21 +19,6 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     return (kernel / kernel.sum()).astype(np.float32)
 
 
-def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
-    """Separable Gaussian smoothing of (B, H, W) with reflect padding (torch 'reflect',
-    scipy 'mirror': the edge pixel is not repeated). sigma <= 0 returns maps unchanged."""
-    if sigma <= 0:
-        return maps
-    kernel = jnp.asarray(gaussian_kernel(sigma))
-    radius = kernel.shape[0] // 2
-    _check_blur_size("gaussian_blur", maps.shape[1:], sigma)
-    x = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode="reflect")[:, None]
-    for shape in ((-1, 1), (1, -1)):  # rows, then columns
-        x = jax.lax.conv_general_dilated(x, kernel.reshape(1, 1, *shape), (1, 1), "VALID",
-                                         precision="highest")
-    return x[:, 0]
-
-
 def _check_blur_size(where: str, shape: tuple[int, ...], sigma: float) -> None:
     radius = len(gaussian_kernel(sigma)) // 2 if sigma > 0 else 0
     if sigma > 0 and min(shape) <= radius:
@@ -49,7 +34,7 @@ def anomaly_map(patch_scores: jax.Array, out_hw: tuple[int, int], sigma: float =
                 upsample: str = "bilinear") -> jax.Array:
     """(B, h, w) patch scores -> (B, H, W): upsampling with half-pixel centres (torch
     F.interpolate(mode='bilinear', align_corners=False), or 'nearest'), then Gaussian smoothing
-    (gaussian_blur).
+    with gaussian_kernel(sigma) and reflect padding (torch 'reflect', scipy 'mirror').
 
     All three steps are linear and act on rows and columns separately, so each axis's
     resize -> reflect-pad -> blur is one (H, h) matrix, built once per shape: the map is two small

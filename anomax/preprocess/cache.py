@@ -16,7 +16,6 @@ larger one to temporary files through TensorFlow, which anomax does not install.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import log_conversions, read_pair
 from anomax.errors import ConfigError, DatasetError
-from anomax.files import sha256_file
+from anomax.files import locked, sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
 
@@ -286,10 +285,11 @@ def _prepared_builder(dataset, split, params, cache_dir, source: str, show_progr
 
 @contextlib.contextmanager
 def _locked(folder: Path, wait: bool = True) -> Iterator[None]:
-    """Hold the build lock of one cache folder; with ``wait=False`` raise BlockingIOError when it is held."""
+    """Hold the build lock of one cache folder; with ``wait=False`` raise BlockingIOError when it is held
+    (anomax.files.locked: on a file system without locks, e.g. Lustre, the build runs with a warning)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:  # the lock goes with the handle when the process dies
-        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (folder / ".lock").touch(exist_ok=True)
+    with locked(folder / ".lock", wait=wait):  # the lock goes with the descriptor when the process dies
         yield
 
 
