@@ -182,6 +182,7 @@ def copy(exported, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exported", ["padim"], indirect=True)  # file handling: the same for every head
 def test_truncated_onnx_is_refused_naming_the_file(copy):
     onnx_file = copy / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
@@ -190,6 +191,7 @@ def test_truncated_onnx_is_refused_naming_the_file(copy):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exported", ["padim"], indirect=True)  # file handling: the same for every head
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_malformed_onnx_with_matching_hash_is_refused_naming_the_file(copy, runtime):
     onnx_file = copy / "model.onnx"
@@ -208,6 +210,7 @@ def test_export_refuses_an_opset_it_cannot_honour(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exported", ["padim"], indirect=True)  # file handling: the same for every head
 def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     model = exported[0]
     path = anomax.save_model(model, tmp_path / "plain")  # no onnx=True

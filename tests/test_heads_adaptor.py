@@ -72,6 +72,7 @@ def test_projections_are_seeded(features):
     matrix = random.init(channels)["matrix"]
     other = FeatureAdaptor(["fine"], pool_size=1, projection_dim=4, seed=2)
     assert matrix.shape == (8, 4) and not np.array_equal(matrix, other.init({"fine": 8})["matrix"])
+    assert np.array_equal(matrix, random.init(channels)["matrix"])  # the same seed, the same projection
     np.testing.assert_allclose(np.asarray(random.apply({"matrix": matrix}, features)), full @ matrix, atol=1e-5)
 
 
