@@ -235,3 +235,24 @@ def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     deployed.set_params(**deployed.get_params())  # get_params' values set back, as on AnomalyModel
     with pytest.raises(ConfigError, match="model parameter 'device' of a model run by onnxruntime .* runtime="):
         deployed.set_params(device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exported", ["padim"], indirect=True)
+def test_a_fixed_batch_export_and_the_apps_runtime_setting(exported, tmp_path):
+    """README's export_onnx(batch_size=8, opset=17): the file has that batch and opset; anomax-predict's
+    runtime=onnxruntime with its batch_size (load_configured_model) scores as JAX does."""
+    import onnx
+
+    from anomax.apps._common import load_configured_model
+
+    model, path, expected = exported
+    fixed = anomax.export_onnx(model, tmp_path / "fixed.onnx", batch_size=8, opset=17)
+    graph = onnx.load(str(fixed))
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 17
+    deployed = load_configured_model({"model_dir": str(path), "runtime": "onnxruntime", "batch_size": 2})
+    assert deployed.runtime == "onnxruntime" and deployed.batch_size == 2
+    for have, want in zip(deployed.apply(raw_images(5)), expected):
+        assert have["anomaly_score"] == pytest.approx(want["anomaly_score"], rel=TOLERANCE)
+        assert have["anomaly_class"] == want["anomaly_class"]
