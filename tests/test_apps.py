@@ -402,3 +402,19 @@ def test_thresholds_on_test_give_no_validation_objective(tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["validation"] == {} and record["thresholds"]["split"] == "test"
     assert "validation:" not in done.stdout and "image_auroc" in done.stdout
+
+
+def test_a_dataset_of_ones_own_in_a_config_dir(tmp_path):
+    """README's --config-dir example, its YAML taken from the README itself, with a tiny random-init backbone."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    yaml_text = readme.split("cat > myconf/dataset/gravel_small.yaml <<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    (tmp_path / "myconf" / "dataset").mkdir(parents=True)
+    (tmp_path / "myconf" / "dataset" / "gravel_small.yaml").write_text(yaml_text)
+    run("train", "--config-dir", "myconf", "dataset=gravel_small", "preprocess.width=64", "preprocess.height=64",
+        "model.backbone.pretrained=null", "model.backbone.width_multiplier=0.25", "model/head=padim",
+        "model.head.adaptor.projection_dim=null", "dataset.n_train=8", "dataset.n_test_good=4",
+        "dataset.n_test_defect=4", "progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["splits"]["validation"]["nok"] > 0 and record["validation"]["image_auroc"] is not None
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert (saved["dataset"]["name"], saved["dataset"]["texture"]) == ("gravel_small", "gravel")
