@@ -21,7 +21,7 @@ from anomax.features import FeatureAdaptor
 from anomax.heads._base import FeatureBatches, Head
 from anomax.distributed import local_batches, local_count
 from anomax import parallel
-from anomax.parallel import data_mesh, gather, mesh_size, replicate, shard_batch
+from anomax.parallel import data_mesh, gather, mesh_size, padded, replicate, shard_batch
 from anomax.preprocess.params import PreprocessParams, preprocess_image
 from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tiled
 from anomax.training import TrainConfig
@@ -252,7 +252,7 @@ def apply_in_batches(images: Sequence[np.ndarray], preprocess: PreprocessParams,
         chunk = np.stack([preprocess_image(preprocess, np.asarray(image)) for image in images[start:start + batch_size]])
         size = {"batch": batch_size, "bucket": min(batch_size, 1 << (len(chunk) - 1).bit_length()),
                 "none": len(chunk)}[pad]
-        out = run(np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]))
+        out = run(padded(chunk, size))
         for row in range(len(chunk)):  # copies: a view would keep the whole batch's maps alive
             results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.array(value[row]))
                             for key, value in out.items()})

@@ -33,6 +33,7 @@ from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import image_shape, read_mask, read_pair
 from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import FeatureBatches, Head
+from anomax.parallel import padded
 from anomax.preprocess.params import PreprocessParams, domain_box, preprocess_image, preprocess_mask
 from anomax.preprocess.cache import grain  # imported there without touching the root logger
 from anomax.settings import Settings, setting
@@ -254,11 +255,9 @@ def _tile_batches(records: Iterable[dict[str, Any]], batch_size: int) -> Iterato
         tiles = np.concatenate([p[0] for p in pieces])
         cell_ids = np.concatenate([p[1] for p in pieces]).astype(np.int32)
         owners = np.concatenate([np.full(len(p[1]), p[2], np.int64) for p in pieces])
-        pad = batch_size - len(tiles)
-        return {"image": np.concatenate([tiles, np.repeat(tiles[-1:], pad, 0)]),
-                "cell": np.concatenate([cell_ids, np.repeat(cell_ids[-1:], pad)]),
-                "owner": np.concatenate([owners, np.repeat(owners[-1:], pad)]),
-                "valid": np.arange(batch_size) < len(tiles), "records": dict(held)}
+        return {"image": padded(tiles, batch_size), "cell": padded(cell_ids, batch_size),
+                "owner": padded(owners, batch_size), "valid": np.arange(batch_size) < len(tiles),
+                "records": dict(held)}
 
     for owner, record in enumerate(records):
         chosen = np.arange(len(record["grid"]))
@@ -408,8 +407,7 @@ def _cell_feature_batches(model, tiles: np.ndarray, cell: int) -> FeatureBatches
     def batches() -> Iterator[dict[str, Any]]:
         for start in range(0, len(block), size):
             chunk = np.asarray(block[start:start + size])
-            yield {"image": np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)]),
-                   "valid": np.arange(size) < len(chunk)}
+            yield {"image": padded(chunk, size), "valid": np.arange(size) < len(chunk)}
 
     return _with_features(model, batches, len(block))
 

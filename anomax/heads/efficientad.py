@@ -46,7 +46,7 @@ from anomax.distributed import part
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig, stored_state
 from anomax.heads._pdn import PDN, AutoEncoder
-from anomax.parallel import data_mesh, data_parallel, replicate
+from anomax.parallel import data_mesh, data_parallel, padded, replicate
 from anomax.preprocess.params import PreprocessParams, pixel_scale
 from anomax.registry import HEADS
 from anomax.settings import setting
@@ -511,9 +511,9 @@ def distillation_batches(model, folder: str, *, features: bool = True) -> Iterab
         # blank: this process's part has run out, the batch is padding only
         chunk = np.stack([preprocess_image(preprocess, read_image(f)) for f in names]) if names else blank
         valid = np.arange(size) < len(names)
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
-        yield {"image": padded, "valid": valid,
-               **({"features": np.asarray(model._features(*params, padded))} if features else {})}
+        images = padded(chunk, size)
+        yield {"image": images, "valid": valid,
+               **({"features": np.asarray(model._features(*params, images))} if features else {})}
 
 
 def _train(error_fn, params, inputs, targets: np.ndarray, config: TrainConfig, desc: str, progress: bool):
@@ -529,6 +529,5 @@ def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
     outs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        outs.append(np.asarray(fn(params, padded))[: len(chunk)])
+        outs.append(np.asarray(fn(params, padded(chunk, batch_size)))[: len(chunk)])
     return np.concatenate(outs)
