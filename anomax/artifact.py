@@ -42,6 +42,7 @@ from safetensors.numpy import load_file, save
 
 from anomax.errors import ArtifactError, ConfigError, OutputError
 from anomax.files import fsync_path, locked, output_errors, sha256_file, writing
+from anomax.settings import is_integer
 
 log = logging.getLogger("anomax")
 FORMAT = "anomax-model"  # the manifest's marker: only a directory that carries it is ever replaced
@@ -605,7 +606,7 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
     from jax import export
 
     for key, value in (("batch_size", batch_size), ("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ConfigError(f"export_inference: {key} must be an integer >= 1, got {value!r}")
     if getattr(getattr(model, "tiling", None), "enabled", False):
         raise ConfigError("export_inference: tiled models are not exportable (the function would score one tile, "

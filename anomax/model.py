@@ -23,6 +23,7 @@ from anomax.distributed import local_batches, local_count
 from anomax import parallel
 from anomax.parallel import data_mesh, gather, mesh_size, padded, replicate, shard_batch
 from anomax.preprocess.params import PreprocessParams, preprocess_image
+from anomax.settings import is_finite_number, is_integer
 from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tiled
 from anomax.training import TrainConfig
 
@@ -115,8 +116,7 @@ class AnomalyModel:
         """batch_size >= 1; thresholds {'segmentation', 'classification'} (or {} for scores only);
         device 'cpu', 'gpu', 'cuda:1', ... or a jax.Device, or 'all': data-parallel over all
         local devices (batch_size must then be a multiple of the device count)."""
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                       or batch_size < 1):
+        if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
             raise ConfigError(f"model parameter 'batch_size' must be an integer >= 1, got {batch_size!r}")
         batch_size = int(batch_size or self.batch_size)
         mesh = self.mesh if device is None else data_mesh() if device == "all" else None
@@ -281,7 +281,7 @@ def border_under_tiling(border: int) -> str:
 def checked_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
     """The model parameter 'thresholds': {} or finite 'segmentation' and 'classification' values."""
     if not (set(thresholds) in (set(), {"segmentation", "classification"})
-            and all(_is_finite(v) for v in thresholds.values())):
+            and all(is_finite_number(v) for v in thresholds.values())):
         raise ConfigError(f"model parameter 'thresholds' must be {{}} or finite 'segmentation' and "
                           f"'classification' values, got {thresholds!r}")
     return {key: float(value) for key, value in thresholds.items()}
@@ -297,6 +297,3 @@ def _device(name: str) -> jax.Device:
         raise ConfigError(f"model parameter 'device' {name!r} is not available here; available: {available}") from None
 
 
-def _is_finite(value) -> bool:
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return number and bool(np.isfinite(value))

@@ -44,6 +44,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+# For the arguments of public functions that are not Settings (their messages stay at the call sites)
+def is_integer(value: Any) -> bool:
+    """An int or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float, numpy's too, not a bool, and finite."""
+    return _is_number(value) and math.isfinite(float(value))
+
+
 def _rule(annotation: Any) -> str:
     """What a value of ``annotation`` must be, in words."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)

@@ -35,6 +35,7 @@ import numpy as np
 
 from anomax.errors import ConfigError
 from anomax.files import write_bytes_atomic
+from anomax.settings import is_integer
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14, OpenVINO >= 2023.1
 MIN_OPSET, MAX_OPSET = 17, 23  # the range jax2onnx and both runtimes are tested on here
@@ -59,7 +60,7 @@ def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"export_onnx: opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
     for key, value in (("batch_size", batch_size), ("height", height), ("width", width)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"export_onnx: {key} must be null or an integer >= 1, got {value!r}")
     if getattr(getattr(model, "tiling", None), "enabled", False):
         raise ConfigError("export_onnx: tiled models are not exportable yet (the graph would score one tile, "

@@ -15,6 +15,7 @@ import numpy as np
 
 from anomax.errors import ArtifactError, ConfigError
 from anomax.preprocess.params import PreprocessParams
+from anomax.settings import is_integer
 
 RUNTIMES = ("jax", "onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("f32", "default")  # 'default': the device's own choice (bf16 where the CPU has it)
@@ -55,7 +56,7 @@ class DeployedModel:
             raise ConfigError(f"model parameter 'device' of a model run by {self.runtime} is {self.runtime!r}, got {device!r}; "
                               f"choose the runtime when loading: anomax.load_model(path, runtime=...)")
         if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            if not is_integer(batch_size) or batch_size < 1:
                 raise ConfigError(f"model parameter 'batch_size' must be an integer >= 1, got {batch_size!r}")
             self.batch_size = int(batch_size)
         if thresholds is not None:

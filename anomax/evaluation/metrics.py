@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from anomax.errors import InputError
+from anomax.settings import is_integer
 
 # 8-connectivity inside each image and none across the batch axis, so one label() call serves a batch.
 _EIGHT_CONNECTED = np.zeros((3, 3, 3), bool)
@@ -163,7 +164,7 @@ class PixelAccumulator:
 
     def __init__(self, pixel_range: tuple[float, float] | None = None, num_bins: int = 10_000, *,
                  exact: bool = False):
-        if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+        if not is_integer(num_bins) or num_bins < 1:
             raise InputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
         if pixel_range is not None and not _is_range(pixel_range):
             raise InputError(f"pixel_range must be None or finite (low, high) with low < high, got {pixel_range!r}")

@@ -13,6 +13,7 @@ from scipy import ndimage
 from anomax.errors import ConfigError, InputError
 from anomax.evaluation._results import Results, iterate_results
 from anomax.evaluation.metrics import PixelAccumulator, image_curve, label_regions
+from anomax.settings import is_finite_number
 
 log = logging.getLogger("anomax")
 
@@ -66,8 +67,7 @@ def compute_dl_anomaly_thresholds(
     and is streamed through num_bins bins over pixel_range (None: bins that widen with the data) unless
     exact. Results are read once.
     """
-    if isinstance(std_factor, bool) or not isinstance(std_factor, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(std_factor) or std_factor < 0:
+    if not is_finite_number(std_factor) or std_factor < 0:
         raise InputError(f"std_factor must be a finite number >= 0, got {std_factor!r}")
     if clip is not None:
         bounds = tuple(clip) if isinstance(clip, (tuple, list)) else ()
