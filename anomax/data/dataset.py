@@ -112,10 +112,11 @@ def dataset_from_records(
             _check_ok_mask(image, mask)
         if mask is not None:  # from the headers, before any fit: read_pair would find it only when scoring
             try:
-                (rows, cols), (mask_rows, mask_cols) = image_shape(image), image_shape(mask)
+                shapes = image_shape(image), image_shape(mask)
             except DatasetError:  # an unreadable file is named when it is read (after the fit, for a test image)
-                rows = cols = mask_rows = mask_cols = None
-            if (rows, cols) != (mask_rows, mask_cols):
+                shapes = None
+            if shapes and shapes[0] != shapes[1]:
+                (rows, cols), (mask_rows, mask_cols) = shapes
                 raise DatasetError(f"mask {mask} has size {mask_cols}x{mask_rows} but its image {image} has "
                                    f"{cols}x{rows} (width x height); the mask must match its image")
         mask_file = None if mask is None else str(Path(mask).absolute())

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-
 class Conv(nnx.Module):
     """k x k convolution (stride s, SAME padding) as image patches @ kernel. Why not nnx.Conv:
     inside lax.scan, XLA:CPU computes a convolution's kernel gradient ~10-30x slower than outside

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from anomax.data.dataset import DLDataset
 from anomax.data.formats.mvtec_ad import read_mvtec_ad
-from anomax.errors import ConfigError
 from anomax.data.synthetic import LARGE_VERSION, PARTS, PARTS_VERSION, TEXTURE_SIDE, make_synthetic_dataset
+from anomax.errors import ConfigError
 from anomax.registry import DATASET_FORMATS
 
 
