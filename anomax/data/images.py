@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from anomax._global_state import WhileInside
 from anomax.errors import ConfigError, DatasetError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif"})
@@ -48,30 +49,16 @@ def _too_large(path: Path, detail: str) -> DatasetError:
     )
 
 
-class _PilLimit:
-    """PIL's own bomb guard raised to anomax's limit while anomax opens or decodes an image, then put
-    back: it is PIL's process-wide setting, which the host application may rely on. Counted, so reads
-    in several threads share one raise (a compressed TIFF checks the guard again when it decodes)."""
-
-    def __init__(self):
-        self._lock, self._readers, self._saved = threading.Lock(), 0, None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._readers == 0:
-                self._saved = Image.MAX_IMAGE_PIXELS
-                if self._saved is not None and self._saved < MAX_IMAGE_PIXELS:
-                    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-            self._readers += 1
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._readers -= 1
-            if self._readers == 0:
-                Image.MAX_IMAGE_PIXELS = self._saved
+def _raise_pil_limit():
+    """PIL's own bomb guard raised to anomax's limit while anomax opens or decodes an image (a compressed
+    TIFF checks it again when it decodes), then put back: the host application may rely on it."""
+    saved = Image.MAX_IMAGE_PIXELS
+    if saved is not None and saved < MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    return lambda: setattr(Image, "MAX_IMAGE_PIXELS", saved)
 
 
-_pil_limit = _PilLimit()
+_pil_limit = WhileInside(_raise_pil_limit)
 
 
 def _open(path: str | Path) -> Image.Image:

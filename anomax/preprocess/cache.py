@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from anomax._global_state import WhileInside
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import log_conversions, read_pair
 from anomax.errors import ConfigError, DatasetError
@@ -38,31 +38,20 @@ from anomax.files import locked, sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
 
-class _RootLoggerKept:
+def _keep_root_logger():
     """absl's log() calls logging.basicConfig() when the root logger has no handler; TFDS and grain log
     through absl, so a library call would leave a stderr handler on the root, and an application's own
     basicConfig afterwards would change nothing (anomax's INFO lines never showed). A NullHandler
-    stands in meanwhile; counted, so concurrent cache builds share it."""
-
-    def __init__(self):
-        self._lock, self._users, self._guard = threading.Lock(), 0, None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._users == 0 and not logging.getLogger().handlers:
-                self._guard = logging.NullHandler()
-                logging.getLogger().addHandler(self._guard)
-            self._users += 1
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0 and self._guard is not None:
-                logging.getLogger().removeHandler(self._guard)
-                self._guard = None
+    stands in meanwhile."""
+    root = logging.getLogger()
+    if root.handlers:
+        return lambda: None
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    return lambda: root.removeHandler(guard)
 
 
-_root_logger_kept = _RootLoggerKept()
+_root_logger_kept = WhileInside(_keep_root_logger)
 
 with _root_logger_kept:
     import grain  # noqa: E402 - its import logs through absl
