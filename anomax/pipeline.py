@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import heapq
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
@@ -394,16 +395,25 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     preprocess = {key: value for key, value in dict(cfg.get("preprocess") or {}).items() if value is not None}
     if backbone["name"] == "concat":
         check_concat_members(backbone.get("members"))
-        PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
+        params = PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
+        multiple = math.lcm(*(backbone_requirements(member["name"])["input_multiple"] for member in backbone["members"]))
     else:
         requirements = backbone_requirements(backbone["name"])
         _check_range_normalisation(backbone["name"], requirements, preprocess)
-        PreprocessParams.from_dict(filled_preprocess(requirements, preprocess))  # as build_model will fill them
+        params = PreprocessParams.from_dict(filled_preprocess(requirements, preprocess))  # as build_model fills them
+        multiple = requirements["input_multiple"]
+    tiling = TilingConfig.from_dict(cfg.get("tiling"))
+    if not tiling.enabled:  # tiled, the image keeps its size and tile_size is checked against the backbone
+        for key in ("height", "width"):
+            size = getattr(params, key)
+            if size % multiple:
+                raise ConfigError(f"preprocess.{key} = {size}: backbone '{backbone['name']}' takes sizes that are "
+                                  f"multiples of {multiple}; choose e.g. {max(multiple, round(size / multiple) * multiple)}")
     settings = RunSettings(
         run=run, split=SplitConfig.from_dict(cfg.get("split")), preprocess=preprocess, adaptor=adaptor,
         head=head_cls.Config.from_dict(head_cfg), train=TrainConfig.from_dict(cfg.get("train")),
         evaluate=EvaluateConfig.from_dict(cfg.get("evaluate")), export=ExportConfig.from_dict(cfg.get("export")),
-        augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=TilingConfig.from_dict(cfg.get("tiling")),
+        augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=tiling,
         distributed=DistributedConfig.from_dict(cfg.get("distributed")),
         ensemble=EnsembleConfig.from_dict(cfg.get("ensemble")))
     if settings.tiling.enabled and getattr(settings.head, "border", 0):  # fit refuses it too (the API's path)

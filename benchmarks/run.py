@@ -1,4 +1,4 @@
-"""Run a named benchmark suite: ``python -m benchmarks.run {quick,cpu} [--train] [--only NAME..] [--out DIR]``.
+"""Run a named benchmark suite: ``python -m benchmarks.run {quick,cpu,levers,tiling} [--train] [--only NAME..] [--out DIR]``.
 
 Every measurement runs in its own python process (benchmarks/measure.py), so peak RSS is
 that measurement's alone and no compiled program or allocation carries over. Writes

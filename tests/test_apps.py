@@ -44,6 +44,7 @@ NEEDS = {("dataset", "mvtec_ad"): ["dataset.root=/data"], ("dataset", "visa"): [
          ("distributed", "manual"): ["distributed.coordinator_address=host:1234", "distributed.num_processes=2",
                                      "distributed.process_id=0"],
          ("ensemble", "train_seeds3"): ["model/head=student"],
+         ("model/backbone", "vit_small_patch14"): ["preprocess.width=224", "preprocess.height=224"],
          **{("experiment", name): ["model.head.distill_images=/data"]
             for name in ("efficientad_logical", "elpv_efficientad_mono", "elpv_efficientad_poly")}}
 
@@ -142,6 +143,10 @@ def test_help_names_the_app_and_lists_only_what_it_takes(app, key, tmp_path):
     # predict composes no config group, so listing the training groups would only mislead
     assert ("Configuration groups" in done.stdout) == (app != "predict")
     assert not (tmp_path / "outputs").exists()
+    if app == "evaluate":  # its own list (the training groups are refused): every dataset option, nothing else
+        groups = done.stdout.split("== Configuration groups (group=option) ==\n")[1].split("\n\n")[0]
+        datasets = sorted(p.stem for p in (Path(CONF_DIR) / "dataset").glob("*.yaml") if not p.stem.startswith("schema"))
+        assert groups.splitlines() == [f"dataset: {', '.join(datasets)}", "evaluate: default"]
 
 
 @pytest.mark.parametrize("app", ["train", "evaluate", "predict", "report"])

@@ -216,3 +216,16 @@ def test_a_map_border_under_tiling_fails_at_composition():
     with pytest.raises(ConfigError, match="model.head.border = 1 needs tiling off"):
         validated("model/head=efficientad", "model.head.border=1", "tiling=default")
     validated("model/head=efficientad", "model.head.border=0", "tiling=default")
+
+
+def test_a_preprocess_size_the_backbone_cannot_take_fails_at_composition():
+    """It failed on the first forward pass, after the dataset was read and cached, without naming the key.
+    Tiled, the image keeps its own size (tile_size is checked instead)."""
+    with pytest.raises(ConfigError, match=r"preprocess.width = 250: backbone 'resnet18' .* multiples of 32; choose e.g. 256"):
+        validated("model/backbone=resnet18", "preprocess.width=250")
+    with pytest.raises(ConfigError, match=r"preprocess.height = 256: backbone 'vit_small_patch14' .* multiples of 14"):
+        validated("model/backbone=vit_small_patch14")
+    with pytest.raises(ConfigError, match=r"backbone 'concat' .* multiples of 32"):
+        validated("model/backbone=concat_lite2_mobilenet_v2", "preprocess.height=240")
+    validated("model/backbone=vit_small_patch14", "preprocess.width=224", "preprocess.height=252")
+    validated("model/backbone=resnet18", "preprocess.width=250", "tiling=default")
