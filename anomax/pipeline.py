@@ -39,7 +39,7 @@ from anomax.model import AnomalyModel, border_under_tiling, fit_summary
 from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param, crop_to_domain
 from anomax.registry import DATASET_FORMATS, HEADS
 from anomax.settings import Settings, setting
-from anomax.tiling import TilingConfig, native_mask
+from anomax.tiling import TilingConfig, check_tileable, native_mask
 from anomax.training import TrainConfig
 
 log = logging.getLogger("anomax")
@@ -529,6 +529,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_thresholds_possible(dataset, evaluate_cfg)
+        check_tileable(model, dataset)
         if objective:
             check_objective_possible(dataset, evaluate_cfg)
         evaluable = has_evaluable_test_split(dataset)

@@ -363,6 +363,20 @@ def _grids(model, dataset: DLDataset, split: str) -> list[TileGrid]:
     return grids
 
 
+def check_tileable(model, dataset: DLDataset, train_split: str = "train") -> None:
+    """Every split's images against the tiling, from their headers: an image smaller than a tile, or
+    (per_position) one whose grid differs from the training images', is named before the fit, which
+    would otherwise be lost when that image is scored."""
+    if not model.tiling.enabled:
+        return
+    train = _grids(model, dataset, train_split)
+    for split in sorted({sample.split for sample in dataset.samples} - {train_split}):
+        grids = _grids(model, dataset, split)
+        if model.tiling.mode == "per_position" and train:
+            for sample, grid in zip(dataset.samples_of(split), grids):
+                PerPositionHeads(model.head, {}, train[0]).check_grid(grid, sample.image_file_name)
+
+
 def _with_features(model, make_batches: Callable[[], Iterable[dict[str, Any]]], count: int) -> FeatureBatches:
     """Re-iterable {'image', 'features', 'valid'} of tile batches {'image', 'valid'}: what a head's fit
     reads, ``count`` tiles in all (a tile counts as an image)."""
@@ -519,7 +533,8 @@ def _finished(record: dict[str, Any], maps: Mapping[str, np.ndarray]) -> dict[st
         if stitched.shape != tuple(roi):  # resize_before: back to the ROI-cropped resolution
             stitched = jax.image.resize(stitched, roi, "bilinear")
         result[key] = np.asarray(stitched)
-    result["anomaly_score"] = float(result["anomaly_image"].max())
+    for key in maps:  # each map's score is its maximum, as untiled (efficientad: the local and global ones too)
+        result[key.replace("anomaly_image", "anomaly_score")] = float(result[key].max())
     return result
 
 
@@ -531,8 +546,8 @@ def score_split_tiled(model, dataset: DLDataset, split: str, progress: bool = Tr
     records = _dataset_records(dataset, split, model.preprocess, model.tiling)
     records = tqdm(records, total=len(samples), desc=f"score {split}", unit="image", disable=not progress)
     for record, result in _stitched(model, records, lambda r: samples[r["index"]].image_file_name):
-        yield {**{key: value[None] for key, value in result.items() if key != "anomaly_score"},
-               "anomaly_score": np.asarray([result["anomaly_score"]], np.float32),
+        yield {**{key: value[None] if key.startswith("anomaly_image") else np.asarray([value], np.float32)
+                  for key, value in result.items()},
                "mask": record["mask"][None], "label": np.asarray([record["label"]], np.int32),
                "index": np.asarray([record["index"]], np.int32), "valid": np.asarray([True])}
 

@@ -152,9 +152,15 @@ def test_every_head_fits_and_scores_tiled(head_name, dataset):
     results = model.apply(images_of(dataset))
     batches = list(model.score_split(dataset, "test", progress=False))
     assert len(results) == len(batches) == 4
+    branches = ("_local", "_global") if head_name == "efficientad" else ()
     for result, batch in zip(results, batches):
         assert result["anomaly_image"].shape == (HEIGHT, WIDTH) == batch["mask"].shape[1:]
-        assert result["anomaly_score"] == result["anomaly_image"].max()
+        # the untiled keys (efficientad's branch scores were dropped), each score its map's maximum
+        assert sorted(result) == sorted(f"anomaly_{kind}{branch}" for kind in ("image", "score")
+                                        for branch in ("", *branches))
+        for branch in ("", *branches):
+            assert result[f"anomaly_score{branch}"] == result[f"anomaly_image{branch}"].max()
+            assert batch[f"anomaly_score{branch}"].shape == (1,)
         np.testing.assert_allclose(batch["anomaly_image"][0], result["anomaly_image"], rtol=1e-5, atol=1e-5)
         assert np.isfinite(result["anomaly_image"]).all()
 
@@ -240,6 +246,26 @@ def test_trained_heads_work_per_position(head_name, dataset, tmp_path, monkeypat
         assert all(cell["distillation"]["num_images"] == 4 + 3 for cell in info["cells"])
     (result,) = model.apply(images_of(dataset)[-1:])
     assert result["anomaly_image"].shape == (HEIGHT, WIDTH) and np.isfinite(result["anomaly_image"]).all()
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_position"])
+def test_an_image_that_cannot_be_tiled_is_named_before_the_fit(mode, dataset, tmp_path):
+    """A validation or test image smaller than a tile (or, per position, of another grid) was found
+    only when it was scored, after the fit: on 5-Mpx parts, ten minutes lost."""
+    import dataclasses
+
+    from anomax.tiling import check_tileable
+
+    model = build("padim", TilingConfig(tile_size=TILE, stride=24, mode=mode))
+    check_tileable(model, dataset)  # the dataset as it is: nothing to say
+    odd = tmp_path / "odd.png"
+    _write(odd, np.zeros((20, WIDTH, 3), np.uint8) if mode == "shared" else np.zeros((HEIGHT, WIDTH + 24, 3), np.uint8))
+    samples = list(dataset.samples)
+    index = next(i for i, s in enumerate(samples) if s.split == "test" and s.anomaly_label == "ok")
+    samples[index] = dataclasses.replace(samples[index], image_file_name=str(odd))
+    with pytest.raises(InputError, match="odd.png" + (" is 96x20 .* smaller than tiling.tile_size" if mode == "shared"
+                                                        else ": tiling.mode=per_position .* grid is 3x5 tiles")):
+        check_tileable(model, dataclasses.replace(dataset, samples=samples))
 
 
 def test_per_position_refuses_another_grid(per_position, dataset):
