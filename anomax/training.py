@@ -60,7 +60,8 @@ ErrorFn = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
 
 
 def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarray, config: TrainConfig,
-          *, desc: str = "train", progress: bool = True) -> tuple[Any, dict[str, Any]]:
+          *, desc: str = "train", progress: bool = True,
+          rate_key: str = "train.learning_rate") -> tuple[Any, dict[str, Any]]:
     """Minimise the mean of ``error_fn``'s per-position errors over (inputs, targets).
 
     Returns the params of the epoch with the lowest training error and HALCON's
@@ -71,7 +72,10 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
     positions ``domain_ratio`` drew, with the input noise, before that step's update. The params
     returned are those at the end of the best epoch, so they differ from the ones the error was
     averaged over: in a converging run they are a little better than ``best_error`` says; in one
-    that diverges (too high a learning rate) they can be worse.
+    that diverges (too high a learning rate) they can be worse. When the best epoch is the last one,
+    nothing has evaluated its final update yet, so the error of the returned params on the first batch
+    is taken once: a network that blew up in that update raises like one that blew up earlier.
+    ``rate_key``: the setting a divergence error tells the user to lower.
     """
     inputs, targets = jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets)
     num_samples = len(targets)
@@ -142,12 +146,17 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
             logger.info("%s epoch %d/%d: error %.5g (%.1f s)", desc, epoch, config.max_num_epochs, error,
                         log[-1]["seconds"])
             if not math.isfinite(error):
-                raise ConfigError(f"{desc}: the training error became {error} in epoch {epoch}; "
-                                  "lower train.learning_rate")
+                raise ConfigError(f"{desc}: the training error became {error} in epoch {epoch}; lower {rate_key}")
             if error < best_error:
                 best_params, best_error, best_epoch = params, error, epoch
             if error < config.error_threshold:
                 break
+    if best_epoch == len(log):  # the best epoch's last update is evaluated by no later epoch
+        error = float(jax.jit(lambda p, x, y: jnp.mean(error_fn(p, x, y, base_key)))(
+            best_params, jax.tree.map(lambda a: a[:batch_size], inputs), targets[:batch_size]))
+        if not math.isfinite(error):
+            raise ConfigError(f"{desc}: the trained network's error became {error} in the last update of epoch "
+                              f"{best_epoch}; lower {rate_key}")
     info = {"best_error": best_error, "best_epoch": best_epoch, "log": log, "compile_seconds": compile_seconds}
     return best_params, info
 

@@ -4,6 +4,7 @@ artifact round trip. The teacher target is a random-init narrow ResNet-18's adap
 import dataclasses
 import logging
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from PIL import Image
 
 import anomax
 from anomax.backbones import backbone_requirements, build_backbone
-from anomax.errors import ArtifactError, ConfigError, InputError
+from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.features import FeatureAdaptor
 from anomax.heads._pdn import Conv, average_pool
 from anomax.heads.efficientad import (EfficientAD, colour_jitter, distillation_batches, hard_feature_errors,
@@ -213,8 +214,20 @@ def test_validation_images_set_the_quantiles_and_distillation_images_teach_the_t
     assert info["distillation"]["num_images"] == 13
     with pytest.raises(ConfigError, match="distill_images"):
         EfficientAD(**HEAD, distill_images=str(tmp_path)).fit(batches(IMAGES), train=TRAIN)
-    with pytest.raises(ConfigError, match="no images"):
-        list(distillation_batches(MODEL, str(tmp_path / "missing")))
+    # the folder is checked when the batches are asked for, not when they are read (after the training split)
+    with pytest.raises(ConfigError, match="no such folder"):
+        distillation_batches(MODEL, str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a folder"):
+        distillation_batches(MODEL, str(tmp_path / "0.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images found there"):
+        distillation_batches(MODEL, str(tmp_path / "empty"))
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="3.png"):
+        distillation_batches(MODEL, str(tmp_path))
+    for empty in ("", "  "):  # an empty environment variable, say: it silently trained without the images
+        with pytest.raises(ConfigError, match="distill_images = .* null for none"):
+            EfficientAD(distill_images=empty)
 
 
 def test_generic_images_skip_the_region_of_interest_and_come_at_the_tile_size(tmp_path):
@@ -312,6 +325,19 @@ def test_branch_image_scores_are_standardised_on_the_calibration_images(trained,
     incomplete = {key: value for key, value in branches.state.items() if key != "score_stats"}
     with pytest.raises(ArtifactError, match="score_stats"):
         EfficientAD.from_state(branches.hyperparams, incomplete)
+    # one image has no standard deviation: the scores came out ~1e5 (std floored at 1e-6), without a word
+    with pytest.raises(DatasetError, match="image_score = branches .* at least 2, got 1"):
+        branches.calibrate(good[:1], batch_size=4)
+
+
+def test_a_network_that_diverges_fails_the_fit_with_the_key_to_lower(tmp_path):
+    """In the last update of the last epoch too (one step per epoch, a small HALCON project): the
+    weights came back blown up, the quantiles NaN, and the saved model would not load."""
+    with pytest.raises(ConfigError, match="student\\+autoencoder: the .*error became (nan|inf).* lower train.learning_rate"):
+        fit(max_num_epochs=1, batch_size=16, learning_rate=1e6)
+    head = EfficientAD(**{**HEAD, "distill_learning_rate": 1e8})
+    with pytest.raises(ConfigError, match="distil efficientad teacher: .* lower model.head.distill_learning_rate"):
+        head.fit(batches(IMAGES), train=TRAIN, preprocess=MODEL.preprocess)
 
 
 def test_branch_image_scores_refuse_tiling():
@@ -429,3 +455,29 @@ def test_backbone_teacher_regresses_the_features_themselves(tmp_path):
     assert "features" not in generic and generic["valid"].sum() == 3
     info = penalised.head.fit(batches(IMAGES), train=train, distill=[generic], preprocess=MODEL.preprocess)
     assert info["generic_penalty"] == 1.0
+
+
+def test_predict_writes_each_branch_score_and_overlay(trained, tmp_path):
+    """anomax-predict showed the combined map and score only; which branch flagged an image is the
+    point of the global context."""
+    import csv
+
+    from anomax.apps.predict import predict_files
+
+    model = build_model()
+    model.head = trained[0]
+    paths = []
+    for index, image in enumerate(np.random.default_rng(6).integers(0, 256, (2, SIZE, SIZE, 3), np.uint8)):
+        paths.append(tmp_path / "in" / f"{index}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(paths[-1])
+    rows = predict_files(model, paths, tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0])[:4] == ["image_file_name", "anomaly_score", "anomaly_score_global", "anomaly_score_local"]
+    expected = model.apply([np.asarray(Image.open(p)) for p in paths])
+    for row, line, result in zip(rows, table, expected):
+        for branch in ("", "_local", "_global"):
+            assert float(line[f"anomaly_score{branch}"]) == pytest.approx(result[f"anomaly_score{branch}"], rel=1e-6)
+            assert Path(row[f"overlay{branch}"]).is_file() and line[f"overlay{branch}"] == row[f"overlay{branch}"]
+        assert row["overlay_local"].endswith("_local.png")

@@ -28,6 +28,15 @@ log = logging.getLogger("anomax")
 COLUMNS = ["image_file_name", "anomaly_score", "anomaly_class", "anomaly_class_id", "num_regions", "overlay", "error"]
 
 
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS, with a head's further scores and their overlays (efficientad: _local, _global) each
+    after its combined one."""
+    branches = sorted({key.removeprefix("anomaly_score_") for row in rows for key in row
+                       if key.startswith("anomaly_score_")})
+    named = {"anomaly_score": [f"anomaly_score_{b}" for b in branches], "overlay": [f"overlay_{b}" for b in branches]}
+    return [name for column in COLUMNS for name in (column, *named.get(column, ()))]
+
+
 def image_paths(inputs: Any) -> list[Path]:
     """Folders (recursively: every file in them, so a stray non-image is reported), files and globs."""
     if inputs is None:
@@ -69,13 +78,17 @@ def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet"
             _fill(row, result)
             if overlays:
                 picture = out_dir / "overlays" / f"{scored:05d}_{Path(row['image_file_name']).stem}.png"
-                row["overlay"] = str(_draw(picture, row, crop_to_domain(model.preprocess, image), result, colormap))
+                shown = crop_to_domain(model.preprocess, image)
+                for key in [key for key in result if key.startswith("anomaly_image")]:
+                    branch = key.removeprefix("anomaly_image")  # '' for the combined map, else '_local', ...
+                    row[f"overlay{branch}"] = str(_draw(picture.with_stem(picture.stem + branch), row, shown,
+                                                        result, colormap, branch))
             scored += 1
     image_files.log_conversions("predict")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "results.json", rows)
     with writing(out_dir / "results.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
+        writer = csv.DictWriter(handle, columns(rows))
         writer.writeheader()
         writer.writerows(rows)
     if not scored:
@@ -98,21 +111,25 @@ def _scored(model, images: list, rows: list[dict[str, Any]]) -> list[tuple[dict[
 
 
 def _fill(row: dict[str, Any], result: dict[str, Any]) -> None:
-    row["anomaly_score"] = result["anomaly_score"]
+    row.update({key: value for key, value in result.items() if key.startswith("anomaly_score")})
     if "anomaly_class" in result:
         row["anomaly_class"] = result["anomaly_class"]
         row["anomaly_class_id"] = result["anomaly_class_id"]
         row["num_regions"] = len(result["anomaly_region"]["components"])
 
 
-def _draw(picture: Path, row: dict[str, Any], image, result: dict[str, Any], colormap: str) -> Path:
+def _draw(picture: Path, row: dict[str, Any], image, result: dict[str, Any], colormap: str, branch: str = "") -> Path:
+    """The overlay of the combined map (``branch`` '') with its class and region, or of one branch's map."""
     from anomax.evaluation import plot_anomaly_overlay
 
-    region = result["anomaly_region"]["mask"] if "anomaly_region" in result else None
-    title = f"{Path(row['image_file_name']).name}: {result['anomaly_score']:.4g}"
-    if "anomaly_class" in result:
+    region = result["anomaly_region"]["mask"] if "anomaly_region" in result and not branch else None
+    title = f"{Path(row['image_file_name']).name}: {result[f'anomaly_score{branch}']:.4g}"
+    if branch:
+        title += f" [{branch[1:]} map]"
+    elif "anomaly_class" in result:
         title += f" ({result['anomaly_class']})"
-    return plot_anomaly_overlay(picture, image, result["anomaly_image"], cmap=colormap, region=region, title=title)
+    return plot_anomaly_overlay(picture, image, result[f"anomaly_image{branch}"], cmap=colormap, region=region,
+                                title=title)
 
 
 def check_batch_size(batch_size: Any) -> None:

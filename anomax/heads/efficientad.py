@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +109,9 @@ class EfficientADConfig(HeadConfig):
     image_score: Literal["max", "branches"] = "max"
 
     def check(self) -> None:
+        if self.distill_images is not None and not self.distill_images.strip():  # e.g. an empty environment variable
+            self.fail("distill_images", "a folder of images, or null for none (an empty string would silently "
+                                        "train without the generic images)")
         if self.teacher == "backbone" and self.ae_jitter:
             self.fail("ae_jitter", "needs model.head.teacher=pdn: the jittered copy's target is the teacher's "
                                    "output on it, and a backbone teacher is not part of the head; set ae_jitter=0")
@@ -331,8 +334,10 @@ class EfficientAD(Head):
         ``distill_images`` through its preprocessing, and through its backbone when the PDN teacher
         learns from them (the student's penalty needs only the images)."""
         config = self.config
-        batches = distillation_batches(model, config.distill_images, features=config.teacher == "pdn")
-        return {"preprocess": model.preprocess, **({"distill": batches} if self._reads_generic else {})}
+        if not self._reads_generic:
+            return {"preprocess": model.preprocess}
+        return {"preprocess": model.preprocess,
+                "distill": distillation_batches(model, config.distill_images, features=config.teacher == "pdn")}
 
     def fit(self, batches: Iterable[Mapping[str, Any]], *, train: TrainConfig | None = None,
             validation: Iterable[Mapping[str, Any]] | None = None,
@@ -362,10 +367,11 @@ class EfficientAD(Head):
 
         if validation is None:
             order = np.random.default_rng(train.seed).permutation(len(images))
-            keep = max(1, round(config.holdout * len(images)))
+            # image_score=branches standardises the branch scores: a standard deviation needs two images
+            keep = max(2 if config.image_score == "branches" else 1, round(config.holdout * len(images)))
             if len(images) - keep < 1:
-                raise DatasetError(f"efficientad needs at least 2 training images to hold some out for the map "
-                                   f"quantiles, got {len(images)}; add images or a validation split")
+                raise DatasetError(f"efficientad needs at least {keep + 1} training images to hold {keep} out for the "
+                                   f"map quantiles, got {len(images)}; add images or a validation split")
             held, order = np.sort(order[:keep]), np.sort(order[keep:])
             val_images, val_features = images[held], features[held] if self.uses_backbone else None
             images, features = images[order], features[order]
@@ -393,7 +399,9 @@ class EfficientAD(Head):
         q, penalty = config.hard_quantile, config.generic_penalty if generic is not None else 0.0
         inputs = {"image": images}
         if penalty:
-            # each training image comes with one generic image (cycled in a seeded order) for L_P
+            # each training image comes with one generic image (cycled in a seeded order) for L_P: with fewer
+            # training than generic images, the penalty sees only that many (the paper draws one per step;
+            # drawing per step would change every recipe's measured numbers)
             order = np.random.default_rng(train.seed).permutation(len(generic))
             inputs["generic"] = generic[np.resize(order, len(images))]
 
@@ -436,6 +444,10 @@ class EfficientAD(Head):
         teacher='backbone', their adapted ``features``): EfficientAD's normalisation (fit does this on
         the validation or held-out images); with ``image_score='branches'`` also the two branch
         scores' mean and standard deviation there."""
+        if self.config.image_score == "branches" and len(images) < 2:
+            raise DatasetError(f"model.head.image_score = branches standardises the branch scores on the good "
+                               f"calibration images, which needs at least 2, got {len(images)}; add good validation "
+                               f"images or use image_score=max")
         state = {**self.state, **{f"quantiles_{branch}": np.zeros(2, np.float32) for branch in BRANCHES}}
         raw = jax.jit(self._raw_maps)
         maps = [raw(state, images[i:i + batch_size], None if features is None else features[i:i + batch_size])
@@ -446,6 +458,10 @@ class EfficientAD(Head):
         for index, branch in enumerate(BRANCHES):
             state[f"quantiles_{branch}"] = map_quantiles(np.concatenate([np.asarray(m[index])[:, inner, inner]
                                                                          for m in maps]))
+            if not np.isfinite(state[f"quantiles_{branch}"]).all():  # saved, the model would not load
+                raise ConfigError(f"efficientad: the {branch} map of the good calibration images is not finite "
+                                  f"(quantiles {state[f'quantiles_{branch}'].tolist()}): the networks diverged; "
+                                  f"lower train.learning_rate")
         if self.config.image_score == "branches":  # the branch scores of the same raw maps
             read = jax.jit(self._maps, static_argnums=3)
             scores = np.concatenate([np.stack([np.asarray(out["anomaly_score_local"]),
@@ -479,7 +495,7 @@ class EfficientAD(Head):
                                      domain_ratio=1.0, regularization_noise=0.0, optimizer="adam",
                                      learning_rate=self.config.distill_learning_rate, schedule="cosine")
         params, info = _train(error_fn, self._teacher.init(train.seed), images, targets, config,
-                              "distil efficientad teacher", progress)
+                              "distil efficientad teacher", progress, rate_key="model.head.distill_learning_rate")
         info["num_images"] = len(images)
         return params, more_images, info
 
@@ -491,14 +507,27 @@ def distillation_batches(model, folder: str, *, features: bool = True) -> Iterab
     generic images are not the part, so the region of interest is not applied to them; with tiling
     the teacher learns from tiles, so they come at the tile size. Several processes: each reads its
     own part of the files, in batches of ``batch_size // process_count``, and all yield the same
-    number of batches."""
-    from anomax.data.images import IMAGE_SUFFIXES, list_files, read_image
+    number of batches. The folder is listed and every file's header read when this is called, so a
+    wrong folder fails before the training split is read, not when the batches are."""
+    from anomax.data.images import IMAGE_SUFFIXES, image_shape, list_files
+
+    key = f"model.head.distill_images = {folder!r}"
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{key}: {'not a folder' if Path(folder).exists() else 'no such folder'}; point it "
+                          f"to a folder of images or set it to null")
+    files = list_files(folder, IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{key}: no images found there; point it to a folder of images "
+                          f"({', '.join(sorted(IMAGE_SUFFIXES))}) or set it to null")
+    for file in files:
+        image_shape(file)  # an unreadable one is named now
+    return _distillation_batches(model, files, features)
+
+
+def _distillation_batches(model, files: list, features: bool) -> Iterator[dict[str, Any]]:
+    from anomax.data.images import read_image
     from anomax.preprocess.params import preprocess_image
 
-    files = list_files(folder, IMAGE_SUFFIXES) if Path(folder).is_dir() else []
-    if not files:
-        raise ConfigError(f"model.head.distill_images = {folder!r}: no images found there; point it to a folder "
-                          f"of images ({', '.join(sorted(IMAGE_SUFFIXES))}) or set it to null")
     preprocess = model.preprocess.replace(domain_handling="full_domain", domain=None)
     if model.tiling.enabled:
         preprocess = preprocess.replace(width=model.tiling.tile_size, height=model.tiling.tile_size)
@@ -516,12 +545,13 @@ def distillation_batches(model, folder: str, *, features: bool = True) -> Iterab
                **({"features": np.asarray(model._features(*params, images))} if features else {})}
 
 
-def _train(error_fn, params, inputs, targets: np.ndarray, config: TrainConfig, desc: str, progress: bool):
+def _train(error_fn, params, inputs, targets: np.ndarray, config: TrainConfig, desc: str, progress: bool,
+           rate_key: str = "train.learning_rate"):
     """training.train; with several processes, on one copy per process of everything the loop reads
     (``error_fn`` splits each batch over the global mesh with data_parallel)."""
     if jax.process_count() > 1:
         params, inputs, targets = replicate(data_mesh(), (params, inputs, targets))
-    return training.train(error_fn, params, inputs, targets, config, desc=desc, progress=progress)
+    return training.train(error_fn, params, inputs, targets, config, desc=desc, progress=progress, rate_key=rate_key)
 
 
 def _batched(fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
