@@ -41,7 +41,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from anomax.errors import ArtifactError, ConfigError, OutputError
-from anomax.files import fsync_path, locked, output_errors, sha256_file, writing
+from anomax.files import check_output_folder, fsync_path, locked, output_errors, sha256_file, writing
 from anomax.settings import is_integer
 
 log = logging.getLogger("anomax")
@@ -156,8 +156,10 @@ def save_model(model, path: str | os.PathLike, *, thresholds=None, config: Mappi
     for load_model(..., runtime='onnxruntime' | 'openvino').
     Returns ``path``. OS failures (disk full, permissions) raise OutputError naming ``path``.
     """
+    from anomax.deploy.runtimes import refuse_deployed
     from anomax.ensemble import ScoreEnsemble
 
+    refuse_deployed(model, "save_model")
     target = Path(path).absolute()
     try:
         json.dumps(config, allow_nan=False)
@@ -605,6 +607,9 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
     """
     from jax import export
 
+    from anomax.deploy.runtimes import refuse_deployed
+
+    refuse_deployed(model, "export_inference")
     for key, value in (("batch_size", batch_size), ("height", height), ("width", width)):
         if not is_integer(value) or value < 1:
             raise ConfigError(f"export_inference: {key} must be an integer >= 1, got {value!r}")
@@ -619,6 +624,7 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
                                                         [flat_params[key] for key in flat]), images)
 
     model.output_shapes(height, width)  # a size the head cannot score, named before tracing the export
+    check_output_folder(path)
     images = jax.ShapeDtypeStruct((batch_size, height, width, model.preprocess.num_channels), np.float32)
     shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in flat.items()}
     exported = export.export(jax.jit(infer), platforms=platforms)(shapes, images)

@@ -56,6 +56,14 @@ def output_errors(path: str | os.PathLike) -> Iterator[None]:
                           f"permissions of {Path(path).parent}") from error
 
 
+def check_output_folder(path: str | os.PathLike) -> None:
+    """The folder ``path`` goes into exists: checked before a long computation whose result would be lost."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {'no such folder' if not folder.exists() else 'not a folder'}: "
+                          f"{folder}; create it first")
+
+
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it replaces ``path`` atomically.

@@ -210,6 +210,32 @@ def test_export_refuses_an_opset_it_cannot_honour(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exported", ["padim"], indirect=True)
+def test_export_names_a_missing_folder_first_and_leaves_the_root_logger_alone(exported, tmp_path, monkeypatch):
+    """The folder was found missing after the whole conversion (about a minute at 256 x 256), with advice
+    about disk space; jax2onnx logging through the root logger left a stderr handler there, so a station's
+    own logging.basicConfig afterwards did nothing."""
+    import logging
+
+    import anomax.deploy.onnx_export as onnx_export
+    from anomax.errors import OutputError
+
+    model = exported[0]
+    monkeypatch.setattr(onnx_export, "_converter", lambda: pytest.fail("converted before the folder was checked"))
+    for export in (lambda path: anomax.export_onnx(model, path),
+                   lambda path: anomax.export_inference(model, path, 1, SIZE, SIZE)):
+        with pytest.raises(OutputError, match=f"no such folder: {tmp_path / 'missing'}; create it first"):
+            export(tmp_path / "missing" / "model.onnx")
+    monkeypatch.undo()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    monkeypatch.setattr(root, "handlers", [])  # as in a program that has not configured logging yet
+    anomax.export_onnx(model, tmp_path / "model.onnx")
+    assert root.handlers == []
+    root.handlers = before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("exported", ["padim"], indirect=True)  # file handling: the same for every head
 def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     model = exported[0]
@@ -235,6 +261,16 @@ def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     deployed.set_params(**deployed.get_params())  # get_params' values set back, as on AnomalyModel
     with pytest.raises(ConfigError, match="model parameter 'device' of a model run by onnxruntime .* runtime="):
         deployed.set_params(device="cpu")
+    for runtime in RUNTIMES:  # a raw int() error, silently 2 for 2.7, or (OpenVINO) blamed on the device
+        for threads in ("x", 2.7, True, -1):
+            with pytest.raises(ConfigError, match=f"threads must be null .* got {threads!r}"):
+                anomax.load_model(exported[1], runtime=runtime, threads=threads)
+    for action, call in (("save_model", lambda: anomax.save_model(deployed, tmp_path / "again")),
+                         ("export_onnx", lambda: anomax.export_onnx(deployed, tmp_path / "again.onnx")),
+                         ("export_inference", lambda: anomax.export_inference(deployed, tmp_path / "f.npz", 1, SIZE, SIZE))):
+        with pytest.raises(ConfigError, match=f"{action}: a model loaded with runtime='onnxruntime' .* runtime='jax'"):
+            call()  # an AttributeError before
+    assert not list(tmp_path.glob("again*")) and not (tmp_path / "f.npz").exists()
 
 
 @pytest.mark.slow

@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anomax._global_state import root_logger_kept
+from anomax.deploy.runtimes import refuse_deployed
 from anomax.errors import ConfigError
-from anomax.files import write_bytes_atomic
+from anomax.files import check_output_folder, write_bytes_atomic
 from anomax.settings import is_integer
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14, OpenVINO >= 2023.1
@@ -55,7 +57,7 @@ def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None
     metadata (save_model copies the mask in); None: the path the model's preprocess names. Needs
     ``pip install anomax[deploy]`` (jax2onnx). Returns ``path``.
     """
-    to_onnx = _converter()
+    refuse_deployed(model, "export_onnx")
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"export_onnx: opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
@@ -65,13 +67,16 @@ def export_onnx(model, path: str | os.PathLike, *, batch_size: int | None = None
     if getattr(getattr(model, "tiling", None), "enabled", False):
         raise ConfigError("export_onnx: tiled models are not exportable yet (the graph would score one tile, "
                           "not the whole image); export an untiled model")
+    check_output_folder(path)  # before the conversion (about a minute at 256 x 256), not after it
+    to_onnx = _converter()
     preprocess = model.preprocess
     height, width = int(height or preprocess.height), int(width or preprocess.width)
     params = jax.tree.map(jnp.asarray, model.params)
     shape = (BATCH if batch_size is None else int(batch_size), height, width, preprocess.num_channels)
     outputs = sorted(model.output_shapes(height, width))  # jax flattens a dict in key order
 
-    with _export_formulations(), warnings.catch_warnings():
+    # root_logger_kept: jax2onnx logs through the root logger (which would get a stderr handler for good)
+    with _export_formulations(), warnings.catch_warnings(), root_logger_kept:
         warnings.simplefilter("ignore", DeprecationWarning)  # jax2onnx's use of older flax APIs
         proto = to_onnx(lambda images: model.infer(params, images), [shape], model_name="anomax", opset=opset,
                         input_names=[INPUT_NAME], output_names=outputs)

@@ -22,6 +22,20 @@ OPENVINO_PRECISIONS = ("f32", "default")  # 'default': the device's own choice (
 INPUT_NAME = "images"
 
 
+def refuse_deployed(model, action: str) -> None:
+    """A model loaded with an ONNX runtime holds a graph, not the parameters ``action`` would write."""
+    if isinstance(model, DeployedModel):
+        raise ConfigError(f"{action}: a model loaded with runtime={model.runtime!r} runs its ONNX file and cannot be "
+                          f"saved or exported; load the artifact with runtime='jax' for that (thresholds and "
+                          f"batch size set with set_params are kept by save_model there)")
+
+
+def _checked_threads(threads: Any) -> int | None:
+    if threads is not None and (not is_integer(threads) or threads < 0):
+        raise ConfigError(f"threads must be null (the runtime's default) or an integer >= 0, got {threads!r}")
+    return None if threads is None else int(threads)
+
+
 class DeployedModel:
     """preprocess params, thresholds and batch size as on AnomalyModel; ``apply`` and get/set_params alike."""
 
@@ -77,11 +91,12 @@ class OnnxRuntimeModel(DeployedModel):
 
     def __init__(self, onnx_file, preprocess, thresholds=None, batch_size=16, *, threads: int | None = None):
         super().__init__(onnx_file, preprocess, thresholds, batch_size)
+        threads = _checked_threads(threads)
         ort = _import("onnxruntime")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the converter's unused initializers are not news
         if threads is not None:
-            options.intra_op_num_threads = int(threads)
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(self.onnx_file), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
@@ -105,10 +120,11 @@ class OpenVinoModel(DeployedModel):
         super().__init__(onnx_file, preprocess, thresholds, batch_size)
         if precision not in OPENVINO_PRECISIONS:
             raise ConfigError(f"openvino precision must be one of {OPENVINO_PRECISIONS}, got {precision!r}")
+        threads = _checked_threads(threads)
         ov = _import("openvino")
         config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
         if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         try:
             network = core.read_model(str(self.onnx_file))

@@ -30,30 +30,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from anomax._global_state import WhileInside
+from anomax._global_state import root_logger_kept
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import log_conversions, read_pair
 from anomax.errors import ConfigError, DatasetError
 from anomax.files import locked, sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
-
-def _keep_root_logger():
-    """absl's log() calls logging.basicConfig() when the root logger has no handler; TFDS and grain log
-    through absl, so a library call would leave a stderr handler on the root, and an application's own
-    basicConfig afterwards would change nothing (anomax's INFO lines never showed). A NullHandler
-    stands in meanwhile."""
-    root = logging.getLogger()
-    if root.handlers:
-        return lambda: None
-    guard = logging.NullHandler()
-    root.addHandler(guard)
-    return lambda: root.removeHandler(guard)
-
-
-_root_logger_kept = WhileInside(_keep_root_logger)
-
-with _root_logger_kept:
+with root_logger_kept:  # absl logs through the root logger
     import grain  # noqa: E402 - its import logs through absl
 
 
@@ -316,7 +300,7 @@ def _tfds_notes_to_debug() -> Iterator[None]:
     absl, demote = logging.getLogger("absl"), _ToDebug()
     absl.addFilter(demote)
     try:
-        with _root_logger_kept:
+        with root_logger_kept:
             yield
     finally:
         absl.removeFilter(demote)
