@@ -15,8 +15,12 @@ forever in a collective.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-from typing import Any, ClassVar, Iterator, Literal
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -113,6 +117,36 @@ def check_model(model) -> None:
                           "use distributed=off")
     if getattr(getattr(model, "tiling", None), "enabled", False):
         raise ConfigError("tiling does not run on several processes yet; use tiling=off or distributed=off")
+
+
+def check_same_job(cfg: Mapping[str, Any], dataset, sections: Sequence[str]) -> None:
+    """Every process must run the same job: one mistyped override on one host, or a host whose copy of
+    the data lacks an image, would otherwise train a model that none of the configs describes, without
+    an error. Compared across processes by digest: the top-level ``sections`` of the config (bar
+    ``distributed``, where the processes differ, and ``dataset``, whose paths may differ by host) and
+    each split's images (their paths below the dataset folder, labels and defect types)."""
+    if not is_multi_process():
+        return
+    from jax.experimental import multihost_utils
+
+    parts = {key: cfg.get(key) for key in sections if key not in ("dataset", "distributed")}
+    root = Path(dataset.image_dir or "/")
+    for split in ("train", "validation", "test"):
+        parts[f"the {split} split's images"] = [
+            (os.path.relpath(s.image_file_name, root), s.anomaly_label, s.defect_type, s.anomaly_file_name is not None)
+            for s in dataset.samples if s.split == split]
+    names = sorted(parts)
+    digests = np.array([int.from_bytes(hashlib.sha256(json.dumps(parts[name], sort_keys=True, default=str)
+                                                      .encode()).digest()[:4], "little", signed=True)
+                        for name in names], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(digests))  # (processes, len(names))
+    differ = (everyone != everyone[0]).any(axis=0)
+    if differ.any():
+        others = np.flatnonzero((everyone != everyone[0]).any(axis=1)).tolist()
+        raise ConfigError(f"the processes do not run the same job: process{'es' * (len(others) > 1)} "
+                          f"{', '.join(map(str, others))} differ{'s' * (len(others) == 1)} from process 0 in "
+                          f"{', '.join(name for name, d in zip(names, differ) if d)}; give every process the same "
+                          f"overrides (distributed.* apart) and the same dataset")
 
 
 def part(count: int, process: int | None = None, processes: int | None = None) -> slice:

@@ -172,6 +172,12 @@ class ScoreEnsemble:
         if any(member.tiling.enabled for member in members):  # tiled maps come at each image's own size
             raise ConfigError("a score ensemble's members score whole images: tiling is not available in an "
                               "ensemble; use tiling=off")
+        regions = [(member.preprocess.domain_handling, member.preprocess.domain) for member in members]
+        for number, region in enumerate(regions):
+            if region != regions[0]:  # a cropped member's map covers its box only: the maps would not line up
+                raise ConfigError(f"ensemble member {number}'s preprocess.domain_handling / domain {region} differ "
+                                  f"from member 0's {regions[0]}: the members' maps must cover the same region of "
+                                  f"the image; give every member the same domain settings")
         self.members = tuple(members)
         self.stats: list[dict[str, float]] | None = None if stats is None else _checked_stats(stats, len(members))
         self.thresholds: dict[str, float] = {}

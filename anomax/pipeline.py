@@ -25,7 +25,7 @@ from anomax.augment import AugmentConfig
 from anomax.backbones import backbone_requirements, build_backbone
 from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset, with_absolute_paths
 from anomax.data.images import read_image
-from anomax.distributed import DistributedConfig, check_model, is_main, is_multi_process
+from anomax.distributed import DistributedConfig, check_model, check_same_job, is_main, is_multi_process
 from anomax.ensemble import (MEMBER_KEYS, NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble,
                               check_concat_members, concat_backbone)
 from anomax.errors import AnomaxError, ConfigError
@@ -528,6 +528,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
         if is_multi_process():  # one global mesh: each process feeds its devices' shard of every batch
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
+        check_same_job(cfg, dataset, ("seed", "batch_size", *RUN_SECTIONS))
         check_thresholds_possible(dataset, evaluate_cfg)
         check_tileable(model, dataset)
         if objective:

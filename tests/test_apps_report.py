@@ -109,3 +109,20 @@ def test_runs_are_listed_in_job_order(tmp_path, capsys):
     report.main([str(tmp_path)])
     rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["| a", "| b", "| c", "| d"]
+
+
+def test_a_multi_process_run_is_one_run_without_where_its_processes_ran(tmp_path, caplog):
+    """Process 1 writes its log only: it was reported as a failed run, and the coordinator's port and
+    the process id became columns of the table."""
+    for process in (0, 1):
+        run_dir = tmp_path / "run" / f"process_{process}"
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(
+            f"- model/head=padim\n- distributed=manual\n- distributed.coordinator_address=10.0.0.1:{12355 + process}\n"
+            f"- distributed.process_id={process}\n")
+    (tmp_path / "run" / "process_0" / "metrics.json").write_text(
+        json.dumps({"summary": {"image_auroc": 0.9}, "timings": {"fit_s": 1.0}}))
+    with caplog.at_level(logging.WARNING, logger="anomax"):
+        rows = report.read_runs(tmp_path)
+    assert not caplog.records
+    assert [row["params"] for row in rows] == [{"model/head": "padim"}]

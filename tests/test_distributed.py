@@ -307,6 +307,42 @@ def test_a_killed_process_stops_the_other_with_an_error(tmp_path):
     print(f"process 0 stopped {stopped:.1f} s after process 1 was killed")
 
 
+def test_processes_that_do_not_run_the_same_job_are_refused_and_stop_at_once(tmp_path):
+    """Process 1 given another seed trained on another split, without an error. Both now name what
+    differs and leave with status 2 at once: JAX's exit handler would have waited in its shutdown
+    barrier (shutdown_timeout_s, 120 s here) while the other process waited in a collective. Process
+    0's used run directory is refused before Hydra rewrites its record."""
+    root = tmp_path / "data"
+    read_dataset("synthetic", root=str(root), **DATASET)
+    port = free_port()
+    common = ["+experiment=synthetic_smoke", f"dataset.root={root}", "progress=false", "model/head=padim",
+              "distributed=manual", f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+              "distributed.initialization_timeout_s=60", "distributed.shutdown_timeout_s=120"]
+    logs = [tmp_path / f"p{p}.log" for p in (0, 1)]
+    procs = [start(["-c", APP, *common, f"distributed.process_id={p}", f"seed={p}", f"hydra.run.dir={tmp_path}/run_p{p}"],
+                   2, log) for p, log in zip((0, 1), logs)]
+    try:
+        for proc in procs:
+            proc.wait(timeout=100)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, log in zip(procs, logs):
+        output = log.read_text()
+        assert proc.returncode == 2, output[-3000:]
+        assert ("the processes do not run the same job: process 1 differs from process 0 in model, seed, "
+                "the test split's images, the validation split's images, train;") in output, output[-3000:]
+    assert not (tmp_path / "run_p0" / "model").exists() and not (tmp_path / "run_p0" / "dataset.json").exists()
+    (tmp_path / "run_p0" / "metrics.json").write_text("{}")  # as a finished run leaves it
+    record = (tmp_path / "run_p0" / ".hydra" / "overrides.yaml").read_text()
+    done = subprocess.run([sys.executable, "-c", APP, *common, "distributed.process_id=0", "seed=0",
+                           f"hydra.run.dir={tmp_path}/run_p0"], env=environment(2, "again"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "already holds metrics.json" in done.stderr, done.stderr[-3000:]
+    assert (tmp_path / "run_p0" / ".hydra" / "overrides.yaml").read_text() == record
+
+
 def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 

@@ -199,6 +199,16 @@ def test_a_member_of_another_input_size_is_normalised_at_the_ensembles_map_size(
     assert normalised_maps.mean() == pytest.approx(0, abs=1e-5) and normalised_maps.std() == pytest.approx(1, rel=1e-5)
 
 
+def test_members_must_cover_the_same_region_of_the_image(fitted):
+    """A cropped member's map covers its box only; averaged with a full-image map, a defect landed
+    at two places at once."""
+    _, ensemble = fitted
+    cropped = member("mobilenet_v2", HEADS.get("padim")(eps=0.01))
+    cropped.preprocess = cropped.preprocess.replace(domain_handling="crop_domain", domain=(0, 0, SIZE // 2 - 1, SIZE - 1))
+    with pytest.raises(ConfigError, match=r"ensemble member 1's preprocess.domain_handling / domain \('crop_domain'"):
+        ScoreEnsemble([ensemble.members[0], cropped])
+
+
 def test_a_member_with_non_finite_maps_is_named_and_the_statistics_are_kept(fitted, monkeypatch):
     dataset, ensemble = fitted
     before = ensemble.normalise(dataset)

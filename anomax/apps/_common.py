@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import sys
 from pathlib import Path
@@ -75,11 +76,26 @@ def reports_errors(app: str) -> Callable:
                     # an ordinary exception: Hydra marks this job failed and runs the others (a search counts
                     # it against max_failure_rate); SystemExit would end the whole sweep here
                     raise JobFailed(f"{app}: {error}") from None
+                if _joined_other_processes():
+                    # JAX's exit handler would wait in its shutdown barrier (shutdown_timeout_s) while the other
+                    # processes wait in a collective; leaving now stops this process's heartbeats, so they stop
+                    # within heartbeat_timeout_s
+                    logging.shutdown()
+                    sys.stderr.flush()
+                    os._exit(2)
                 raise SystemExit(2) from None
 
         return run
 
     return wrap
+
+
+def _joined_other_processes() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from anomax.distributed import is_multi_process
+
+    return is_multi_process()
 
 
 class RefuseUsedRunDir(Callback):
@@ -91,7 +107,10 @@ class RefuseUsedRunDir(Callback):
         self.app = app
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("distributed", {}).get("mode", "off") == "off":
+        distributed = config.get("distributed", {})
+        # process 0 of a manual run is known now; under 'auto' only JAX's detection will tell
+        if distributed.get("mode", "off") == "off" or (distributed.get("mode") == "manual"
+                                                       and distributed.get("process_id") == 0):
             self._check(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

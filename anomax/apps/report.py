@@ -32,7 +32,7 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
     if missing:  # a mistyped one among several would otherwise drop its runs silently
         raise DatasetError(f"no such sweep directory: {', '.join(missing)}")
     unfinished = [str(hydra.parent) for d in sweep_dirs for hydra in sorted(Path(d).glob("**/.hydra"))
-                  if not (hydra.parent / "metrics.json").is_file()]
+                  if not (hydra.parent / "metrics.json").is_file() and not _another_process(hydra.parent)]
     if unfinished:  # a failed or still running job: means over seeds would silently count fewer runs
         log.warning("%d run%s without metrics.json (failed or not finished) left out: %s", len(unfinished),
                     "s" * (len(unfinished) != 1), ", ".join(unfinished))
@@ -55,8 +55,9 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
         try:
             overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
             # '~key' (a deletion) has no value
+            # distributed.*: where the processes ran (a port, a process id), not what was measured
             params = {key: value if sep else "(deleted)" for key, sep, value in
-                      (item.partition("=") for item in overrides or [] if not item.startswith("hydra."))}
+                      (item.partition("=") for item in overrides or [] if not item.startswith(("hydra.", "distributed")))}
         except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError) as error:
             log.warning("skipping %s: its overrides %s are unreadable (%s)", run_dir, overrides_file, error)
             continue
@@ -65,6 +66,16 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
         raise DatasetError(f"no finished runs (metrics.json) under {', '.join(map(str, sweep_dirs))}; "
                            "is it a multirun directory?")
     return rows
+
+
+def _another_process(run_dir: Path) -> bool:
+    """A multi-process run's process other than 0: it writes its log only, never metrics.json."""
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return any(str(item).startswith("distributed.process_id=") and str(item).partition("=")[2] != "0"
+               for item in overrides)
 
 
 def _in_job_order(path: Path) -> list:
