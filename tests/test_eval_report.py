@@ -85,3 +85,25 @@ def test_a_gray_image_is_drawn_as_its_rgb_copy_and_any_file_name_is_a_title(tmp_
                                     value_range=(0.0, 1.0), title="price_$5_$.png")
         drawn[name] = np.asarray(Image.open(path).convert("RGB"), np.int16)
     assert np.abs(drawn["gray"] - drawn["rgb"]).max() <= 1
+
+
+def test_a_large_part_is_drawn_from_a_reduced_copy_that_keeps_peaks_and_small_defects(tmp_path, monkeypatch):
+    """A 5-Mpx part drawn at full size cost 1-2 GB and seconds per picture. The copy drawn keeps each
+    block's maximum: the map's peak value, and a one-pixel defect's outline."""
+    import anomax.evaluation.pictures as pictures
+
+    height, width = 2100, 1500
+    anomaly_image = np.zeros((height, width), np.float32)
+    anomaly_image[2099, 1499] = 7.0  # in the last, partial block
+    mask = np.zeros((height, width), bool)
+    mask[1000, 700] = True
+    drawn = []
+    original = pictures._reduced
+    monkeypatch.setattr(pictures, "_reduced", lambda array: drawn.append(original(array)) or drawn[-1])
+    plot_anomaly_overlay(tmp_path / "large.png", np.zeros((height, width, 3), np.uint8), anomaly_image,
+                         ground_truth=mask, region=None)
+    reduced_map, reduced_mask = drawn
+    assert max(reduced_map.shape) <= 1024 and reduced_map.max() == 7.0 and reduced_map[-1, -1] == 7.0
+    assert reduced_mask.sum() == 1 and reduced_mask.shape == reduced_map.shape
+    small = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert original(small) is not None and np.array_equal(original(small), small)  # small ones as they are

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from anomax.files import output_errors, writing
 
 _DPI = 100
+_SHOWN = 1024  # at most this many pixels on an array's long side: a picture is 400 to 1000 pixels wide
 
 
 def plot_anomaly_overlay(path, image, anomaly_image, *, cmap: str = "jet", ground_truth=None, region=None,
@@ -103,9 +104,27 @@ def write_evaluation_pictures(run_dir, metrics: Mapping, thresholds: Mapping[str
     return pictures
 
 
+def _reduced(array):
+    """``array`` (a map or a mask) with at most _SHOWN pixels on its long side, each block's maximum: a
+    map's peaks survive, and a mask's small defects. A 5-Mpx part drawn at full size cost 1-2 GB and
+    several seconds per picture, for the same pixels on the page."""
+    array = np.asarray(array)
+    factor = -(-max(array.shape[:2]) // _SHOWN)
+    if factor <= 1:
+        return array
+    from skimage.measure import block_reduce
+
+    # the last partial blocks are padded with the minimum, which raises no block's maximum
+    return block_reduce(array, (factor, factor, *(1,) * (array.ndim - 2)), np.max, cval=array.min())
+
+
 def _draw_overlay(axis, image, anomaly_image, cmap, ground_truth, region, value_range, title):
     image = np.asarray(image)
     image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    factor = -(-max(image.shape[:2]) // _SHOWN)
+    image = image[::factor, ::factor]  # matplotlib resamples it again for the page
+    anomaly_image = _reduced(anomaly_image)
+    ground_truth, region = (None if mask is None else _reduced(np.asarray(mask, bool)) for mask in (ground_truth, region))
     shown = image / 255 if image.dtype == np.uint8 else (image - image.min()) / max(np.ptp(image), 1e-12)
     if shown.ndim == 2:
         axis.imshow(shown, cmap="gray", vmin=0, vmax=1)  # unstretched, as an RGB image is shown
