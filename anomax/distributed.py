@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import jax
@@ -130,7 +129,8 @@ def check_same_job(cfg: Mapping[str, Any], dataset, sections: Sequence[str]) -> 
     from jax.experimental import multihost_utils
 
     parts = {key: cfg.get(key) for key in sections if key not in ("dataset", "distributed")}
-    root = Path(dataset.image_dir or "/")
+    # below the dataset folder, or (image lists) below the images' common folder: hosts may mount it elsewhere
+    root = dataset.image_dir or os.path.commonpath([os.path.dirname(s.image_file_name) for s in dataset.samples])
     for split in ("train", "validation", "test"):
         parts[f"the {split} split's images"] = [
             (os.path.relpath(s.image_file_name, root), s.anomaly_label, s.defect_type, s.anomaly_file_name is not None)

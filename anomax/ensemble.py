@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -31,6 +32,7 @@ import numpy as np
 from anomax.backbones import Backbone, build_backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, DatasetError, InputError
+from anomax.files import sha256_file
 from anomax.model import checked_thresholds, classified, fit_summary
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
@@ -160,6 +162,16 @@ def good_images(dataset: DLDataset, split: str = "validation") -> DLDataset:
     return good
 
 
+def _region(preprocess) -> tuple:
+    """What a member's maps cover: its domain handling and box, or its mask file's content (a saved
+    ensemble keeps one copy of the mask per member)."""
+    domain = preprocess.domain
+    if isinstance(domain, str):
+        with contextlib.suppress(OSError):  # a missing mask is named where it is read
+            domain = f"mask {sha256_file(domain)}"
+    return preprocess.domain_handling, domain
+
+
 class ScoreEnsemble:
     """Fitted AnomalyModels whose z-normalised maps and scores are averaged. Call ``normalise``
     (validation good images) before scoring, or pass saved ``stats``; maps are resized to the first
@@ -172,7 +184,7 @@ class ScoreEnsemble:
         if any(member.tiling.enabled for member in members):  # tiled maps come at each image's own size
             raise ConfigError("a score ensemble's members score whole images: tiling is not available in an "
                               "ensemble; use tiling=off")
-        regions = [(member.preprocess.domain_handling, member.preprocess.domain) for member in members]
+        regions = [_region(member.preprocess) for member in members]
         for number, region in enumerate(regions):
             if region != regions[0]:  # a cropped member's map covers its box only: the maps would not line up
                 raise ConfigError(f"ensemble member {number}'s preprocess.domain_handling / domain {region} differ "

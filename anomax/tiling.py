@@ -319,14 +319,19 @@ class PerPositionHeads:
         return cls.of(heads, grid)
 
     def check_grid(self, grid: TileGrid, where: str) -> None:
-        if (grid.rows, grid.cols) != (self.grid.rows, self.grid.cols):
-            raise InputError(
-                f"{where}: tiling.mode=per_position keeps one head per tile-grid cell, but this image's grid is "
-                f"{grid.shape[0]}x{grid.shape[1]} tiles (a {grid.width}x{grid.height} image, tiles at rows "
-                f"{list(grid.rows)}, cols {list(grid.cols)}) while the model was trained on a "
-                f"{self.grid.shape[0]}x{self.grid.shape[1]} grid ({self.grid.width}x{self.grid.height}, rows "
-                f"{list(self.grid.rows)}, cols {list(self.grid.cols)}); give images of the training size (after "
-                f"the ROI crop and resize_before) or train with tiling.mode=shared")
+        check_same_grid(grid, self.grid, where)
+
+
+def check_same_grid(grid: TileGrid, trained: TileGrid, where: str) -> None:
+    """Per position, an image must have the training images' tile grid."""
+    if (grid.rows, grid.cols) != (trained.rows, trained.cols):
+        raise InputError(
+            f"{where}: tiling.mode=per_position keeps one head per tile-grid cell, but this image's grid is "
+            f"{grid.shape[0]}x{grid.shape[1]} tiles (a {grid.width}x{grid.height} image, tiles at rows "
+            f"{list(grid.rows)}, cols {list(grid.cols)}) while the model was trained on a "
+            f"{trained.shape[0]}x{trained.shape[1]} grid ({trained.width}x{trained.height}, rows "
+            f"{list(trained.rows)}, cols {list(trained.cols)}); give images of the training size (after "
+            f"the ROI crop and resize_before) or train with tiling.mode=shared")
 
 
 def load_head(head_cls: type[Head], hyperparams: Mapping[str, Any], state: Mapping[str, np.ndarray],
@@ -364,7 +369,7 @@ def check_tileable(model, dataset: DLDataset, train_split: str = "train") -> Non
         grids = _grids(model, dataset, split)
         if model.tiling.mode == "per_position" and train:
             for sample, grid in zip(dataset.samples_of(split), grids):
-                PerPositionHeads(model.head, {}, train[0]).check_grid(grid, sample.image_file_name)
+                check_same_grid(grid, train[0], sample.image_file_name)
 
 
 def _with_features(model, make_batches: Callable[[], Iterable[dict[str, Any]]], count: int) -> FeatureBatches:
@@ -436,7 +441,7 @@ def fit_tiled(model, dataset: DLDataset, split: str = "train", *, train=None,
         return {**info, "tiling": {"mode": "shared", "num_tiles": sum(len(g) for g in grids)}}
     grid = grids[0]
     for sample, other in zip(dataset.samples_of(split), grids):
-        PerPositionHeads(proto, {}, grid).check_grid(other, sample.image_file_name)
+        check_same_grid(other, grid, sample.image_file_name)
     infos, fitted = [], []
     # read once for all cells (e.g. efficientad's generic images, each put through the backbone)
     inputs = {key: list(value) if isinstance(value, Iterator) else value for key, value in proto.fit_inputs(model).items()}

@@ -152,8 +152,8 @@ def train(error_fn: ErrorFn, params: Any, inputs: np.ndarray, targets: np.ndarra
             if error < config.error_threshold:
                 break
     if best_epoch == len(log):  # the best epoch's last update is evaluated by no later epoch
-        error = float(jax.jit(lambda p, x, y: jnp.mean(error_fn(p, x, y, base_key)))(
-            best_params, jax.tree.map(lambda a: a[:batch_size], inputs), targets[:batch_size]))
+        error = float(parallel.settled(jax.jit(lambda p, x, y: jnp.mean(error_fn(p, x, y, base_key)))(
+            best_params, jax.tree.map(lambda a: a[:batch_size], inputs), targets[:batch_size])))
         if not math.isfinite(error):
             raise ConfigError(f"{desc}: the trained network's error became {error} in the last update of epoch "
                               f"{best_epoch}; lower {rate_key}")

@@ -199,14 +199,28 @@ def test_a_member_of_another_input_size_is_normalised_at_the_ensembles_map_size(
     assert normalised_maps.mean() == pytest.approx(0, abs=1e-5) and normalised_maps.std() == pytest.approx(1, rel=1e-5)
 
 
-def test_members_must_cover_the_same_region_of_the_image(fitted):
+def test_members_must_cover_the_same_region_of_the_image(fitted, tmp_path):
     """A cropped member's map covers its box only; averaged with a full-image map, a defect landed
-    at two places at once."""
-    _, ensemble = fitted
+    at two places at once. One mask file is one region, also once saved (each member keeps a copy)."""
+    import anomax
+
+    dataset, ensemble = fitted
     cropped = member("mobilenet_v2", HEADS.get("padim")(eps=0.01))
     cropped.preprocess = cropped.preprocess.replace(domain_handling="crop_domain", domain=(0, 0, SIZE // 2 - 1, SIZE - 1))
     with pytest.raises(ConfigError, match=r"ensemble member 1's preprocess.domain_handling / domain \('crop_domain'"):
         ScoreEnsemble([ensemble.members[0], cropped])
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, : SIZE // 2] = 255
+    Image.fromarray(mask).save(tmp_path / "roi.png")
+    members = [member(name, HEADS.get("padim")(eps=0.01)) for name in ("resnet18", "mobilenet_v2")]
+    for model in members:
+        model.preprocess = model.preprocess.replace(domain_handling="crop_domain", domain=str(tmp_path / "roi.png"))
+        model.fit(dataset, progress=False)
+    masked = ScoreEnsemble(members)
+    masked.normalise(dataset)
+    loaded = anomax.load_model(anomax.save_model(masked, tmp_path / "model"))  # refused: two copies, two paths
+    assert [m.preprocess.domain for m in loaded.members] == [str(tmp_path / "model" / f"member-{i}" / "domain.png")
+                                                             for i in (0, 1)]
 
 
 def test_a_member_with_non_finite_maps_is_named_and_the_statistics_are_kept(fitted, monkeypatch):

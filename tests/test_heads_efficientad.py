@@ -330,6 +330,15 @@ def test_branch_image_scores_are_standardised_on_the_calibration_images(trained,
         branches.calibrate(good[:1], batch_size=4)
 
 
+def test_branch_scores_refuse_one_validation_image_before_training(monkeypatch):
+    import anomax.heads.efficientad as efficientad
+
+    monkeypatch.setattr(efficientad, "_train", lambda *a, **k: pytest.fail("trained before the refusal"))
+    with pytest.raises(DatasetError, match="image_score = branches .* at least 2, got 1"):
+        EfficientAD(**HEAD, image_score="branches").fit(batches(IMAGES), train=TRAIN, preprocess=MODEL.preprocess,
+                                                        validation=batches(IMAGES[:1]))
+
+
 def test_a_network_that_diverges_fails_the_fit_with_the_key_to_lower(tmp_path):
     """In the last update of the last epoch too (one step per epoch, a small HALCON project): the
     weights came back blown up, the quantiles NaN, and the saved model would not load."""

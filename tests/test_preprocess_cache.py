@@ -246,3 +246,14 @@ def test_a_domain_mask_edited_in_place_is_read_again_and_makes_a_new_cache(datas
     os.utime(roi, ns=(os.stat(roi).st_atime_ns, os.stat(roi).st_mtime_ns + 10**9))  # a later write
     assert (preprocess_image(keep, image) != 0).sum() == 24 * 24
     assert cache_path(dataset, "train", keep, tmp_path / "cache") != before
+    # rewritten at the same size (BMP: fixed by the dimensions) with its modification time set back: the
+    # new cache (keyed by the content) was filled with the old region, read from the in-process memo
+    bmp = tmp_path / "roi.bmp"
+    Image.fromarray(small).save(bmp)
+    keep = keep.replace(domain=str(bmp))
+    assert (preprocess_image(keep, image) != 0).sum() == 64
+    times = os.stat(bmp)
+    Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 4)).save(bmp)
+    os.utime(bmp, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.stat(bmp).st_size == times.st_size and os.stat(bmp).st_mtime_ns == times.st_mtime_ns
+    assert (preprocess_image(keep, image) != 0).sum() == 16 * 16

@@ -81,6 +81,7 @@ def reports_errors(app: str) -> Callable:
                     # processes wait in a collective; leaving now stops this process's heartbeats, so they stop
                     # within heartbeat_timeout_s
                     logging.shutdown()
+                    sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(2)
                 raise SystemExit(2) from None
@@ -91,11 +92,9 @@ def reports_errors(app: str) -> Callable:
 
 
 def _joined_other_processes() -> bool:
-    if "jax" not in sys.modules:
-        return False
-    from anomax.distributed import is_multi_process
-
-    return is_multi_process()
+    """Whether this process joined others (asked without starting JAX's backends, e.g. a GPU's)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
 
 
 class RefuseUsedRunDir(Callback):

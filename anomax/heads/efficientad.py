@@ -380,6 +380,7 @@ class EfficientAD(Head):
             val_images, val_features = self.in_memory(validation, "the validation split", progress,
                                                       need_features=self.uses_backbone)
             quantile_source = f"{len(val_images)} validation images"
+            self._check_calibration_images(len(val_images))  # now, not after the training
 
         if self._teacher is None:  # the backbone's features are the teacher's output
             state, teacher_out, distill_info = {}, features, None
@@ -444,10 +445,7 @@ class EfficientAD(Head):
         teacher='backbone', their adapted ``features``): EfficientAD's normalisation (fit does this on
         the validation or held-out images); with ``image_score='branches'`` also the two branch
         scores' mean and standard deviation there."""
-        if self.config.image_score == "branches" and len(images) < 2:
-            raise DatasetError(f"model.head.image_score = branches standardises the branch scores on the good "
-                               f"calibration images, which needs at least 2, got {len(images)}; add good validation "
-                               f"images or use image_score=max")
+        self._check_calibration_images(len(images))
         state = {**self.state, **{f"quantiles_{branch}": np.zeros(2, np.float32) for branch in BRANCHES}}
         raw = jax.jit(self._raw_maps)
         maps = [raw(state, images[i:i + batch_size], None if features is None else features[i:i + batch_size])
@@ -471,6 +469,12 @@ class EfficientAD(Head):
             state["score_stats"] = np.stack([scores.mean(0, dtype=np.float64),
                                              np.maximum(scores.std(0, dtype=np.float64), 1e-6)]).astype(np.float32)
         self._state = state
+
+    def _check_calibration_images(self, count: int) -> None:
+        if self.config.image_score == "branches" and count < 2:
+            raise DatasetError(f"model.head.image_score = branches standardises the branch scores on the good "
+                               f"calibration images, which needs at least 2, got {count}; add good validation "
+                               f"images or use image_score=max")
 
     def _distil(self, images: np.ndarray, features: np.ndarray, extra, train: TrainConfig, progress: bool):
         """The teacher regresses the standardised backbone features (training images + extra).

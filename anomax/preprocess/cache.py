@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from anomax import __version__
 from anomax._global_state import root_logger_kept
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import log_conversions, read_pair
@@ -41,7 +42,9 @@ with root_logger_kept:  # absl logs through the root logger
     import grain  # noqa: E402 - its import logs through absl
 
 
-CACHE_LAYOUT_VERSION = 3  # bump when the stored features or splits change, so old caches are not reused
+# bump when the stored records, or how images and masks are read and preprocessed, change, so old
+# caches are not reused (4: palette and alpha masks read by colour, float images refused)
+CACHE_LAYOUT_VERSION = 4
 READ_THREADS = max(1, min(8, os.cpu_count() or 1))
 INCOMPLETE_PREFIX = "incomplete."  # TFDS's name for a folder it is still writing
 
@@ -313,6 +316,7 @@ def _cache_key(samples: list[Sample], params: PreprocessParams) -> str:
         digests = dict(zip(files, pool.map(_content_hash, files)))
     content = {
         "layout": CACHE_LAYOUT_VERSION,
+        "anomax": __version__,  # a release's reading and preprocessing fixes reach caches built before it
         "params": params.to_dict(),
         "samples": [[s.anomaly_label, digests[s.image_file_name], digests.get(s.anomaly_file_name)] for s in samples],
     }

@@ -139,8 +139,9 @@ def _domain_inside(params: PreprocessParams, shape: tuple[int, int]) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=8)
-def _read_domain_mask_file(path: str, modified_ns: int | None, size: int | None) -> np.ndarray:
-    """Cached by the file's modification time and size too: a mask edited in place is read again."""
+def _read_domain_mask_file(path: str, version: tuple | None) -> np.ndarray:
+    """Cached by the file's version too (modification and change times, inode, size): a mask edited in
+    place is read again, also when its modification time was set back (the change time cannot be)."""
     from anomax.data.images import read_mask  # images is data I/O; only a mask domain needs it
 
     return read_mask(path)
@@ -151,7 +152,8 @@ def _read_domain_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
         status = os.stat(path)
     except OSError:
         status = None  # read_mask names the missing file
-    inside = _read_domain_mask_file(path, status and status.st_mtime_ns, status and status.st_size)
+    version = status and (status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_size)
+    inside = _read_domain_mask_file(path, version)
     if inside.shape != tuple(shape):
         raise InputError(f"domain mask {path} is {inside.shape} (rows, cols) but the image is {tuple(shape)}")
     if not inside.any():
