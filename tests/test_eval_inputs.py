@@ -73,7 +73,9 @@ def test_threshold_settings_and_empty_results_are_checked_by_the_api():
     """As EvaluateConfig checks them for anomax-train."""
     for kwargs, message in (({"std_factor": -10}, "std_factor must be a finite number >= 0"),
                             ({"clip": (5, 1)}, r"clip must be None or \(low, high\) with low <= high"),
-                            ({"clip": (1.0,)}, "clip must be None")):
+                            ({"clip": (1.0,)}, "clip must be None"),
+                            ({"clip": (float("nan"), None)}, "clip must be None"),  # a NaN threshold before
+                            ({"clip": ("a", "b")}, "clip must be None")):
         with pytest.raises(InputError, match=message):
             compute_dl_anomaly_thresholds(_batch(), split="validation", **kwargs)
     assert compute_dl_anomaly_thresholds(_batch(), split="validation", clip=(None, 0.5)).segmentation == 0.5
@@ -81,3 +83,23 @@ def test_threshold_settings_and_empty_results_are_checked_by_the_api():
         compute_dl_anomaly_thresholds([], split="validation")
     with pytest.raises(InputError, match="the results hold no images"):
         evaluate_dl_model([])
+
+
+def test_nan_thresholds_are_refused_not_silently_applied():
+    """NaN marked no region pixel and called every image 'ok'; evaluate_dl_model counted at NaN."""
+    from anomax.evaluation import threshold_dl_anomaly_results
+
+    maps = np.zeros((1, 4, 4))
+    for segmentation, classification, name in ((float("nan"), 0.5, "segmentation"), (0.5, float("nan"), "classification"),
+                                               (0.5, "high", "classification")):
+        with pytest.raises(InputError, match=f"{name}_threshold must be a finite number"):
+            threshold_dl_anomaly_results(maps, [0.0], segmentation, classification)
+    with pytest.raises(InputError, match="thresholds must be finite numbers"):
+        evaluate_dl_model(_batch(), thresholds={"x": float("nan")})
+
+
+def test_results_without_any_ground_truth_have_no_pixel_metrics():
+    """Every image with has_ground_truth False: the empty pixel accumulators crashed (exact and binned)."""
+    batch = _batch(has_ground_truth=np.zeros(4, bool))
+    for exact in (True, False):
+        assert evaluate_dl_model(batch, exact=exact)["pixel"] is None

@@ -9,6 +9,7 @@ from anomax.errors import InputError
 from anomax.evaluation._results import Results, iterate_results
 from anomax.evaluation.metrics import Curve, PixelAccumulator, image_curve
 from anomax.evaluation.thresholds import AnomalyThresholds
+from anomax.settings import is_finite_number
 
 CLASS_NAMES = ("ok", "nok")
 _CURVE_POINTS = 1000  # curves kept for pictures are thinned to about this many points
@@ -47,8 +48,10 @@ def evaluate_dl_model(
         indices.append(batch["index"])
         if "anomaly_image" in batch and "anomaly_ground_truth" in batch:
             for defect_type in np.unique(batch["defect_type"]):
-                accumulator = pixels.setdefault(defect_type, PixelAccumulator(pixel_range, num_bins, exact=exact))
                 chosen = (batch["defect_type"] == defect_type) & batch["has_ground_truth"]
+                if not chosen.any():  # an accumulator that never gets a pixel has no curve
+                    continue
+                accumulator = pixels.setdefault(defect_type, PixelAccumulator(pixel_range, num_bins, exact=exact))
                 for maps, masks in _pixel_pairs(batch, chosen, native_resolution):
                     accumulator.add(maps, masks)
     if not scores:
@@ -124,6 +127,8 @@ def _named(thresholds) -> dict[str, float]:
         return {}
     if isinstance(thresholds, AnomalyThresholds):
         return thresholds.classification()
+    if any(not is_finite_number(value) for value in thresholds.values()):
+        raise InputError(f"evaluate_dl_model: thresholds must be finite numbers, got {dict(thresholds)!r}")
     return {str(name): float(value) for name, value in thresholds.items()}
 
 

@@ -71,7 +71,8 @@ def compute_dl_anomaly_thresholds(
         raise InputError(f"std_factor must be a finite number >= 0, got {std_factor!r}")
     if clip is not None:
         bounds = tuple(clip) if isinstance(clip, (tuple, list)) else ()
-        if len(bounds) != 2 or (None not in bounds and bounds[0] > bounds[1]):
+        if (len(bounds) != 2 or any(b is not None and not is_finite_number(b) for b in bounds)
+                or (None not in bounds and bounds[0] > bounds[1])):
             raise InputError(f"clip must be None or (low, high) with low <= high (either may be None), got {clip!r}")
     if split == "test":
         if not allow_test_split:
@@ -144,6 +145,10 @@ def threshold_dl_anomaly_results(anomaly_images, anomaly_scores, segmentation_th
     and 'bbox' = (row_start, col_start, row_stop, col_stop), half-open like Python slices. The maps
     may differ in size (a tiled model's follow each image's); none gives [].
     """
+    for name, value in (("segmentation_threshold", segmentation_threshold),
+                        ("classification_threshold", classification_threshold)):
+        if not is_finite_number(value):  # NaN would silently mark nothing, everything 'ok'
+            raise InputError(f"threshold_dl_anomaly_results: {name} must be a finite number, got {value!r}")
     images, scores = list(anomaly_images), list(np.asarray(anomaly_scores).reshape(-1))
     if len(images) != len(scores):
         raise InputError(f"threshold_dl_anomaly_results: {len(images)} anomaly images but {len(scores)} scores")
