@@ -257,3 +257,38 @@ def test_a_domain_mask_edited_in_place_is_read_again_and_makes_a_new_cache(datas
     os.utime(bmp, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert os.stat(bmp).st_size == times.st_size and os.stat(bmp).st_mtime_ns == times.st_mtime_ns
     assert (preprocess_image(keep, image) != 0).sum() == 16 * 16
+
+
+def test_a_damaged_cache_or_an_unwritable_cache_dir_is_named(dataset, tmp_path):
+    """A flipped byte, a truncated or missing record file, a cut dataset_info.json: raw array_record,
+    TFDS or protobuf errors that named no folder. A cache_dir that cannot be written: a raw OSError."""
+    import shutil
+
+    from anomax.errors import OutputError
+
+    good = stacked(list(iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / "cache")))
+    folder = cache_path(dataset, "test", PARAMS, tmp_path / "cache")
+    records = next(folder.glob("**/*.array_record-*"))
+    info = next(folder.glob("**/dataset_info.json"))
+    for damage in ("flip", "truncate", "delete", "info"):
+        shutil.copytree(tmp_path / "cache", tmp_path / damage)
+        target = tmp_path / damage / records.relative_to(tmp_path / "cache")
+        data = bytearray(target.read_bytes())
+        if damage == "flip":
+            data[200:216] = bytes(b ^ 0xFF for b in data[200:216])
+            target.write_bytes(data)
+        elif damage == "truncate":
+            target.write_bytes(data[: len(data) // 2])
+        elif damage == "delete":
+            target.unlink()
+        else:
+            cut = tmp_path / damage / info.relative_to(tmp_path / "cache")
+            cut.write_text(cut.read_text()[:50])
+        with pytest.raises(DatasetError, match=f"the preprocessed cache {tmp_path / damage}/test-.* is damaged or "
+                                               "unreadable .* delete that folder to rebuild it"):
+            list(iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / damage))
+    again = stacked(list(iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / "cache")))
+    np.testing.assert_array_equal(again["image"], good["image"])  # the copies' damage left the cache alone
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OutputError, match=f"cannot write the preprocessed cache {tmp_path / 'a_file'}/test-.*cache_dir=null"):
+        iterate_batches(dataset, "test", PARAMS, 2, cache_dir=tmp_path / "a_file")

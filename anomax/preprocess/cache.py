@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from anomax import __version__
 from anomax._global_state import root_logger_kept
 from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import log_conversions, read_pair
-from anomax.errors import ConfigError, DatasetError
+from anomax.errors import AnomaxError, ConfigError, DatasetError, OutputError
 from anomax.files import locked, sha256_file
 from anomax.preprocess.params import PreprocessParams, preprocess_image, preprocess_mask
 
@@ -173,17 +174,33 @@ def iterate_batches(
     source = f"the {split or 'whole'} split of {dataset.image_dir}"
     if cache_dir is None:
         records = _preprocessed_records(dataset.samples_of(split), params)
-    else:
-        builder = _prepared_builder(dataset, split, params, cache_dir, source, show_progress=progress is not None)
+        return Batches(records, batch_size, shuffle, seed, progress, source)
+    folder = cache_path(dataset, split, params, cache_dir)
+    builder = _prepared_builder(dataset, split, params, cache_dir, folder, source, show_progress=progress is not None)
+    try:
         records = grain.MapDataset.source(builder.as_one_source())
-    return Batches(records, batch_size, shuffle, seed, progress, source)
+    except AnomaxError:
+        raise
+    except _READ_ERRORS as error:
+        raise _damaged(folder, error) from None
+    return Batches(records, batch_size, shuffle, seed, progress, source, cache=folder)
+
+
+# what array_record, TFDS and protobuf raise on a damaged cache file (no common type)
+_READ_ERRORS = (RuntimeError, ValueError, OSError, json_format.ParseError)
+
+
+def _damaged(folder: Path, error: Exception) -> DatasetError:
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    return DatasetError(f"the preprocessed cache {folder} is damaged or unreadable ({type(error).__name__}: {reason}); "
+                        f"delete that folder to rebuild it")
 
 
 class Batches:
     """An iterable of padded batches that knows its length (for progress bars)."""
 
     def __init__(self, records: grain.MapDataset, batch_size: int, shuffle: bool, seed: int, progress: str | None,
-                 source: str = "the images"):
+                 source: str = "the images", cache: Path | None = None):
         n = len(records)
         order = grain.MapDataset.range(n).shuffle(seed=seed) if shuffle else grain.MapDataset.range(n)
 
@@ -201,6 +218,7 @@ class Batches:
         self._batches = grain.MapDataset.range(math.ceil(n / batch_size) * batch_size).map(padded).batch(batch_size)
         self._progress = progress
         self._source = source
+        self._cache = cache  # the cache folder the records are read from, named when one is damaged
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -211,7 +229,14 @@ class Batches:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc=self._progress, total=len(self), unit="batch")
-        yield from batches
+        try:
+            yield from batches
+        except AnomaxError:
+            raise
+        except _READ_ERRORS as error:
+            if self._cache is None:
+                raise
+            raise _damaged(self._cache, error) from None
         log_conversions(f"reading {self._source}")  # read on the fly: conversions are noted per pass
 
 
@@ -241,22 +266,43 @@ def _builder(
     )
 
 
-def _prepared_builder(dataset, split, params, cache_dir, source: str, show_progress: bool = False) -> PreprocessedSplit:
-    folder = cache_path(dataset, split, params, cache_dir)
+def _prepared_builder(dataset, split, params, cache_dir, folder: Path, source: str,
+                      show_progress: bool = False) -> PreprocessedSplit:
     with _tfds_notes_to_debug():  # e.g. TFDS warns that the folder it is about to write has no dataset_info.json
-        builder = _builder(dataset, split, params, cache_dir, folder)
-        if builder.is_prepared():
+        try:  # TFDS reads a prepared folder's dataset_info.json here
+            builder = _builder(dataset, split, params, cache_dir, folder)
+            prepared = builder.is_prepared()
+        except _READ_ERRORS as error:
+            raise _damaged(folder, error) from None
+        if prepared:
             return builder
-        _remove_stale_incomplete(Path(cache_dir))
-        with _locked(folder):
-            builder = _builder(dataset, split, params, cache_dir, folder, show_progress)  # another process may have built it
-            if not builder.is_prepared():
-                _remove_incomplete(folder)  # this process holds the lock: whatever is incomplete here is stale
-                tfds.display_progress_bar(False)  # iterate_batches shows its own progress
-                builder.download_and_prepare()
-                log_conversions(f"caching {source}")
-                builder = _builder(dataset, split, params, cache_dir, folder)
+        with _writing_cache(folder):
+            _remove_stale_incomplete(Path(cache_dir))
+            with _locked(folder):
+                builder = _builder(dataset, split, params, cache_dir, folder, show_progress)  # another process may have built it
+                if not builder.is_prepared():
+                    _remove_incomplete(folder)  # this process holds the lock: whatever is incomplete here is stale
+                    tfds.display_progress_bar(False)  # iterate_batches shows its own progress
+                    builder.download_and_prepare()
+                    log_conversions(f"caching {source}")
+                    builder = _builder(dataset, split, params, cache_dir, folder)
         return builder
+
+
+@contextlib.contextmanager
+def _writing_cache(folder: Path) -> Iterator[None]:
+    """A cache folder that cannot be written (read-only, a full disk, a file in the way) is an OutputError
+    naming it: TFDS reports a full disk as a RuntimeError."""
+    advice = "check free disk space and permissions, or set cache_dir=null to preprocess on the fly"
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"cannot write the preprocessed cache {folder}: {error.strerror or error}; {advice}") from None
+    except RuntimeError as error:
+        if "No space left" not in str(error) and "write" not in str(error).lower():
+            raise
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        raise OutputError(f"cannot write the preprocessed cache {folder}: {reason}; {advice}") from None
 
 
 @contextlib.contextmanager
