@@ -273,18 +273,25 @@ def test_only_process_zero_writes_outputs(runs):
 APP = "import sys; from anomax.apps.train import main; sys.argv[0] = 'anomax-train'; main()"
 
 
+def two_app_processes(tmp_path: Path, settings: list[str], own=lambda process: []):
+    """anomax-train as processes 0 and 1 of one manual run on the synthetic set, 2 devices each, run
+    directories run_p0 and run_p1; ``own(process)``: that process's further overrides.
+    Returns (processes, their logs, the overrides they share)."""
+    root = tmp_path / "data"
+    read_dataset("synthetic", root=str(root), **DATASET)
+    common = ["+experiment=synthetic_smoke", f"dataset.root={root}", "progress=false", "distributed=manual",
+              f"distributed.coordinator_address=127.0.0.1:{free_port()}", "distributed.num_processes=2",
+              "distributed.initialization_timeout_s=60", *settings]
+    logs = [tmp_path / f"p{p}.log" for p in (0, 1)]
+    procs = [start(["-c", APP, *common, f"distributed.process_id={p}", *own(p), f"hydra.run.dir={tmp_path}/run_p{p}"],
+                   2, log) for p, log in zip((0, 1), logs)]
+    return procs, logs, common
+
+
 def test_a_killed_process_stops_the_other_with_an_error(tmp_path):
     """Process 1 is killed mid-run: process 0 exits with JAX's error within the heartbeat timeout,
     and no artifact (complete or half-written) is left."""
-    root = tmp_path / "data"
-    read_dataset("synthetic", root=str(root), **DATASET)
-    port = free_port()
-    common = ["+experiment=synthetic_smoke", f"dataset.root={root}", "progress=false", "model/head=patchcore",
-              "distributed=manual", f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-              "distributed.heartbeat_timeout_s=5", "distributed.initialization_timeout_s=60"]
-    logs = [tmp_path / f"p{p}.log" for p in (0, 1)]
-    procs = [start(["-c", APP, *common, f"distributed.process_id={p}", f"hydra.run.dir={tmp_path}/run_p{p}"], 2, log)
-             for p, log in zip((0, 1), logs)]
+    procs, logs, _ = two_app_processes(tmp_path, ["model/head=patchcore", "distributed.heartbeat_timeout_s=5"])
     try:
         deadline = time.monotonic() + 240
         # mid-run: once process 1 has read the dataset and started fitting
@@ -312,15 +319,8 @@ def test_processes_that_do_not_run_the_same_job_are_refused_and_stop_at_once(tmp
     differs and leave with status 2 at once: JAX's exit handler would have waited in its shutdown
     barrier (shutdown_timeout_s, 120 s here) while the other process waited in a collective. Process
     0's used run directory is refused before Hydra rewrites its record."""
-    root = tmp_path / "data"
-    read_dataset("synthetic", root=str(root), **DATASET)
-    port = free_port()
-    common = ["+experiment=synthetic_smoke", f"dataset.root={root}", "progress=false", "model/head=padim",
-              "distributed=manual", f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-              "distributed.initialization_timeout_s=60", "distributed.shutdown_timeout_s=120"]
-    logs = [tmp_path / f"p{p}.log" for p in (0, 1)]
-    procs = [start(["-c", APP, *common, f"distributed.process_id={p}", f"seed={p}", f"hydra.run.dir={tmp_path}/run_p{p}"],
-                   2, log) for p, log in zip((0, 1), logs)]
+    procs, logs, common = two_app_processes(tmp_path, ["model/head=padim", "distributed.shutdown_timeout_s=120"],
+                                            lambda process: [f"seed={process}"])
     try:
         for proc in procs:
             proc.wait(timeout=100)
