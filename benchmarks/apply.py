@@ -6,7 +6,7 @@ Times the whole public path (numpy preprocessing, the jitted network, thresholdi
 call per batch size compiles and is reported apart (``first_call_s``); then one warm-up call,
 then the median of ``repeats`` timed calls.
 
-    python benchmarks/apply.py ARTIFACT_DIR [--repeats 10]
+    python -m benchmarks.apply ARTIFACT_DIR [--repeats 10]
 """
 from __future__ import annotations
 

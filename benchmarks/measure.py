@@ -320,7 +320,13 @@ def _feature_batches(images: int, grid: int, dim: int, batch: int):
     return FeatureBatches(make, images, batch)
 
 
+MEASUREMENTS = ("matmul", "backbone", "head", "neighbors", "coreset", "padim_memory", "patchcore_scale", "apply",
+                "deploy", "train", "lever", "tiling")
+
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in MEASUREMENTS:
+        sys.exit(f"usage: python -m benchmarks.measure NAME ['{{JSON keyword arguments}}']; NAME one of "
+                 f"{', '.join(MEASUREMENTS)} (each a function of benchmarks/measure.py, its arguments its keywords)")
     name, kwargs = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")
     result = globals()[name](**kwargs)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

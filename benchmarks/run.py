@@ -110,6 +110,10 @@ def run_suite(suite: str, out: Path, train: bool = False, only: tuple[str, ...] 
     """Run a suite (or `only` its measurements of those names, written as <suite>-<names>.*)."""
     plan = [(name, kwargs) for name, kwargs in SUITES[suite] + ([("train", {})] if train else [])
             if not only or name in only]
+    if not plan:
+        sys.exit(f"benchmarks.run: suite '{suite}' has no {' or '.join(only)} measurement"
+                 f"{' (train comes with --train)' if 'train' in only else ''}; its measurements: "
+                 f"{', '.join(sorted({name for name, _ in SUITES[suite]}))}")
     stem = "-".join([suite, *only])
     report = {"suite": suite, "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
