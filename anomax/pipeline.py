@@ -264,7 +264,10 @@ def evaluate_split(model: AnomalyModel, dataset: DLDataset, split: str, run_dir:
     """Metrics of a split, with pictures and the HTML report written into ``run_dir``; the scored
     batches stream through the metrics, so memory does not grow with the split."""
     worst = _WorstMaps(evaluate_cfg.num_worst)
-    named = thresholds.classification() if thresholds is not None else None
+    named = dict(thresholds.classification()) if thresholds is not None else {}
+    own = model.thresholds.get("classification")
+    if own is not None and own not in named.values():  # the threshold the model classifies with, set by hand
+        named["model"] = own
     native = evaluate_cfg.native_resolution
     metrics = evaluate_dl_model(worst.watch(results_of(model, dataset, split, cache_dir, progress, native)),
                                 thresholds=named, native_resolution=native,

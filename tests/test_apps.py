@@ -269,6 +269,32 @@ def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
                 cwd=tmp_path, check=False)
     assert grown.returncode == 2 and "were in the model's training split" in grown.stderr, grown.stderr
     assert str(tmp_path / "run" / "dataset.json") in grown.stderr and not (tmp_path / "grown" / "metrics.json").exists()
+    (good / "0000-new.png").unlink()
+    # the training split itself: it was blamed on a changed dataset
+    own = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "split=train", cwd=tmp_path, check=False)
+    assert own.returncode == 2 and "split=train is the split the model was trained on" in own.stderr, own.stderr
+    # a folder of good parts only: refused from its labels, not after every image was scored into a claimed directory
+    shutil.copytree(good, tmp_path / "new" / "good")
+    only_good = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", "dataset=folder",
+                    f"dataset.image_dir={tmp_path / 'new'}", "split_percent.training_percent=0",
+                    "split_percent.validation_percent=0", f"hydra.run.dir={tmp_path / 'good_only'}", cwd=tmp_path,
+                    check=False)
+    assert only_good.returncode == 2 and "the test split of folder holds only good images (12)" in only_good.stderr, \
+        only_good.stderr
+    assert not (tmp_path / "good_only").exists() or not (tmp_path / "good_only" / "dataset.json").exists()
+    # a classification threshold set by hand, none of the estimates: the metrics never counted at it
+    import anomax
+    from anomax.artifact import read_metadata
+    from anomax.evaluation import AnomalyThresholds
+
+    model, metadata = anomax.load_model(tmp_path / "run" / "model"), read_metadata(tmp_path / "run" / "model")
+    model.set_params(thresholds={**model.thresholds, "classification": 7.0})
+    anomax.save_model(model, tmp_path / "by_hand", config=metadata["config"],
+                      thresholds=AnomalyThresholds.from_dict(metadata["thresholds"]["estimates"]))
+    run("evaluate", f"model_dir={tmp_path / 'by_hand'}", f"hydra.run.dir={tmp_path / 'by_hand_evaluated'}",
+        "progress=false", cwd=tmp_path)
+    at = json.loads((tmp_path / "by_hand_evaluated" / "metrics.json").read_text())["at_thresholds"]
+    assert at["model"]["threshold"] == 7.0 and {"intermediate", "largest_good"} <= set(at)
 
 
 def test_a_bad_test_image_does_not_cost_the_fitted_model(tmp_path):

@@ -58,6 +58,9 @@ def check_not_trained_on(dataset, split: str, model_dir: str) -> None:
     trained_on = {Path(s.image_file_name).absolute() for s in DLDataset.from_json(record).samples_of("train")}
     overlap = sorted(s.image_file_name for s in dataset.samples_of(split)
                      if Path(s.image_file_name).absolute() in trained_on)
+    if overlap and split == "train":
+        raise DatasetError(f"split=train is the split the model was trained on ({record}): its metrics would say "
+                           f"nothing about new parts; evaluate split=validation or split=test, or a folder of new images")
     if overlap:
         raise DatasetError(f"{len(overlap)} images of the {split} split were in the model's training split "
                            f"({record}), e.g. {overlap[0]}: the dataset changed since training (an image added or "
@@ -86,6 +89,11 @@ def _evaluate(cfg: DictConfig) -> float:
     dataset_cfg, split_percent, seed = as_trained(config, metadata["config"])
     dataset = read_configured_dataset(dataset_cfg, split_percent, seed)
     check_not_trained_on(dataset, config["split"], config["model_dir"])
+    labels = [s.anomaly_label for s in dataset.samples_of(config["split"])]
+    if len(set(labels)) < 2:  # known from the labels: before the directory is claimed and every image scored
+        raise DatasetError(f"the {config['split']} split of {dataset_cfg.get('name')} holds only "
+                           f"{'good' if labels[0] == 'ok' else 'defective'} images ({len(labels)}); evaluation needs "
+                           f"good and defective images (to score a folder of new parts without labels, use anomax-predict)")
     with claim_run_dir(HydraConfig.get().runtime.output_dir) as run_dir:
         model = load_configured_model(config)
         estimates = metadata["thresholds"]["estimates"]
