@@ -140,9 +140,10 @@ def check_same_job(cfg: Mapping[str, Any], dataset, sections: Sequence[str]) -> 
                                                       .encode()).digest()[:4], "little", signed=True)
                         for name in names], np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(digests))  # (processes, len(names))
-    differ = (everyone != everyone[0]).any(axis=0)
+    mismatch = everyone != everyone[0]
+    differ = mismatch.any(axis=0)
     if differ.any():
-        others = np.flatnonzero((everyone != everyone[0]).any(axis=1)).tolist()
+        others = np.flatnonzero(mismatch.any(axis=1)).tolist()
         raise ConfigError(f"the processes do not run the same job: process{'es' * (len(others) > 1)} "
                           f"{', '.join(map(str, others))} differ{'s' * (len(others) == 1)} from process 0 in "
                           f"{', '.join(name for name, d in zip(names, differ) if d)}; give every process the same "

@@ -57,8 +57,7 @@ class ConcatBackbone:
             raise ConfigError(f"a backbone ensemble's members must take the same number of channels, got {channels}")
         self.members = tuple(members)
         self.name = "+".join(names)
-        multiple = math.lcm(*(m.requirements["input_multiple"] for m in members))
-        self.requirements = {**members[0].requirements, "input_multiple": multiple}
+        self.requirements = concat_requirements([m.requirements for m in members])
         # member i's input = first member's input * scale + shift (per channel)
         first_scale, first_shift = _input_affine(members[0])
         self._renormalise = []
@@ -102,6 +101,12 @@ def _input_affine(backbone: Backbone) -> tuple[np.ndarray, np.ndarray]:
 
 
 MEMBER_KEYS = tuple(inspect.signature(build_backbone).parameters)  # name, taps, pretrained, seed, width_multiplier
+
+
+def concat_requirements(requirements: Sequence[Mapping[str, Any]]) -> dict:
+    """A feature concatenation's input requirements: its first member's normalisation, and sizes that
+    every member can take."""
+    return {**requirements[0], "input_multiple": math.lcm(*(r["input_multiple"] for r in requirements))}
 
 
 def check_concat_members(members: Any) -> list[dict]:

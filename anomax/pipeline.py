@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import heapq
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from anomax.data.dataset import DLDataset, read_dataset, split_dl_dataset, with_
 from anomax.data.images import read_image
 from anomax.distributed import DistributedConfig, check_model, check_same_job, is_main, is_multi_process
 from anomax.ensemble import (MEMBER_KEYS, NORMALISATION_KEYS, ConcatBackbone, EnsembleConfig, ScoreEnsemble,
-                              check_concat_members, concat_backbone)
+                              check_concat_members, concat_backbone, concat_requirements)
 from anomax.errors import AnomaxError, ConfigError
 from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds, evaluate_dl_model,
                                plot_anomaly_overlay, plot_worst_cases, write_evaluation_pictures, write_html_report)
@@ -399,7 +398,8 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
     if backbone["name"] == "concat":
         check_concat_members(backbone.get("members"))
         params = PreprocessParams.from_dict(preprocess)  # the given values on their own must be valid too
-        multiple = math.lcm(*(backbone_requirements(member["name"])["input_multiple"] for member in backbone["members"]))
+        multiple = concat_requirements([backbone_requirements(member["name"])
+                                        for member in backbone["members"]])["input_multiple"]
     else:
         requirements = backbone_requirements(backbone["name"])
         _check_range_normalisation(backbone["name"], requirements, preprocess)

@@ -144,20 +144,21 @@ class TileGrid:
         line = blend_window(self.tile, self.overlap)
         return np.outer(line, line).astype(np.float32)
 
+    def coverage(self) -> np.ndarray:
+        """(height, width) sum of every tile's blending window: what the weights are normalised by."""
+        window = self.window()
+        return place_add(np.broadcast_to(window, (len(self), *window.shape)), self.positions, (self.height, self.width))
+
     def weights(self) -> np.ndarray:
         """(n, tile, tile) per-tile weights, normalised: placed back, they sum to one at every pixel."""
-        window = self.window()
-        total = place_add(np.broadcast_to(window, (len(self), *window.shape)), self.positions,
-                          (self.height, self.width))
-        t = self.tile
+        window, total, t = self.window(), self.coverage(), self.tile
         return np.stack([window / total[r:r + t, c:c + t] for r, c in self.positions])
 
     def stitch(self, tile_maps: np.ndarray) -> np.ndarray:
         """(n, tile, tile) maps of every tile -> (height, width), blended with normalised weights."""
-        window = self.window()
-        weighted = place_add(np.asarray(tile_maps, np.float32) * window, self.positions, (self.height, self.width))
-        return weighted / place_add(np.broadcast_to(window, (len(self), *window.shape)), self.positions,
-                                    (self.height, self.width))
+        weighted = place_add(np.asarray(tile_maps, np.float32) * self.window(), self.positions,
+                             (self.height, self.width))
+        return weighted / self.coverage()
 
 
 def place_add(tiles: np.ndarray, positions: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:

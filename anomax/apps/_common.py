@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import functools
-import os
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable

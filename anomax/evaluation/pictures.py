@@ -104,12 +104,17 @@ def write_evaluation_pictures(run_dir, metrics: Mapping, thresholds: Mapping[str
     return pictures
 
 
+def _factor(shape) -> int:
+    """The integer step that leaves at most _SHOWN pixels on the long side of an array of ``shape``."""
+    return -(-max(shape[:2]) // _SHOWN)
+
+
 def _reduced(array):
     """``array`` (a map or a mask) with at most _SHOWN pixels on its long side, each block's maximum: a
     map's peaks survive, and a mask's small defects. A 5-Mpx part drawn at full size cost 1-2 GB and
     several seconds per picture, for the same pixels on the page."""
     array = np.asarray(array)
-    factor = -(-max(array.shape[:2]) // _SHOWN)
+    factor = _factor(array.shape)
     if factor <= 1:
         return array
     from skimage.measure import block_reduce
@@ -121,7 +126,7 @@ def _reduced(array):
 def _draw_overlay(axis, image, anomaly_image, cmap, ground_truth, region, value_range, title):
     image = np.asarray(image)
     image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
-    factor = -(-max(image.shape[:2]) // _SHOWN)
+    factor = _factor(image.shape)
     image = image[::factor, ::factor]  # matplotlib resamples it again for the page
     anomaly_image = _reduced(anomaly_image)
     ground_truth, region = (None if mask is None else _reduced(np.asarray(mask, bool)) for mask in (ground_truth, region))

@@ -177,23 +177,26 @@ def iterate_batches(
         return Batches(records, batch_size, shuffle, seed, progress, source)
     folder = cache_path(dataset, split, params, cache_dir)
     builder = _prepared_builder(dataset, split, params, cache_dir, folder, source, show_progress=progress is not None)
-    try:
+    with _reading_cache(folder):
         records = grain.MapDataset.source(builder.as_one_source())
-    except AnomaxError:
-        raise
-    except _READ_ERRORS as error:
-        raise _damaged(folder, error) from None
     return Batches(records, batch_size, shuffle, seed, progress, source, cache=folder)
 
 
-# what array_record, TFDS and protobuf raise on a damaged cache file (no common type)
-_READ_ERRORS = (RuntimeError, ValueError, OSError, json_format.ParseError)
+@contextlib.contextmanager
+def _reading_cache(folder: Path) -> Iterator[None]:
+    """What array_record, TFDS and protobuf raise on a damaged cache file (they share no type) becomes a
+    DatasetError naming the folder; anomax's own errors pass."""
+    try:
+        yield
+    except AnomaxError:
+        raise
+    except (RuntimeError, ValueError, OSError, json_format.ParseError) as error:
+        raise DatasetError(f"the preprocessed cache {folder} is damaged or unreadable ({type(error).__name__}: "
+                           f"{_first_line(error)}); delete that folder to rebuild it") from None
 
 
-def _damaged(folder: Path, error: Exception) -> DatasetError:
-    reason = (str(error).strip().splitlines() or [""])[0][:300]
-    return DatasetError(f"the preprocessed cache {folder} is damaged or unreadable ({type(error).__name__}: {reason}); "
-                        f"delete that folder to rebuild it")
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 class Batches:
@@ -229,14 +232,8 @@ class Batches:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc=self._progress, total=len(self), unit="batch")
-        try:
+        with contextlib.nullcontext() if self._cache is None else _reading_cache(self._cache):
             yield from batches
-        except AnomaxError:
-            raise
-        except _READ_ERRORS as error:
-            if self._cache is None:
-                raise
-            raise _damaged(self._cache, error) from None
         log_conversions(f"reading {self._source}")  # read on the fly: conversions are noted per pass
 
 
@@ -269,11 +266,9 @@ def _builder(
 def _prepared_builder(dataset, split, params, cache_dir, folder: Path, source: str,
                       show_progress: bool = False) -> PreprocessedSplit:
     with _tfds_notes_to_debug():  # e.g. TFDS warns that the folder it is about to write has no dataset_info.json
-        try:  # TFDS reads a prepared folder's dataset_info.json here
+        with _reading_cache(folder):  # TFDS reads a prepared folder's dataset_info.json here
             builder = _builder(dataset, split, params, cache_dir, folder)
             prepared = builder.is_prepared()
-        except _READ_ERRORS as error:
-            raise _damaged(folder, error) from None
         if prepared:
             return builder
         with _writing_cache(folder):
@@ -301,8 +296,7 @@ def _writing_cache(folder: Path) -> Iterator[None]:
     except RuntimeError as error:
         if "No space left" not in str(error) and "write" not in str(error).lower():
             raise
-        reason = (str(error).strip().splitlines() or [""])[0][:300]
-        raise OutputError(f"cannot write the preprocessed cache {folder}: {reason}; {advice}") from None
+        raise OutputError(f"cannot write the preprocessed cache {folder}: {_first_line(error)}; {advice}") from None
 
 
 @contextlib.contextmanager
