@@ -409,15 +409,14 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
     root = Path(path).absolute()
     meta = read_metadata(root)
     ensemble = "stats" in meta  # ensemble.json's, never model.json's
-    model = (_build_ensemble if ensemble else _build_model)(root, meta)
     if runtime == "jax":
         if options:
             raise ConfigError(f"runtime 'jax' takes no options, got {sorted(options)}; they are for "
                               "runtime='onnxruntime' or 'openvino'")
-        return model
+        return (_build_ensemble if ensemble else _build_model)(root, meta)
     if ensemble:
         raise ConfigError(f"{root} is a score ensemble: it runs with runtime='jax' only (no model.onnx)")
-    if model.tiling.enabled:  # as for ensembles: the ONNX graph would score one tile
+    if isinstance(meta["tiling"], dict) and meta["tiling"].get("tile_size") is not None:
         raise ConfigError(f"{root} is a tiled model: it runs with runtime='jax' only (no model.onnx)")
     from anomax.deploy.runtimes import load_runtime
 
@@ -425,7 +424,10 @@ def load_model(path: str | os.PathLike, runtime: str = "jax", **options):
         raise ArtifactError(f"{root} was saved without {ONNX_FILE}: runtime '{runtime}' needs the exported model; "
                             f"save the model with anomax.save_model(..., onnx=True) (anomax-train ... export.onnx=true)")
     onnx_file = _member(root, ONNX_FILE, root / MANIFEST, f"files.{ONNX_FILE}")  # checked by read_metadata
-    return load_runtime(onnx_file, model.preprocess, model.thresholds, model.batch_size, runtime, **options)
+    # The graph holds backbone, head and test-time augmentation: the JAX model is not built (it would
+    # take longer to load than the runtime); only what runs around the graph is read and checked.
+    deployed = load_runtime(onnx_file, _preprocess_params(root, meta), None, 1, runtime, **options)
+    return _with_runtime_params(deployed, meta, root / "model.json")
 
 
 MODEL_KEYS = ("backbone", "adaptor", "head", "preprocess", "thresholds", "batch_size", "tiling", "augment")
@@ -441,7 +443,6 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
     """
     from anomax.features import AdaptorConfig, FeatureAdaptor
     from anomax.model import AnomalyModel
-    from anomax.preprocess.params import PreprocessParams
     from anomax.registry import HEADS
     from anomax.tiling import TilingConfig, load_head
     from anomax.augment import AugmentConfig
@@ -462,13 +463,7 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
     with _checked(source, "head"):
         head = _exactly(meta["head"], ("name", "hyperparams"))
         head = load_head(HEADS.get(head["name"]), head["hyperparams"], _read_arrays(root / "head.safetensors"), tiling)
-    with _checked(source, "preprocess"):
-        preprocess = dict(meta["preprocess"])
-        if isinstance(preprocess.get("domain"), str):  # a mask file the artifact holds and its manifest lists
-            if preprocess["domain"] not in meta["files"]:
-                raise ValueError(f"the domain mask {preprocess['domain']!r} is not a file of the artifact")
-            preprocess["domain"] = str(_member(root, preprocess["domain"], source, "preprocess.domain"))
-        preprocess = PreprocessParams.from_dict(preprocess)
+    preprocess = _preprocess_params(root, meta)
     with _checked(source):
         model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,
                              augment=augment)
@@ -479,6 +474,20 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         with _checked(source, "preprocess"):
             model.output_shapes(preprocess.height, preprocess.width)
     return _with_runtime_params(model, meta, source)
+
+
+def _preprocess_params(root: Path, meta: Mapping[str, Any]):
+    """model.json's preprocess section, checked; a domain mask names the artifact's own copy."""
+    from anomax.preprocess.params import PreprocessParams
+
+    source = root / "model.json"
+    with _checked(source, "preprocess"):
+        preprocess = dict(meta["preprocess"])
+        if isinstance(preprocess.get("domain"), str):  # a mask file the artifact holds and its manifest lists
+            if preprocess["domain"] not in meta["files"]:
+                raise ValueError(f"the domain mask {preprocess['domain']!r} is not a file of the artifact")
+            preprocess["domain"] = str(_member(root, preprocess["domain"], source, "preprocess.domain"))
+        return PreprocessParams.from_dict(preprocess)
 
 
 def _build_ensemble(root: Path, meta: Mapping[str, Any]):

@@ -9,8 +9,8 @@ phase's second epoch (compilation excluded). "before" swaps in the code of commi
 "after+jitter" is "after" with the autoencoder's colour jitter on (ae_jitter=0.2): the teacher and
 the student run once more per step, on the jittered copy.
 """
+import argparse
 import math
-import sys
 import time
 
 import jax
@@ -45,8 +45,17 @@ new_conv, new_quantile = _pdn.Conv.__call__, efficientad.quantile
 VARIANTS = {"before": (old_conv, old_quantile, 0.0), "conv only": (new_conv, old_quantile, 0.0),
             "after": (new_conv, new_quantile, 0.0), "after+jitter": (new_conv, new_quantile, 0.2)}
 
-D, N, B = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-names = sys.argv[4].split(",") if len(sys.argv) > 4 else list(VARIANTS)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("D", type=int, help="the teacher's output channels")
+parser.add_argument("N", type=int, help="training images")
+parser.add_argument("B", type=int, help="batch size")
+parser.add_argument("variants", nargs="?", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+arguments = parser.parse_args()
+D, N, B = arguments.D, arguments.N, arguments.B
+names = arguments.variants.split(",")
+unknown = sorted(set(names) - set(VARIANTS))
+if unknown:
+    parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
 rng = np.random.default_rng(0)
 images = rng.normal(size=(N, 256, 256, 3)).astype(np.float32)
 features = rng.normal(size=(N, 32, 32, D)).astype(np.float32)

@@ -14,7 +14,7 @@ PatchCore itself up to that re-weighting.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import jax.numpy as jnp
@@ -73,4 +73,10 @@ def main(weights: list[float], overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main([float(w) for w in sys.argv[1].split(",")], sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weights", type=lambda text: [float(w) for w in text.split(",")],
+                        help="position weights w, comma-separated (0 = PatchCore)")
+    parser.add_argument("overrides", nargs="*", help="anomax-train config overrides")
+    arguments = parser.parse_args()
+    main(arguments.weights, arguments.overrides)

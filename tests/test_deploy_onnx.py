@@ -273,6 +273,28 @@ def test_runtime_needs_the_exported_file_and_a_known_name(exported, tmp_path):
     assert not list(tmp_path.glob("again*")) and not (tmp_path / "f.npz").exists()
 
 
+@pytest.mark.parametrize("exported", ["padim"], indirect=True)
+def test_a_runtime_checks_what_runs_around_the_graph(exported, tmp_path):
+    """The runtimes load without building the JAX model, so model.json's preprocess, thresholds and
+    batch size are checked on their own: a rehashed edit is named as on the JAX path."""
+    for key, edit in (("preprocess", lambda record: record["preprocess"].update(height=-3)),
+                      ("thresholds", lambda record: record["thresholds"].update(classification=float("nan"))),
+                      ("batch_size", lambda record: record.update(batch_size=0))):
+        copy = shutil.copytree(exported[1], tmp_path / key)
+        record = json.loads((copy / "model.json").read_text())
+        edit(record)
+        (copy / "model.json").write_text(json.dumps(record))
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["files"]["model.json"] = sha256_file(copy / "model.json")
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        for runtime in ("jax", *RUNTIMES):
+            with pytest.raises(ArtifactError, match=rf"model\.json: '{key}' is invalid"):
+                anomax.load_model(copy, runtime=runtime)
+    deployed = anomax.load_model(exported[1], runtime="onnxruntime")
+    assert deployed.get_params()["thresholds"] == exported[0].thresholds
+    assert deployed.preprocess == exported[0].preprocess and deployed.batch_size == exported[0].batch_size
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("exported", ["padim"], indirect=True)
 def test_a_fixed_batch_export_and_the_apps_runtime_setting(exported, tmp_path):

@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from anomax.files import output_errors, writing
 
@@ -19,7 +18,7 @@ _SHOWN = 1024  # at most this many pixels on an array's long side: a picture is 
 def plot_anomaly_overlay(path, image, anomaly_image, *, cmap: str = "jet", ground_truth=None, region=None,
                          value_range: tuple[float, float] | None = None, title: str | None = None) -> Path:
     """The anomaly map (any matplotlib colormap, e.g. 'jet') over the image, with optional GT and predicted outlines."""
-    figure = Figure(figsize=(4, 4), layout="constrained")
+    figure = _figure(figsize=(4, 4), layout="constrained")
     _draw_overlay(figure.add_subplot(), image, anomaly_image, cmap, ground_truth, region, value_range, title)
     figure.colorbar(figure.axes[0].images[-1], ax=figure.axes[0], shrink=0.8, label="anomaly score")
     return _save(figure, path)
@@ -37,7 +36,7 @@ def plot_worst_cases(path, false_positives: Sequence[Mapping], false_negatives: 
     if value_range is None and maps:
         value_range = (min(m.min() for m in maps), max(m.max() for m in maps))
     columns = max(len(false_positives), len(false_negatives), 1)
-    figure = Figure(figsize=(2.6 * columns, 5.6), layout="constrained")
+    figure = _figure(figsize=(2.6 * columns, 5.6), layout="constrained")
     axes = figure.subplots(2, columns, squeeze=False)
     for row, (name, cases) in enumerate((("good image", false_positives), ("defective image", false_negatives))):
         for column, axis in enumerate(axes[row]):
@@ -55,7 +54,7 @@ def plot_worst_cases(path, false_positives: Sequence[Mapping], false_negatives: 
 
 def plot_score_histogram(path, score_histogram: Mapping, thresholds: Mapping[str, float] | None = None) -> Path:
     """Image-score histograms of good and defective images (evaluate_dl_model's 'score_histogram')."""
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    figure = _figure(figsize=(6, 3.5), layout="constrained")
     axis = figure.add_subplot()
     edges = np.asarray(score_histogram["bin_edges"])
     for name, color in (("good", "tab:green"), ("defective", "tab:red")):
@@ -69,7 +68,7 @@ def plot_score_histogram(path, score_histogram: Mapping, thresholds: Mapping[str
 
 def plot_roc_curves(path, metrics: Mapping) -> Path:
     """Image ROC and, when present, pixel ROC of evaluate_dl_model's metrics."""
-    figure = Figure(figsize=(4.5, 4.5), layout="constrained")
+    figure = _figure(figsize=(4.5, 4.5), layout="constrained")
     axis = figure.add_subplot()
     for level in ("image", "pixel"):
         curve = metrics["curves"].get(f"{level}_roc")
@@ -83,7 +82,7 @@ def plot_roc_curves(path, metrics: Mapping) -> Path:
 
 def plot_pro_curve(path, metrics: Mapping) -> Path:
     """Per-region overlap against the pixel false positive rate, up to the FPR limit."""
-    figure = Figure(figsize=(4.5, 4.5), layout="constrained")
+    figure = _figure(figsize=(4.5, 4.5), layout="constrained")
     axis = figure.add_subplot()
     pixel, curve = metrics["pixel"], metrics["curves"]["pro"]
     axis.plot(curve["fpr"], curve["pro"], label=f"AUPRO@{pixel['fpr_limit']:g} {pixel['aupro']:.4f}")
@@ -148,7 +147,15 @@ def _draw_overlay(axis, image, anomaly_image, cmap, ground_truth, region, value_
         axis.set_title(title, fontsize="small", parse_math=False)  # file names may hold '$'
 
 
-def _save(figure: Figure, path) -> Path:
+def _figure(**options):
+    """A matplotlib Figure; matplotlib is imported here, not with the module: the thresholds and
+    apply paths import this package and draw nothing (about a second at every start)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def _save(figure, path) -> Path:
     """Written atomically; a full disk or a read-only folder is an OutputError naming the picture."""
     path = Path(path)
     with output_errors(path):
