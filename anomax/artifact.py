@@ -33,16 +33,17 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save
 
 from anomax.errors import ArtifactError, ConfigError, OutputError
 from anomax.files import check_output_folder, fsync_path, locked, output_errors, sha256_file, writing
 from anomax.settings import is_integer
+
+if TYPE_CHECKING:  # JAX is imported where arrays become a model: a model loaded into an ONNX runtime never needs it
+    import jax
 
 log = logging.getLogger("anomax")
 FORMAT = "anomax-model"  # the manifest's marker: only a directory that carries it is ever replaced
@@ -64,6 +65,8 @@ def _key_name(key) -> str:
 
 def flatten_arrays(tree) -> dict[str, np.ndarray]:
     """A pytree of arrays -> {'a/b/0': numpy array}."""
+    import jax
+
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(map(_key_name, path)): np.asarray(leaf) for path, leaf in leaves}
 
@@ -71,6 +74,8 @@ def flatten_arrays(tree) -> dict[str, np.ndarray]:
 def unflatten_arrays(like, arrays: Mapping[str, np.ndarray], file: Path):
     """The pytree of ``like`` (arrays or shape structs) filled with ``arrays``; keys, shapes and dtypes
     must match, and floating values be finite."""
+    import jax
+
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     keys = ["/".join(map(_key_name, path)) for path, _ in leaves]
     missing, extra = sorted(set(keys) - set(arrays)), sorted(set(arrays) - set(keys))
@@ -87,7 +92,7 @@ def unflatten_arrays(like, arrays: Mapping[str, np.ndarray], file: Path):
         if np.issubdtype(arrays[key].dtype, np.floating) and not np.isfinite(arrays[key]).all():
             raise ArtifactError(f"{file}: '{key}' holds NaN or infinite values; the artifact was modified or "
                                 f"the model diverged — save a good model again")
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[key]) for key in keys])
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(arrays[key]) for key in keys])
 
 
 # ---- files -------------------------------------------------------------------------------------
@@ -614,6 +619,7 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
     small. Loading needs only numpy and jax. Preprocessing (resize, normalisation, see
     ``model.preprocess``) stays with the caller. ``platforms`` e.g. ('cpu', 'cuda'); default: this one.
     """
+    import jax
     from jax import export
 
     from anomax.deploy.runtimes import refuse_deployed
@@ -646,6 +652,7 @@ def export_inference(model, path: str | os.PathLike, batch_size: int, height: in
 
 def load_exported(path: str | os.PathLike) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """The function written by ``export_inference``: images -> {'anomaly_image', 'anomaly_score'}."""
+    import jax
     from jax import export
 
     try:
@@ -666,5 +673,5 @@ def load_exported(path: str | os.PathLike) -> Callable[[jax.Array], dict[str, ja
         if arrays[key].shape != aval.shape or arrays[key].dtype != aval.dtype:
             raise ArtifactError(f"{path}: '{key}' is {arrays[key].dtype} {arrays[key].shape}, the function takes "
                                 f"{aval.dtype} {aval.shape}; the file was modified — export it again")
-    params = {key: jnp.asarray(value) for key, value in arrays.items()}
+    params = {key: jax.numpy.asarray(value) for key, value in arrays.items()}
     return lambda images: function.call(params, images)

@@ -33,7 +33,8 @@ from anomax.backbones import Backbone, build_backbone
 from anomax.data.dataset import DLDataset
 from anomax.errors import ConfigError, DatasetError, InputError
 from anomax.files import sha256_file
-from anomax.model import checked_thresholds, classified, fit_summary
+from anomax.inference import checked_thresholds, classified
+from anomax.model import fit_summary
 from anomax.preprocess.params import PreprocessParams
 from anomax.registry import BACKBONES
 from anomax.settings import Settings

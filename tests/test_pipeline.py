@@ -123,7 +123,9 @@ def test_apply_refuses_a_single_image_given_as_an_array():
             model.apply(wrong)
     as_list = [r["anomaly_score"] for r in model.apply(list(stack))]
     assert [r["anomaly_score"] for r in model.apply(stack)] == as_list
-    assert [r["anomaly_score"] for r in model.apply([stack[0]])] == as_list[:1]
+    # alone, the image runs at batch 1: another compiled program, equal to float rounding (jax 0.10.2's
+    # XLA:CPU rounds PaDiM's batch-1 and batch-2 programs differently in the last bits)
+    assert [r["anomaly_score"] for r in model.apply([stack[0]])] == pytest.approx(as_list[:1], rel=1e-6)
 
 
 def test_worst_case_pictures_show_the_domain_the_maps_cover(tmp_path, monkeypatch):
@@ -192,7 +194,7 @@ def test_apply_pads_a_short_batch_to_a_power_of_two_and_returns_copies():
     import jax
     import tiny_models
 
-    from anomax.model import apply_in_batches
+    from anomax.inference import apply_in_batches
 
     model = tiny_models.fitted_model("mobilenet_v2", "padim", {"eps": 0.01},
                                      {"pool_size": 1, "projection_dim": 8, "projection": "subset"}, size=32)

@@ -116,6 +116,12 @@ def settings_schema(cls: type, name: str, extra: dict[str, tuple[Any, Any]] | No
     return dataclasses.make_dataclass(name, fields)
 
 
+def register_predict_schema() -> None:
+    """anomax-predict's schema alone: the training ones import the whole pipeline, and with it JAX,
+    which a model loaded into onnxruntime or OpenVINO never needs."""
+    ConfigStore.instance().store(name="schema_predict_app", node=PredictAppConfig)
+
+
 def register_schemas() -> None:
     """Put one schema per registry entry and per settings class into Hydra's ConfigStore."""
     from anomax.augment import AugmentConfig
@@ -138,7 +144,7 @@ def register_schemas() -> None:
     groups["export"] = (export, export)
     store.store(name="schema", node=settings_schema(RunConfig, "AppConfig", groups))
     store.store(name="schema_evaluate_app", node=EvaluateAppConfig)
-    store.store(name="schema_predict_app", node=PredictAppConfig)
+    register_predict_schema()
     adaptor = settings_schema(AdaptorConfig, "Adaptor")
     for fmt in DATASET_FORMATS.names():
         node = schema_of(DATASET_FORMATS.get(fmt), f"Dataset_{fmt}", {"format": (str, fmt), "name": (str, fmt)})

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from anomax.apps._common import load_configured_model, plain, print_version_if_asked, reports_errors
-from anomax.apps.config import CONF_DIR, register_schemas
+from anomax.apps.config import CONF_DIR, register_predict_schema
 from anomax.data import images as image_files
 from anomax.errors import AnomaxError, ConfigError, DatasetError
 from anomax.files import write_json_atomic, writing
@@ -159,7 +159,7 @@ def _predict(cfg: DictConfig) -> None:
 
 def main() -> None:
     print_version_if_asked("anomax-predict")
-    register_schemas()
+    register_predict_schema()
     _predict()
 
 

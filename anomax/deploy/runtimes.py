@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from anomax.errors import ArtifactError, ConfigError
+from anomax.inference import apply_in_batches, checked_thresholds
 from anomax.preprocess.params import PreprocessParams
 from anomax.settings import is_integer
 
@@ -55,8 +56,6 @@ class DeployedModel:
 
     def apply(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Raw images (H, W, C) uint8 -> one HALCON-style result dict per image, as AnomalyModel.apply."""
-        from anomax.model import apply_in_batches
-
         return apply_in_batches(images, self.preprocess, self._fixed_batch or self.batch_size, self.run,
                                 self.thresholds, pad="batch" if self._fixed_batch is not None else "none")
 
@@ -74,8 +73,6 @@ class DeployedModel:
                 raise ConfigError(f"model parameter 'batch_size' must be an integer >= 1, got {batch_size!r}")
             self.batch_size = int(batch_size)
         if thresholds is not None:
-            from anomax.model import checked_thresholds
-
             self.thresholds = checked_thresholds(thresholds)  # the same rule as AnomalyModel.set_params
 
     def _refused(self, error: Exception) -> ArtifactError:

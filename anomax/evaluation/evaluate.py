@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import numpy as np
 
 from anomax.errors import InputError
@@ -100,6 +99,8 @@ def _pixel_pairs(batch: dict, chosen: np.ndarray, native_resolution: bool):
     for position in np.flatnonzero(chosen):
         mask, anomaly_image = batch["anomaly_ground_truth"][position], batch["anomaly_image"][position]
         if anomaly_image.shape != mask.shape:  # tiled maps come at the mask's size
+            import jax  # here: the thresholds and apply paths import this package and resize nothing
+
             anomaly_image = np.asarray(jax.image.resize(anomaly_image, mask.shape, "bilinear"))
         yield anomaly_image[None], mask[None]
 

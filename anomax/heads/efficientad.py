@@ -46,7 +46,8 @@ from anomax.distributed import part
 from anomax.errors import ArtifactError, ConfigError, DatasetError, InputError
 from anomax.heads._base import Head, HeadConfig, stored_state
 from anomax.heads._pdn import PDN, AutoEncoder
-from anomax.parallel import data_mesh, data_parallel, padded, replicate
+from anomax.inference import padded
+from anomax.parallel import data_mesh, data_parallel, replicate
 from anomax.preprocess.params import PreprocessParams, pixel_scale
 from anomax.registry import HEADS
 from anomax.settings import setting
