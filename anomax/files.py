@@ -118,6 +118,7 @@ def locked(path: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
 
 
 RUN_LOCK = ".anomax-run.lock"
+_FOR_THE_TASK: set[Path] = set()  # run directories an app claimed for the task it runs next
 
 
 def _before_the_run(entry: Path) -> bool:
@@ -127,14 +128,20 @@ def _before_the_run(entry: Path) -> bool:
 
 
 @contextlib.contextmanager
-def claim_run_dir(path: str | os.PathLike) -> Iterator[Path]:
+def claim_run_dir(path: str | os.PathLike, *, for_the_task: bool = False) -> Iterator[Path]:
     """Create the run directory ``path`` and hold it for one run; yields its absolute path.
+    ``for_the_task``: an app claims it before Hydra writes into it, and the next claim of it in
+    this process (its task's) takes it over instead of being refused.
 
     A second run into the same directory fails at once while this one holds it, and a directory
     that already holds another run's outputs (or anything else of the user's) is refused, naming
     what is there: runs never overwrite or mix with each other's files.
     """
-    run_dir = Path(path).absolute()
+    run_dir = Path(os.path.abspath(path))  # as Hydra names a job's output_dir: '..' folded
+    if run_dir in _FOR_THE_TASK:  # the app claimed it before Hydra wrote .hydra/: its task takes it over, once
+        _FOR_THE_TASK.discard(run_dir)
+        yield run_dir
+        return
     lock = run_dir / RUN_LOCK
     with output_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +154,12 @@ def claim_run_dir(path: str | os.PathLike) -> Iterator[Path]:
         _refuse_outputs(run_dir)
         with output_errors(lock):
             lock.write_text(f"{os.getpid()}\n")  # who holds it, for a second run's message
-        yield run_dir
+        if for_the_task:
+            _FOR_THE_TASK.add(run_dir)
+        try:
+            yield run_dir
+        finally:
+            _FOR_THE_TASK.discard(run_dir)
 
 
 def check_run_dir_unused(path: str | os.PathLike, key: str = "hydra.run.dir") -> None:

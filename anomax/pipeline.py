@@ -503,6 +503,22 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
     return None if a == b else key
 
 
+def warn_of_unused_settings(cfg: Mapping[str, Any], settings: RunSettings, dataset: DLDataset,
+                            members: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Settings given that this run does not use, said rather than silently ignored: split.* for a
+    dataset that brings its own split, train.* for a head that fits its statistics in one pass."""
+    if dataset.has_split and settings.split != SplitConfig():
+        log.warning("split.* %s is not used: dataset %s brings its own split", settings.split.to_dict(),
+                    cfg["dataset"].get("name"))
+    trained_heads = [name for name in HEADS.names() if HEADS.get(name).trained]
+    for config, run in zip(members, settings.members) if members else [(cfg, settings)]:
+        head = config["model"]["head"]["name"]
+        changed = {key: value for key, value in run.train.to_dict().items() if value != TrainConfig().to_dict()[key]}
+        if changed and not HEADS.get(head).trained:
+            log.warning("train.* %s is not used: model.head=%s fits its statistics in one pass (train.* sets the "
+                        "epochs of %s)", changed, head, ", ".join(trained_heads))
+
+
 def build_run_model(cfg: Mapping[str, Any],
                     members: Sequence[Mapping[str, Any]] = ()) -> AnomalyModel | ScoreEnsemble:
     """The run's model: one (build_model), or a score ensemble of its members' models."""
@@ -532,6 +548,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_same_job(cfg, dataset, ("seed", "batch_size", *RUN_SECTIONS))
+        warn_of_unused_settings(cfg, settings, dataset, members)
         check_thresholds_possible(dataset, evaluate_cfg)
         check_tileable(model, dataset)
         if objective:

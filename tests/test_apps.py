@@ -260,6 +260,11 @@ def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
                   check=False)
     assert ignored.returncode == 2 and "evaluate.std_factor: anomax-evaluate applies the thresholds saved" in \
         ignored.stderr
+    for override, said in (("+splt.training_percent=60", "unknown key(s) splt: not a setting of anomax-evaluate"),
+                           ("split_percent=50", "split_percent = 50 is invalid: it must hold training_percent"),
+                           ("split_percent.training_percent=120", "split_percent.training_percent = 120 is invalid")):
+        refused = run("evaluate", f"model_dir={tmp_path / 'run' / 'model'}", override, cwd=tmp_path, check=False)
+        assert refused.returncode == 2 and f"anomax-evaluate: error: {said}" in refused.stderr, refused.stderr
     # an image added since training reshuffles the re-read split: training images would be tested on
     import shutil
 

@@ -126,3 +126,17 @@ def test_a_multi_process_run_is_one_run_without_where_its_processes_ran(tmp_path
         rows = report.read_runs(tmp_path)
     assert not caplog.records
     assert [row["params"] for row in rows] == [{"model/head": "padim"}]
+
+
+def test_a_swept_value_whose_runs_all_failed_keeps_its_column(tmp_path, capsys):
+    """model/head=padim,patchcore with every patchcore run failed: the table lost its model/head column,
+    so nothing said which head the numbers were of."""
+    for job, (head, seed) in enumerate((("padim", 0), ("padim", 1), ("patchcore", 0), ("patchcore", 1))):
+        run_dir = tmp_path / f"{job}_run"
+        finished_run(run_dir, head, 0.8 + 0.1 * seed)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- model/head={head}\n- seed={seed}\n")
+        if head == "patchcore":
+            (run_dir / "metrics.json").unlink()
+    report.main([str(tmp_path)])
+    assert (tmp_path / "report.csv").read_text().splitlines() == [
+        "model/head,seeds,image_auroc,fit_s", "padim,2,0.8500 ± 0.0707,1.0 ± 0.0"]

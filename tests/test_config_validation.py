@@ -229,3 +229,22 @@ def test_a_preprocess_size_the_backbone_cannot_take_fails_at_composition():
         validated("model/backbone=concat_lite2_mobilenet_v2", "preprocess.height=240")
     validated("model/backbone=vit_small_patch14", "preprocess.width=224", "preprocess.height=252")
     validated("model/backbone=resnet18", "preprocess.width=250", "tiling=default")
+
+
+def test_settings_a_run_does_not_use_are_warned_of(tmp_path, caplog):
+    """split.* on a dataset with its own split, train.* on a head fitted in one pass: said, not ignored."""
+    import anomax
+    from anomax.pipeline import read_configured_dataset, warn_of_unused_settings
+
+    small = ["+experiment=synthetic_smoke", "dataset.n_train=4", "dataset.n_test_good=2", "dataset.n_test_defect=2",
+             ]
+    for overrides, said in ((["split.training_percent=50"], "split.* {'training_percent': 50.0, 'validation_"),
+                            (["train.max_num_epochs=3"], "train.* {'max_num_epochs': 3} is not used: model.head="),
+                            (["model/head=student", "train.max_num_epochs=3"], None),
+                            ([], None)):
+        cfg = anomax.compose_train_config([*small, *overrides])
+        dataset = read_configured_dataset(cfg["dataset"], cfg["split"], cfg["seed"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="anomax"):
+            warn_of_unused_settings(cfg, validate_config(cfg), dataset)
+        assert [r.getMessage()[:len(said)] for r in caplog.records] == ([said] if said else []), overrides

@@ -89,3 +89,25 @@ def test_a_file_system_without_locks_still_runs(tmp_path, monkeypatch, caplog):
     with claim_run_dir(tmp_path / "run") as run_dir:
         (run_dir / "metrics.json").write_text("{}")
     assert "does not support locks" in caplog.text
+
+
+def test_an_app_holds_its_run_directory_before_hydra_writes_into_it(tmp_path):
+    """Two runs started in the same second share the default directory: the second one's Hydra wrote
+    .hydra/ over the first one's before its task was refused. The app claims the directory first."""
+    from omegaconf import OmegaConf
+
+    from anomax.apps._common import RefuseUsedRunDir
+
+    run_dir = tmp_path / "outputs" / "run"
+    callback = RefuseUsedRunDir("anomax-train")
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "outputs" / ".." / "outputs" / "run")}}})
+    callback.on_run_start(config)
+    assert second_run(run_dir).startswith(f"{run_dir} is in use by another anomax run (pid ")
+    with claim_run_dir(run_dir) as claimed:  # the task's claim takes the app's over
+        assert claimed == run_dir
+        with pytest.raises(OutputError, match="is in use by another anomax run"):  # once only
+            with claim_run_dir(run_dir):
+                pass
+    assert second_run(run_dir).startswith(f"{run_dir} is in use")  # held to the end of the run
+    callback.on_run_end(config)
+    assert second_run(run_dir) == "claimed\n"

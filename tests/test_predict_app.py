@@ -117,6 +117,38 @@ def test_a_decompression_bomb_gets_a_line_and_the_rest_are_scored(tmp_path):
     assert all((tmp_path / "out" / row["overlay"]).is_file() for row in rows if "error" not in row)
 
 
+def test_an_overlay_that_cannot_be_written_costs_only_its_picture(tmp_path, monkeypatch):
+    """A name longer than the file system takes ended the whole job without results.csv."""
+    from anomax.errors import OutputError
+
+    folder = folder_of_images(tmp_path / "in", 2)
+    long_stem = "ü" * 125  # 250 bytes: a name the file system takes, but not with the overlay's number before it
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(folder / f"{long_stem}.png")
+    rows = predict.predict_files(StandInModel(2), predict.image_paths(str(folder)), tmp_path / "out")
+    assert all("error" not in row and Path(row["overlay"]).is_file() for row in rows)
+    assert len(Path(rows[2]["overlay"]).name.encode()) <= 255 and Path(rows[2]["overlay"]).name.startswith("00002_üü")
+    real_draw = predict._draw
+
+    def full_for_one(picture, row, *args, **kwargs):
+        if row["image_file_name"].endswith("01.png"):
+            raise OutputError(f"cannot write {picture}: No space left on device")
+        return real_draw(picture, row, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "_draw", full_for_one)
+    rows = predict.predict_files(StandInModel(2), predict.image_paths(str(folder)), tmp_path / "again")
+    assert [row["error"][:40] for row in rows if "error" in row] == ["overlay not written: cannot write " +
+                                                                     str(tmp_path)[:6]]
+    assert all("anomaly_score" in row for row in rows) and (tmp_path / "again" / "results.csv").is_file()
+
+
+def test_a_glob_matching_folders_reads_them_as_named_folders(tmp_path):
+    folder_of_images(tmp_path / "lot1", 2)
+    folder_of_images(tmp_path / "lot2" / "deeper", 1)
+    (tmp_path / "other").mkdir()
+    assert [p.relative_to(tmp_path).as_posix() for p in predict.image_paths(str(tmp_path / "lot*"))] == \
+        ["lot1/00.png", "lot1/01.png", "lot2/deeper/00.png"]
+
+
 def test_nothing_scored_is_an_error(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -175,6 +207,12 @@ def test_app_refuses_a_used_directory_and_a_bad_colormap_before_scoring(tmp_path
     done = run_app(tmp_path, inputs, "colormap=foo", run_dir="colours")
     assert done.returncode == 2 and "colormap = 'foo' is invalid: it must be a matplotlib colormap name" in done.stderr
     assert not (tmp_path / "colours" / "results.csv").exists()
+
+
+def test_app_refuses_a_key_it_does_not_take(tmp_path):
+    done = run_app(tmp_path, f"inputs={folder_of_images(tmp_path / 'in', 1)}", "+colourmap=hot")
+    assert done.returncode == 2 and "anomax-predict: error: unknown key(s) colourmap: not a setting" in done.stderr
+    assert not (tmp_path / "run" / "results.csv").exists()
 
 
 def test_a_folder_named_like_a_number_is_an_input(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """What every console app shares: composed config -> plain dict, clear errors instead of tracebacks."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from anomax.errors import AnomaxError, ConfigError
-from anomax.files import check_run_dir_unused
+from anomax.files import check_run_dir_unused, claim_run_dir
 
 log = logging.getLogger("anomax")
 
@@ -32,6 +34,16 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     except InterpolationResolutionError as error:
         reason = error.msg.splitlines()[0]  # the rest repeats the key and the node's type
         raise ConfigError(f"{error.full_key} does not resolve: {reason}") from None
+
+
+def check_known_keys(config: dict[str, Any], schema: type, app: str) -> None:
+    """Hydra's schema refuses a mistyped key, but ``+key=...`` (what Hydra's own message suggests)
+    adds it anyway, and the app would silently ignore it."""
+    known = {field.name for field in dataclasses.fields(schema)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}: not a setting of {app}; known keys: "
+                          f"{', '.join(sorted(known))}")
 
 
 def load_configured_model(config: dict[str, Any]):
@@ -99,28 +111,36 @@ def _joined_other_processes() -> bool:
 
 class RefuseUsedRunDir(Callback):
     """Hydra writes .hydra/ into a job's directory before the task runs; a rerun into a used
-    directory would overwrite the earlier run's config record before the run could refuse it.
-    Processes of one distributed run share nothing here: only process 0 claims its directory."""
+    directory would overwrite the earlier run's config record before the run could refuse it, and
+    two runs started in the same second (one default directory) would write into each other's.
+    So a single run claims its directory here, before Hydra writes into it, and holds it to the end
+    (the task's own claim_run_dir finds it held). Processes of one distributed run share nothing
+    here: only process 0 claims its directory."""
 
     def __init__(self, app: str):
         self.app = app
+        self._held = contextlib.ExitStack()
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         distributed = config.get("distributed", {})
         # process 0 of a manual run is known now; under 'auto' only JAX's detection will tell
         if distributed.get("mode", "off") == "off" or (distributed.get("mode") == "manual"
                                                        and distributed.get("process_id") == 0):
-            self._check(config.hydra.run.dir)
+            claim = claim_run_dir(config.hydra.run.dir, for_the_task=True)
+            self._refusing(lambda: self._held.enter_context(claim))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._held.close()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
         for job in sorted(sweep.iterdir()) if sweep.is_dir() else ():
             if job.is_dir():
-                self._check(job, "hydra.sweep.dir")
+                self._refusing(lambda: check_run_dir_unused(job, "hydra.sweep.dir"))
 
-    def _check(self, run_dir: str | Path, key: str = "hydra.run.dir") -> None:
+    def _refusing(self, claim: Callable[[], Any]) -> None:
         try:
-            check_run_dir_unused(run_dir, key)
+            claim()
         except AnomaxError as error:
             print(f"{self.app}: error: {error}", file=sys.stderr)
             raise SystemExit(2) from None

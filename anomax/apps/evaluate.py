@@ -9,8 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from anomax.apps._common import load_configured_model, plain, print_version_if_asked, reports_errors
-from anomax.apps.config import CONF_DIR, register_schemas
+from anomax.apps._common import (check_known_keys, load_configured_model, plain, print_version_if_asked,
+                                 reports_errors)
+from anomax.apps.config import CONF_DIR, EvaluateAppConfig, register_schemas
 from anomax.errors import ConfigError, DatasetError
 
 log = logging.getLogger("anomax")
@@ -37,8 +38,16 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
                           "dataset.image_dir=PATH)")
     seed = config["seed"]  # filled in from the training run before the config resolved (_evaluate)
     RunConfig.from_dict({"seed": seed})  # a negative seed fails here, naming the key
-    given = {key: value for key, value in (config["split_percent"] or {}).items() if value is not None}
-    split = SplitConfig.from_dict({**(trained.get("split") or {}), **given}).to_dict()
+    percent = config["split_percent"] or {}
+    if not isinstance(percent, Mapping):
+        raise ConfigError(f"split_percent = {percent!r} is invalid: it must hold training_percent and/or "
+                          "validation_percent (split_percent.training_percent=60)")
+    given = {key: value for key, value in percent.items() if value is not None}
+
+    class SplitPercent(SplitConfig):  # the same rules, its keys named as anomax-evaluate takes them
+        section = "split_percent"
+
+    split = SplitPercent.from_dict({**(trained.get("split") or {}), **given}).to_dict()
     if dataset == trained.get("dataset") and (seed, split) != (trained.get("seed"), trained.get("split", split)):
         log.warning("seed %s and split %s differ from the training run's (%s, %s): on the dataset it was trained on, "
                     "this test split may hold the model's training images", seed, split, trained.get("seed"),
@@ -80,6 +89,7 @@ def _evaluate(cfg: DictConfig) -> float:
     if cfg.seed is None:  # the training run's, before the datasets' ${seed} resolves
         cfg.seed = (metadata["config"] or {}).get("seed", RunConfig().seed)
     config = plain(cfg)
+    check_known_keys(config, EvaluateAppConfig, "anomax-evaluate")
     evaluate_cfg = EvaluateConfig.from_dict(config["evaluate"])  # before any work: a wrong value fails here
     changed = [key for key in THRESHOLD_KEYS if getattr(evaluate_cfg, key) != getattr(EvaluateConfig(), key)]
     if changed:

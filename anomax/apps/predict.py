@@ -2,7 +2,8 @@
 
 Inputs are read, scored and drawn one batch at a time, so memory does not grow with their number.
 A file that cannot be read, or that the model refuses (e.g. smaller than its domain box), gets an
-error line in the results; the other images are still scored.
+error line in the results; the other images are still scored. An overlay that cannot be written
+gets its error in the image's line, beside the score.
 The job fails (exit status 2) when not a single file could be scored.
 """
 from __future__ import annotations
@@ -17,14 +18,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from anomax.apps._common import load_configured_model, plain, print_version_if_asked, reports_errors
-from anomax.apps.config import CONF_DIR, register_predict_schema
+from anomax.apps._common import (check_known_keys, load_configured_model, plain, print_version_if_asked,
+                                 reports_errors)
+from anomax.apps.config import CONF_DIR, PredictAppConfig, register_predict_schema
 from anomax.data import images as image_files
-from anomax.errors import AnomaxError, ConfigError, DatasetError
+from anomax.errors import AnomaxError, ConfigError, DatasetError, OutputError
 from anomax.files import write_json_atomic, writing
 from anomax.preprocess.params import crop_to_domain
 
 log = logging.getLogger("anomax")
+STEM_BYTES = 200  # of an overlay's name: the rest of 255 holds its number, branch and suffix
 COLUMNS = ["image_file_name", "anomaly_score", "anomaly_class", "anomaly_class_id", "num_regions", "overlay", "error"]
 
 
@@ -50,7 +53,8 @@ def image_paths(inputs: Any) -> list[Path]:
         elif Path(item).is_file():
             paths.append(Path(item))
         elif matches := sorted(glob.glob(item, recursive=True)):
-            paths += [Path(m) for m in matches if Path(m).is_file()]
+            for match in map(Path, matches):  # a matched folder is read like a named one
+                paths += image_files.list_files(match) if match.is_dir() else [match]
         else:
             raise DatasetError(f"predict input '{item}' is not a folder, a file or a glob that matches anything")
     if not paths:
@@ -77,12 +81,12 @@ def predict_files(model, paths: list[Path], out_dir: Path, colormap: str = "jet"
         for row, image, result in _scored(model, batch, batch_rows):
             _fill(row, result)
             if overlays:
-                picture = out_dir / "overlays" / f"{scored:05d}_{Path(row['image_file_name']).stem}.png"
-                shown = crop_to_domain(model.preprocess, image)
-                for key in [key for key in result if key.startswith("anomaly_image")]:
-                    branch = key.removeprefix("anomaly_image")  # '' for the combined map, else '_local', ...
-                    row[f"overlay{branch}"] = str(_draw(picture.with_stem(picture.stem + branch), row, shown,
-                                                        result, colormap, branch))
+                try:
+                    _draw_overlays(out_dir / "overlays" / overlay_name(scored, row["image_file_name"]), row,
+                                   crop_to_domain(model.preprocess, image), result, colormap)
+                except OutputError as error:  # the score stands; the other images still get theirs
+                    log.error("%s", error)
+                    row["error"] = f"overlay not written: {error}"
             scored += 1
     image_files.log_conversions("predict")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +122,19 @@ def _fill(row: dict[str, Any], result: dict[str, Any]) -> None:
         row["num_regions"] = len(result["anomaly_region"]["components"])
 
 
+def overlay_name(number: int, image_file_name: str) -> str:
+    """The number keeps names unique; the image's stem, cut to fit a file system's 255 bytes, says which it is."""
+    stem = Path(image_file_name).stem.encode()[:STEM_BYTES].decode(errors="ignore")
+    return f"{number:05d}_{stem}.png"
+
+
+def _draw_overlays(picture: Path, row: dict[str, Any], image, result: dict[str, Any], colormap: str) -> None:
+    for key in [key for key in result if key.startswith("anomaly_image")]:
+        branch = key.removeprefix("anomaly_image")  # '' for the combined map, else '_local', ...
+        row[f"overlay{branch}"] = str(_draw(picture.with_stem(picture.stem + branch), row, image, result,
+                                            colormap, branch))
+
+
 def _draw(picture: Path, row: dict[str, Any], image, result: dict[str, Any], colormap: str, branch: str = "") -> Path:
     """The overlay of the combined map (``branch`` '') with its class and region, or of one branch's map."""
     from anomax.evaluation import plot_anomaly_overlay
@@ -146,6 +163,7 @@ def _predict(cfg: DictConfig) -> None:
     from anomax.files import claim_run_dir
 
     config = plain(cfg)
+    check_known_keys(config, PredictAppConfig, "anomax-predict")
     check_batch_size(config["batch_size"])
     if not is_colormap(config["colormap"]):  # before any image is scored and drawn
         raise ConfigError(f"colormap = {config['colormap']!r} is invalid: it must be {COLORMAP_RULE}")
@@ -153,7 +171,7 @@ def _predict(cfg: DictConfig) -> None:
     with claim_run_dir(HydraConfig.get().runtime.output_dir) as out_dir:
         model = load_configured_model(config)
         rows = predict_files(model, paths, out_dir, config["colormap"], config["overlays"])
-    failed = sum("error" in row for row in rows)
+    failed = sum("anomaly_score" not in row for row in rows)
     print(f"anomax-predict: {len(rows) - failed} images scored, {failed} failed -> {out_dir / 'results.csv'}")
 
 

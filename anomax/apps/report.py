@@ -25,33 +25,42 @@ OBJECTIVE = "validation_image_auroc"  # what anomax-train returns to a search (h
 
 
 def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
-    """One row per finished run under the sweep directories: its overrides, summary metrics and fit time.
-    A run whose metrics.json or overrides cannot be read (e.g. truncated by a full disk) is skipped
-    with a warning naming the file."""
+    """One row per run under the sweep directories: its overrides, summary metrics and fit time. A failed
+    or unfinished run (no metrics.json) is a row with metrics None: left out of the table, warned of,
+    but its parameters still show what the sweep varied. A run whose metrics.json or overrides cannot
+    be read (e.g. truncated by a full disk) is skipped with a warning naming the file."""
     missing = [str(d) for d in sweep_dirs if not Path(d).is_dir()]
     if missing:  # a mistyped one among several would otherwise drop its runs silently
         raise DatasetError(f"no such sweep directory: {', '.join(missing)}")
-    unfinished = [str(hydra.parent) for d in sweep_dirs for hydra in sorted(Path(d).glob("**/.hydra"))
-                  if not (hydra.parent / "metrics.json").is_file() and not _another_process(hydra.parent)]
+    run_dirs = sorted({hydra.parent for d in sweep_dirs for hydra in Path(d).glob("**/.hydra")}
+                      | {metrics.parent for d in sweep_dirs for metrics in Path(d).glob("**/metrics.json")},
+                      key=_in_job_order)
+    unfinished = [str(run_dir) for run_dir in run_dirs
+                  if not (run_dir / "metrics.json").is_file() and not _another_process(run_dir)]
     if unfinished:  # a failed or still running job: means over seeds would silently count fewer runs
         log.warning("%d run%s without metrics.json (failed or not finished) left out: %s", len(unfinished),
                     "s" * (len(unfinished) != 1), ", ".join(unfinished))
     rows = []
-    for sweep_dir, metrics_file in [(d, f) for d in sweep_dirs for f in sorted(Path(d).glob("**/metrics.json"),
-                                                                                key=_in_job_order)]:
-        run_dir = metrics_file.parent
+    for run_dir in run_dirs:
+        sweep_dir = next(Path(d) for d in sweep_dirs if run_dir.is_relative_to(d))
+        metrics_file = run_dir / "metrics.json"
+        if str(run_dir) in unfinished:
+            metrics = None
+        elif not metrics_file.is_file():  # another process of a multi-process run
+            continue
+        else:
+            try:
+                record = json.loads(metrics_file.read_text())
+                metrics = {**record["summary"], "fit_s": record["timings"]["fit_s"]}
+                if (record.get("validation") or {}).get("image_auroc") is not None:
+                    metrics[OBJECTIVE] = record["validation"]["image_auroc"]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                log.warning("skipping %s: not readable JSON (%s)", metrics_file, error)
+                continue
+            except (KeyError, TypeError) as error:
+                log.warning("skipping %s: not a training run's metrics (no %s)", metrics_file, error)
+                continue
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        try:
-            record = json.loads(metrics_file.read_text())
-            metrics = {**record["summary"], "fit_s": record["timings"]["fit_s"]}
-            if (record.get("validation") or {}).get("image_auroc") is not None:
-                metrics[OBJECTIVE] = record["validation"]["image_auroc"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            log.warning("skipping %s: not readable JSON (%s)", metrics_file, error)
-            continue
-        except (KeyError, TypeError) as error:
-            log.warning("skipping %s: not a training run's metrics (no %s)", metrics_file, error)
-            continue
         try:
             overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
             # '~key' (a deletion) has no value
@@ -62,7 +71,7 @@ def read_runs(*sweep_dirs: str | Path) -> list[dict[str, Any]]:
             log.warning("skipping %s: its overrides %s are unreadable (%s)", run_dir, overrides_file, error)
             continue
         rows.append({"run": str(run_dir.relative_to(sweep_dir)), "params": params, "metrics": metrics})
-    if not rows:
+    if not any(row["metrics"] is not None for row in rows):
         raise DatasetError(f"no finished runs (metrics.json) under {', '.join(map(str, sweep_dirs))}; "
                            "is it a multirun directory?")
     return rows
@@ -85,11 +94,13 @@ def _in_job_order(path: Path) -> list:
 
 def summarise(rows: list[dict[str, Any]], seed_key: str = "seed",
               best_first: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Table header and rows: the swept parameters, then each metric; runs that differ only in the seed
+    """Table header and rows (of finished runs): the swept parameters, then each metric; runs that differ only in the seed
     are one row with mean ± std (sample std) and the number of seeds. Runs with the same parameters
     (a search that draws a point again) are one row too, with the number of runs."""
     keys = sorted({key for row in rows for key in row["params"]})
+    # what the sweep varied, failed runs included: a value whose runs all failed still leaves its key a column
     swept = [k for k in keys if len({row["params"].get(k) for row in rows}) > 1 or len(rows) == 1]
+    rows = [row for row in rows if row["metrics"] is not None]
     columns = [k for k in swept if k != seed_key]
     metrics = [m for m in (*METRICS, OBJECTIVE, "fit_s") if any(m in row["metrics"] for row in rows)]
     groups: dict[tuple, list[dict]] = {}
