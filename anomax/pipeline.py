@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -373,6 +374,10 @@ def _check_known_keys(cfg: Mapping[str, Any]) -> None:
                 "model.": (cfg["model"], {"backbone", "head"}),
                 "model.backbone.": (backbone, {"name", "members"} if backbone.get("name") == "concat"
                                     else set(MEMBER_KEYS))}  # build_backbone's arguments
+    dataset = cfg.get("dataset") or {}
+    if dataset.get("format") in DATASET_FORMATS.names():  # its reader's arguments; a user's YAML without one
+        sections["dataset."] = (dataset, {"format", "name",  # fails where it is read, with its own message
+                                          *inspect.signature(DATASET_FORMATS.get(dataset["format"])).parameters})
     for prefix, (section, known) in sections.items():
         unknown = sorted(set(section) - known)
         if unknown:

@@ -196,6 +196,7 @@ def test_compose_train_config_checks_what_it_composes_and_works_inside_another_h
 
     for overrides, named in ((["+batchsize=2"], r"unknown key\(s\) batchsize"),
                              (["+model.backbone.widht_multiplier=0.5"], "model.backbone.widht_multiplier"),
+                             (["dataset=synthetic", "+dataset.n_trian=3"], r"unknown key\(s\) dataset.n_trian"),
                              (["model/head=nope"], "Could not find 'model/head/nope'"),
                              ("model/head=padim", "takes a list of overrides")):
         with pytest.raises(ConfigError, match=named):

@@ -45,6 +45,14 @@ def test_synthetic_is_deterministic_with_exact_masks(synthetic, tmp_path):
             assert abs(image[mask].mean() - image[~mask].mean()) > 30
 
 
+def test_an_unknown_synthetic_texture_names_its_key_before_a_folder_is_made(tmp_path):
+    from anomax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.texture = 'bricks' is invalid: it must be one of \['brick'"):
+        read_dataset("synthetic", texture="bricks", root=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_mvtec_ad(synthetic):
     dataset = read_dataset("mvtec_ad", root=synthetic, category="brick")
     assert Counter((s.split, s.anomaly_label) for s in dataset.samples) == {

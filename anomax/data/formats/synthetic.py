@@ -11,7 +11,8 @@ from pathlib import Path
 
 from anomax.data.dataset import DLDataset
 from anomax.data.formats.mvtec_ad import read_mvtec_ad
-from anomax.data.synthetic import LARGE_VERSION, PARTS, PARTS_VERSION, TEXTURE_SIDE, make_synthetic_dataset
+from anomax.data.synthetic import (LARGE_VERSION, PARTS, PARTS_VERSION, TEXTURE_SIDE, TEXTURES,
+                                   make_synthetic_dataset)
 from anomax.errors import ConfigError
 from anomax.registry import DATASET_FORMATS
 
@@ -33,6 +34,8 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
                               ("n_test_defect", n_test_defect, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"dataset.{key} must be an integer >= {least}, got {value!r}")
+    if texture not in (*TEXTURES, PARTS):  # before a folder is made for it
+        raise ConfigError(f"dataset.texture = {texture!r} is invalid: it must be one of {[*TEXTURES, PARTS]}")
     spec = dict(texture=texture, size=size, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
                 seed=seed)
     if texture == PARTS:  # bump PARTS_VERSION when the generator's output changes: a new cache folder
