@@ -45,7 +45,7 @@ from anomax.training import TrainConfig
 log = logging.getLogger("anomax")
 
 __all__ = ["EvaluateConfig", "RunConfig", "SplitConfig", "build_model", "estimate_thresholds", "evaluate_split",
-           "read_configured_dataset", "results_of", "train_and_evaluate"]
+           "read_configured_dataset", "read_unsplit_dataset", "results_of", "split_unless_own", "train_and_evaluate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,11 @@ class RunConfig(Settings):
 def read_configured_dataset(dataset_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any] | SplitConfig,
                             seed: int) -> DLDataset:
     """Read the dataset a config names; split it by HALCON's percentages when the format brings no split."""
+    return split_unless_own(read_unsplit_dataset(dataset_cfg), split_cfg, seed)
+
+
+def read_unsplit_dataset(dataset_cfg: Mapping[str, Any]) -> DLDataset:
+    """The dataset a config names, with the split its format brings, if any."""
     kwargs = dict(dataset_cfg)
     if "format" not in kwargs:  # a user's dataset YAML without its schema default
         raise ConfigError(f"the dataset config {kwargs.get('name', '')!r} has no 'format'; start its YAML with "
@@ -96,10 +101,18 @@ def read_configured_dataset(dataset_cfg: Mapping[str, Any], split_cfg: Mapping[s
                           f"conf/dataset/*.yaml do, which also checks its keys")
     fmt = kwargs.pop("format")
     kwargs.pop("name", None)
-    dataset = read_dataset(fmt, **kwargs)
+    return read_dataset(fmt, **kwargs)
+
+
+def split_unless_own(dataset: DLDataset, split_cfg: Mapping[str, Any] | SplitConfig, seed: int) -> DLDataset:
+    """Split by HALCON's percentages a dataset whose format brings no split; for one that does, the
+    percentages do not apply, and percentages other than the defaults are warned of."""
+    split = split_cfg if isinstance(split_cfg, SplitConfig) else SplitConfig.from_dict(split_cfg)
     if not dataset.has_split:
-        split = split_cfg if isinstance(split_cfg, SplitConfig) else SplitConfig.from_dict(split_cfg)
-        dataset = split_dl_dataset(dataset, split.training_percent, split.validation_percent, seed=seed)
+        return split_dl_dataset(dataset, split.training_percent, split.validation_percent, seed=seed)
+    if split != SplitConfig():
+        log.warning("split percentages %s are not used: the %s dataset brings its own split", split.to_dict(),
+                    dataset.format)
     return dataset
 
 
@@ -508,13 +521,10 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
     return None if a == b else key
 
 
-def warn_of_unused_settings(cfg: Mapping[str, Any], settings: RunSettings, dataset: DLDataset,
+def warn_of_unused_settings(cfg: Mapping[str, Any], settings: RunSettings,
                             members: Sequence[Mapping[str, Any]] = ()) -> None:
-    """Settings given that this run does not use, said rather than silently ignored: split.* for a
-    dataset that brings its own split, train.* for a head that fits its statistics in one pass."""
-    if dataset.has_split and settings.split != SplitConfig():
-        log.warning("split.* %s is not used: dataset %s brings its own split", settings.split.to_dict(),
-                    cfg["dataset"].get("name"))
+    """train.* given for a head that fits its statistics in one pass, said rather than silently ignored
+    (split.* for a dataset that brings its own split: split_unless_own)."""
     trained_heads = [name for name in HEADS.names() if HEADS.get(name).trained]
     for config, run in zip(members, settings.members) if members else [(cfg, settings)]:
         head = config["model"]["head"]["name"]
@@ -553,7 +563,7 @@ def train_and_evaluate(cfg: Mapping[str, Any], run_dir: str | Path, resolved_con
             model.set_params(device="all")
         dataset = read_configured_dataset(cfg["dataset"], split_cfg, run.seed)
         check_same_job(cfg, dataset, ("seed", "batch_size", *RUN_SECTIONS))
-        warn_of_unused_settings(cfg, settings, dataset, members)
+        warn_of_unused_settings(cfg, settings, members)
         check_thresholds_possible(dataset, evaluate_cfg)
         check_tileable(model, dataset)
         if objective:

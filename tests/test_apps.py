@@ -228,6 +228,14 @@ def test_evaluate_app_on_a_saved_model(trained_run, tmp_path):
     assert (run_dir / "index.html").is_file()
 
 
+def test_evaluate_with_another_seed_says_what_it_changes(trained_run, tmp_path):
+    """The synthetic set brings its own split: another seed draws its validation shares anew, but
+    no training image can be tested on (the warning said it could)."""
+    done = run("evaluate", f"model_dir={trained_run / 'model'}", "seed=5", "progress=false", cwd=tmp_path)
+    assert "seed 5 differs from the training run's (0): the dataset brings its own split, so no training image " \
+           "is tested on" in done.stderr and "may hold the model's training images" not in done.stderr
+
+
 def test_evaluate_reads_the_split_the_model_was_trained_with(tmp_path):
     """A model trained with seed 1 on a folder dataset: anomax-evaluate, given only the model, reads
     the same dataset, seed and percentages from its config, so its test split holds no training image;

@@ -233,19 +233,25 @@ def test_a_preprocess_size_the_backbone_cannot_take_fails_at_composition():
 
 
 def test_settings_a_run_does_not_use_are_warned_of(tmp_path, caplog):
-    """split.* on a dataset with its own split, train.* on a head fitted in one pass: said, not ignored."""
+    """split.* on a dataset with its own split, train.* on a head fitted in one pass: said, not ignored;
+    split.* on a folder, which it splits, is not warned of."""
     import anomax
+    from anomax.data.synthetic import make_synthetic_dataset
     from anomax.pipeline import read_configured_dataset, warn_of_unused_settings
 
-    small = ["+experiment=synthetic_smoke", "dataset.n_train=4", "dataset.n_test_good=2", "dataset.n_test_defect=2",
-             ]
-    for overrides, said in ((["split.training_percent=50"], "split.* {'training_percent': 50.0, 'validation_"),
+    make_synthetic_dataset(tmp_path / "parts", n_train=2, n_test_good=4, n_test_defect=4, size=32)
+    small = ["+experiment=synthetic_smoke", "dataset.n_train=4", "dataset.n_test_good=2", "dataset.n_test_defect=2"]
+    folder = ["dataset=folder", f"dataset.image_dir={tmp_path / 'parts' / 'brick' / 'test'}"]
+    said_of_split = "split percentages {'training_percent': 50.0, 'validation_percent': 15.0} are not used: the "
+    for overrides, said in ((["split.training_percent=50"], said_of_split),
+                            (folder + ["split.training_percent=50"], None),
                             (["train.max_num_epochs=3"], "train.* {'max_num_epochs': 3} is not used: model.head="),
                             (["model/head=student", "train.max_num_epochs=3"], None),
                             ([], None)):
-        cfg = anomax.compose_train_config([*small, *overrides])
-        dataset = read_configured_dataset(cfg["dataset"], cfg["split"], cfg["seed"])
+        cfg = anomax.compose_train_config(["+experiment=synthetic_smoke", *overrides] if overrides[:1] == folder[:1]
+                                          else [*small, *overrides])
         caplog.clear()
         with caplog.at_level("WARNING", logger="anomax"):
-            warn_of_unused_settings(cfg, validate_config(cfg), dataset)
+            read_configured_dataset(cfg["dataset"], cfg["split"], cfg["seed"])
+            warn_of_unused_settings(cfg, validate_config(cfg))
         assert [r.getMessage()[:len(said)] for r in caplog.records] == ([said] if said else []), overrides

@@ -20,11 +20,11 @@ log = logging.getLogger("anomax")
 THRESHOLD_KEYS = ("threshold_split", "allow_test_split", "std_factor", "segmentation_clip", "classification_threshold")
 
 
-def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> tuple[dict, dict, int]:
+def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> tuple[dict, dict, int, dict | None]:
     """The dataset, split percentages and seed to read: each one given, else the training run's
     (``trained``: the model's config.json), so that its test split is the one it was tested on,
-    never images it was trained on. A given seed or split of the training dataset that differs
-    from the run's is warned of."""
+    never images it was trained on; and, when it is the training run's dataset, that run's seed and
+    split (for warn_of_a_new_split)."""
     from anomax.data.dataset import with_absolute_paths
     from anomax.pipeline import RunConfig, SplitConfig
 
@@ -48,11 +48,27 @@ def as_trained(config: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
         section = "split_percent"
 
     split = SplitPercent.from_dict({**(trained.get("split") or {}), **given}).to_dict()
-    if dataset == trained.get("dataset") and (seed, split) != (trained.get("seed"), trained.get("split", split)):
+    if dataset == trained.get("dataset"):
+        trained = {"seed": trained.get("seed"), "split": trained.get("split", split)}
+    else:
+        trained = None
+    return dataset, split, seed, trained
+
+
+def warn_of_a_new_split(own_split: bool, seed: int, split: dict, trained: dict | None) -> None:
+    """The training run's dataset read with another seed or split than the run's (``trained``: its
+    seed and split, None for another dataset): said, with what it changes for this dataset
+    (``own_split``: its format brings its split)."""
+    if trained is None:
+        return
+    if not own_split and (seed, split) != (trained["seed"], trained["split"]):
         log.warning("seed %s and split %s differ from the training run's (%s, %s): on the dataset it was trained on, "
-                    "this test split may hold the model's training images", seed, split, trained.get("seed"),
-                    trained.get("split"))
-    return dataset, split, seed
+                    "this test split may hold the model's training images", seed, split, trained["seed"],
+                    trained["split"])
+    elif own_split and seed != trained["seed"]:  # split.* does not apply to it
+        log.warning("seed %s differs from the training run's (%s): the dataset brings its own split, so no training "
+                    "image is tested on, but the shares it moves to validation are drawn anew and the metrics are "
+                    "not the training run's", seed, trained["seed"])
 
 
 def check_not_trained_on(dataset, split: str, model_dir: str) -> None:
@@ -83,7 +99,8 @@ def _evaluate(cfg: DictConfig) -> float:
     from anomax.artifact import read_metadata
     from anomax.evaluation import AnomalyThresholds
     from anomax.files import claim_run_dir, write_json_atomic
-    from anomax.pipeline import EvaluateConfig, RunConfig, evaluate_split, read_configured_dataset
+    from anomax.pipeline import (EvaluateConfig, RunConfig, evaluate_split, read_unsplit_dataset,
+                                 split_unless_own)
 
     metadata = read_metadata(plain(OmegaConf.masked_copy(cfg, ["model_dir"]))["model_dir"])
     if cfg.seed is None:  # the training run's, before the datasets' ${seed} resolves
@@ -96,8 +113,10 @@ def _evaluate(cfg: DictConfig) -> float:
         raise ConfigError(f"evaluate.{changed[0]}: anomax-evaluate applies the thresholds saved with the model "
                           f"(estimated when it was trained), so {', '.join('evaluate.' + k for k in changed)} "
                           "would change nothing; leave them out, or train again with them")
-    dataset_cfg, split_percent, seed = as_trained(config, metadata["config"])
-    dataset = read_configured_dataset(dataset_cfg, split_percent, seed)
+    dataset_cfg, split_percent, seed, trained = as_trained(config, metadata["config"])
+    dataset = read_unsplit_dataset(dataset_cfg)
+    warn_of_a_new_split(dataset.has_split, seed, split_percent, trained)
+    dataset = split_unless_own(dataset, split_percent, seed)
     check_not_trained_on(dataset, config["split"], config["model_dir"])
     labels = [s.anomaly_label for s in dataset.samples_of(config["split"])]
     if len(set(labels)) < 2:  # known from the labels: before the directory is claimed and every image scored
