@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomax.data.dataset import DLDataset, read_dataset, read_dl_dataset_anomaly
+from anomax.data.dataset import DLDataset, read_dataset, read_dl_dataset_anomaly, split_dl_dataset
 from anomax.errors import ConfigError, DatasetError
 
 
@@ -235,7 +235,7 @@ def test_mask_arguments_of_the_other_mode_are_refused(folders):
 
 def test_list_mode_refuses_a_repeated_image_and_warns_of_folders_under_good(folders, caplog):
     images, _ = folders
-    with pytest.raises(DatasetError, match=r"image_list names .*c.png twice"):
+    with pytest.raises(DatasetError, match=r"image .*c.png of the folder dataset is the same file as .*c.png"):
         read_dl_dataset_anomaly(image_list=[images / "scratch" / "c.png", images / "Good" / "a.png",
                                             images / "scratch" / ".." / "scratch" / "c.png"])
     nested = write(images / "Good" / "side" / "f.png")
@@ -260,3 +260,49 @@ def test_mask_sizes_and_jpeg_masks_are_checked_when_the_dataset_is_read(folders,
     write(masks / "scratch" / "d.png", 255, shape=(6, 7))
     with pytest.raises(DatasetError, match=r"mask .*d.png has size 7x6 but its image .*d.png has 8x6"):
         read_dl_dataset_anomaly(images, masks)
+
+
+def test_a_symlinked_image_an_unreadable_mask_and_masks_in_the_image_folder_are_refused(folders):
+    """An image linked under a second name would be drawn into two splits (trained on, tested on); an
+    unreadable mask is named when the dataset is read, not when its image is scored after the fit; masks
+    in the image folder itself would make every image a mask."""
+    images, masks = folders
+    (images / "Good" / "z.png").symlink_to(images / "Good" / "a.png")
+    with pytest.raises(DatasetError, match=r"image .*z.png of the folder dataset is the same file as .*a.png"):
+        read_dl_dataset_anomaly(images, masks)
+    (images / "Good" / "z.png").unlink()
+    (masks / "scratch" / "c.png").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"cannot read image .*masks.scratch.c.png"):
+        read_dl_dataset_anomaly(images, masks)
+    for anomaly_dir in (images, images.parent):
+        with pytest.raises(ConfigError, match="masks need a folder of their own"):
+            read_dl_dataset_anomaly(images, anomaly_dir)
+
+
+def test_a_float_mask_with_nan_pixels_is_refused(tmp_path):
+    from anomax.data.images import read_mask
+
+    Image.fromarray(np.array([[np.nan, 0], [0, 1]], np.float32)).save(tmp_path / "mask.tif")
+    with pytest.raises(DatasetError, match=r"mask .*mask.tif has non-finite pixels"):
+        read_mask(tmp_path / "mask.tif")
+
+
+def test_a_missing_argument_is_named_and_a_bad_manifest_is_a_dataset_error(tmp_path, folders):
+    with pytest.raises(ConfigError, match=r"'mvtec_ad' needs \['dataset.category'\]"):
+        read_dataset("mvtec_ad", root=str(tmp_path))
+    for content in ('"x"', "5", "null", '{"manifest_version": 1, "samples": [{"image_id": 0, "image_file_name": '
+                                         '"a.png", "anomaly_label": "bad", "defect_type": "good"}], "format": "f"}'):
+        (tmp_path / "manifest.json").write_text(content)
+        with pytest.raises(DatasetError, match="cannot read the dataset manifest .*manifest.json"):
+            DLDataset.from_json(tmp_path / "manifest.json")
+
+
+@pytest.mark.parametrize("call, key", [
+    (lambda d: split_dl_dataset(d, "70", 15), "training_percent"),
+    (lambda d: split_dl_dataset(d, 70, True), "validation_percent"),
+    (lambda d: split_dl_dataset(d, 50, 25, seed=-1), "seed"),
+    (lambda d: split_dl_dataset(d, 50, 25, seed=1.5), "seed"),
+])
+def test_split_arguments_of_a_wrong_type_name_their_key(folders, call, key):
+    with pytest.raises(ConfigError, match=f"{key} must be"):
+        call(read_dl_dataset_anomaly(folders[0]))

@@ -1,6 +1,7 @@
 """Dataset formats through the registry, and the synthetic MVTec-like generator."""
 
 import hashlib
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from anomax.data.dataset import read_dataset
 from anomax.data.images import read_image, read_mask
-from anomax.errors import DatasetError
+from anomax.errors import ConfigError, DatasetError
 
 pytest.importorskip("skimage")
 from anomax.data.synthetic import make_synthetic_dataset  # noqa: E402
@@ -132,3 +133,34 @@ def test_mvtec_without_ground_truth_says_only_image_metrics_exist(synthetic, tmp
     assert not dataset.has_pixel_ground_truth
     notes = [r.getMessage() for r in caplog.records if "ground_truth" in r.getMessage()]
     assert len(notes) == 1 and "4 defective images have no masks" in notes[0] and "image-level" in notes[0]
+
+
+def test_defective_or_repeated_images_of_an_own_split_are_refused(synthetic, tmp_path):
+    """A defective image in MVTec AD's train/ or a VisA 'train' row would train (or, held out, pass for
+    a good validation image); an image on two VisA rows would be trained on and tested on."""
+    rows = ["object,split,label,image,mask", "brick,train,normal,brick/train/good/000.png,",
+            "brick,test,anomaly,brick/test/hole/000.png,"]
+    (synthetic / "defect_in_train.csv").write_text("\n".join([*rows, "brick,train,anomaly,brick/test/patch/000.png,"]))
+    with pytest.raises(DatasetError, match=r"image .*patch.000.png of the visa dataset is defective but in its train"):
+        read_dataset("visa", root=synthetic, split_csv="defect_in_train.csv")
+    (synthetic / "twice.csv").write_text("\n".join([*rows, "brick,test,normal,brick/train/good/000.png,"]))
+    with pytest.raises(DatasetError, match=r"image .*good.000.png of the visa dataset is the same file as"):
+        read_dataset("visa", root=synthetic, split_csv="twice.csv")
+    (synthetic / "empty.csv").write_text("object, split, label, image, mask\n")  # spaces after the commas too
+    with pytest.raises(DatasetError, match="empty.csv has a header but no rows"):
+        read_dataset("visa", root=synthetic, split_csv="empty.csv")
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic, copy)
+    shutil.copytree(copy / "brick" / "test" / "hole", copy / "brick" / "train" / "hole")
+    with pytest.raises(DatasetError, match=r"image .*train.hole.000.png of the mvtec_ad dataset is defective"):
+        read_dataset("mvtec_ad", root=copy, category="brick", validation_from_train=0.3)
+    with pytest.raises(ConfigError, match=r"validation_from_train must be a number"):
+        read_dataset("mvtec_ad", root=synthetic, category="brick", validation_from_train="0.5")
+
+
+@pytest.mark.parametrize("key, value", [("n_test_good", 0), ("size", 64.5), ("size", "32"),
+                                        ("defect_area", 0.01), ("seed", 1.5)])
+def test_synthetic_arguments_it_cannot_generate_name_their_key(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=f"dataset.{key} must be"):
+        read_dataset("synthetic", root=str(tmp_path), **{key: value})
+    assert not any(tmp_path.iterdir())

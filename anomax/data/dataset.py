@@ -88,11 +88,17 @@ class DLDataset:
     def from_json(cls, path: str | Path) -> DLDataset:
         try:
             manifest = json.loads(Path(path).read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("it is not a JSON object")
             if manifest.pop("manifest_version") != MANIFEST_VERSION:
                 raise ValueError(f"manifest_version is not {MANIFEST_VERSION}")
             samples = [Sample(**s) for s in manifest.pop("samples")]
+            for sample in samples:
+                if sample.anomaly_label not in ("ok", "nok") or sample.split not in (None, *SPLITS):
+                    raise ValueError(f"sample {sample.image_id} has label {sample.anomaly_label!r} and split "
+                                     f"{sample.split!r}")
             return cls(samples=samples, **manifest)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise DatasetError(f"cannot read the dataset manifest {path} ({error}); write it with to_json") from None
 
 
@@ -102,21 +108,27 @@ def dataset_from_records(
     image_dir: str | Path | None = None,
     anomaly_dir: str | Path | None = None,
 ) -> DLDataset:
-    """A dataset from ``(image, mask or None, label, defect_type, split)`` records; every file must exist."""
+    """A dataset from ``(image, mask or None, label, defect_type, split)`` records; every file must
+    exist, each image appear once, and no defective image be in 'train'."""
     samples = []
+    first_of: dict[Path, str | Path] = {}
     for image_id, (image, mask, label, defect_type, split) in enumerate(records):
         for path in (image, mask):
             if path is not None and not Path(path).is_file():
                 raise DatasetError(f"file {path} of the {format_name} dataset does not exist; check the dataset paths")
+        if split == "train" and label == "nok":
+            raise DatasetError(f"image {image} of the {format_name} dataset is defective but in its train split; "
+                               "defective images never train: a format's train split holds good images only")
+        resolved = Path(image).resolve()  # the same file through '..' or a symlink too
+        if resolved in first_of:  # it could be drawn into two splits: trained on and tested on
+            raise DatasetError(f"image {image} of the {format_name} dataset is the same file as {first_of[resolved]}; "
+                               "each image may appear once")
+        first_of[resolved] = image
         if label == "ok" and mask is not None:
             _check_ok_mask(image, mask)
         if mask is not None:  # from the headers, before any fit: read_pair would find it only when scoring
-            try:
-                shapes = image_shape(image), image_shape(mask)
-            except DatasetError:  # an unreadable file is named when it is read (after the fit, for a test image)
-                shapes = None
-            if shapes and shapes[0] != shapes[1]:
-                (rows, cols), (mask_rows, mask_cols) = shapes
+            (rows, cols), (mask_rows, mask_cols) = image_shape(image), image_shape(mask)
+            if (rows, cols) != (mask_rows, mask_cols):
                 raise DatasetError(f"mask {mask} has size {mask_cols}x{mask_rows} but its image {image} has "
                                    f"{cols}x{rows} (width x height); the mask must match its image")
         mask_file = None if mask is None else str(Path(mask).absolute())
@@ -161,6 +173,10 @@ def read_dl_dataset_anomaly(
         raise DatasetError(f"image directory {image_dir} does not exist; check the dataset path")
     if anomaly_dir is not None and not Path(anomaly_dir).is_dir():
         raise DatasetError(f"anomaly directory {anomaly_dir} does not exist; check the dataset path")
+    if anomaly_dir is not None and image_dir.resolve().is_relative_to(Path(anomaly_dir).resolve()):
+        raise ConfigError(f"the anomaly directory {anomaly_dir} holds the image directory {image_dir}: masks need a "
+                          "folder of their own, with the label folders mirrored (masks/scratch/0.png for "
+                          "scratch/0.png)")
     images = sorted(_image_files(image_dir))
     if anomaly_dir is not None and Path(anomaly_dir).resolve().is_relative_to(image_dir.resolve()):
         masks_inside = Path(anomaly_dir).resolve()  # e.g. dataset/masks beside dataset/good: masks, not images
@@ -222,12 +238,15 @@ def read_dataset(format_name: str, **kwargs) -> DLDataset:
     signature = inspect.signature(reader)
     try:
         signature.bind(**kwargs)
-    except TypeError as error:
+    except TypeError:
         unknown = sorted(set(kwargs) - set(signature.parameters))
-        raise ConfigError(
-            f"dataset format '{format_name}' does not accept {unknown or sorted(kwargs)} ({error}); "
-            f"its arguments are {list(signature.parameters)}"
-        ) from None
+        if unknown:
+            raise ConfigError(f"dataset format '{format_name}' does not accept {unknown}; its arguments are "
+                              f"{list(signature.parameters)}") from None
+        missing = [name for name, parameter in signature.parameters.items()
+                   if parameter.default is parameter.empty and name not in kwargs]
+        raise ConfigError(f"dataset format '{format_name}' needs {['dataset.' + name for name in missing]}; "
+                          f"its arguments are {list(signature.parameters)}") from None
     return reader(**kwargs)
 
 
@@ -243,8 +262,9 @@ def split_dl_dataset(
     between good and defective validation scores. Seeded by ``seed``.
     """
     for key, value in (("training_percent", training_percent), ("validation_percent", validation_percent)):
-        if not 0 <= value <= 100:
-            raise ConfigError(f"{key} must be within 0..100, got {value}")
+        if not _is_real(value) or not 0 <= value <= 100:
+            raise ConfigError(f"{key} must be a number within 0..100, got {value!r}")
+    check_seed("seed", seed)
     if training_percent + validation_percent > 100:
         raise ConfigError(
             f"training_percent + validation_percent must be at most 100, got {training_percent} + {validation_percent}"
@@ -291,8 +311,9 @@ def move_test_to_validation(dataset: DLDataset, fraction: float, seed: int = 0) 
     """A copy with a seeded ``fraction`` (rounded) of the test images moved to 'validation', stratified
     by defect type ('good' included), for formats that bring their own train/test split (MVTec AD,
     VisA, ELPV), so thresholds see good and defective images."""
-    if isinstance(fraction, bool) or not 0 <= fraction < 1:
-        raise ConfigError(f"validation_from_test must be within [0, 1), got {fraction!r}")
+    if not _is_real(fraction) or not 0 <= fraction < 1:
+        raise ConfigError(f"validation_from_test must be a number within [0, 1), got {fraction!r}")
+    check_seed("seed", seed)
     test = [i for i, s in enumerate(dataset.samples) if s.split == "test"]
     moved = set(_stratified_share(dataset.samples, test, fraction, np.random.default_rng([seed, 2])))
     samples = [dataclasses.replace(s, split="validation") if i in moved else s for i, s in enumerate(dataset.samples)]
@@ -323,8 +344,9 @@ def _stratified_share(samples: list[Sample], indices: list[int], share: float, r
 
 def hold_out_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> DLDataset:
     """A copy with a seeded ``fraction`` of the train samples (at least one) moved to 'validation'."""
-    if not 0 <= fraction < 1:
-        raise ConfigError(f"validation_from_train must be within [0, 1), got {fraction}")
+    if not _is_real(fraction) or not 0 <= fraction < 1:
+        raise ConfigError(f"validation_from_train must be a number within [0, 1), got {fraction!r}")
+    check_seed("seed", seed)
     if fraction == 0:
         return dataset
     train = [i for i, s in enumerate(dataset.samples) if s.split == "train"]
@@ -338,18 +360,21 @@ def hold_out_validation(dataset: DLDataset, fraction: float, seed: int = 0) -> D
     return dataclasses.replace(dataset, samples=samples)
 
 
+def check_seed(key: str, seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"{key} must be an integer >= 0, got {seed!r}")
+
+
+def _is_real(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+
+
 def _read_lists(image_list, anomaly_list) -> DLDataset:
     anomaly_list = [None] * len(image_list) if anomaly_list is None else list(anomaly_list)
     if len(anomaly_list) != len(image_list):
         raise DatasetError(
             f"image_list has {len(image_list)} entries but anomaly_list {len(anomaly_list)}; they must pair up"
         )
-    seen: set[Path] = set()
-    for image in image_list:
-        path = Path(image).resolve()  # the same file through '..' or a symlink too
-        if path in seen:  # it would be drawn into two splits: trained on and tested on
-            raise DatasetError(f"image_list names {image} twice; each image may appear once")
-        seen.add(path)
     under_good = [image for image in image_list if _label(Path(image).parent.name)[0] == "nok"
                   and any(folder.name.lower() in GOOD_FOLDER_NAMES for folder in Path(image).parents)]
     if under_good:

@@ -160,6 +160,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # their raw channels mark black as > 0 (CMYK's K = 255)
         image = image.convert("RGB")
     mask = np.asarray(image)
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():  # NaN > 0 is False: it would read as no defect
+        raise DatasetError(f"mask {path} has non-finite pixels (NaN or infinity); a mask marks defects with values > 0")
     if image.mode in ("RGBA", "LA"):
         return mask[..., :-1].any(axis=-1) & (mask[..., -1] > 0)
     return mask.any(axis=-1) if mask.ndim == 3 else mask > 0

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from anomax.data.dataset import DLDataset
@@ -30,10 +31,14 @@ def read_synthetic(texture: str = "brick", size: int = 64, n_train: int = 16, n_
     Files go to ``root`` or ``~/.cache/anomax/synthetic/<hash of the arguments>``; the folder is
     written under a temporary name and renamed when complete, so a half-written one is never read.
     """
-    for key, value, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 0),
-                              ("n_test_defect", n_test_defect, 0), ("seed", seed, 0)):
+    # n_test_good >= 1: the test split is read as MVTec AD's, which needs its good/ folder
+    for key, value, least in (("n_train", n_train, 1), ("n_test_good", n_test_good, 1),
+                              ("n_test_defect", n_test_defect, 0), ("seed", seed, 0), ("size", size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"dataset.{key} must be an integer >= {least}, got {value!r}")
+    if defect_area is not None and (isinstance(defect_area, str) or not isinstance(defect_area, Sequence)
+                                    or len(defect_area) != 2):
+        raise ConfigError(f"dataset.defect_area must be a list [low, high], got {defect_area!r}")
     if texture not in (*TEXTURES, PARTS):  # before a folder is made for it
         raise ConfigError(f"dataset.texture = {texture!r} is invalid: it must be one of {[*TEXTURES, PARTS]}")
     spec = dict(texture=texture, size=size, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,

@@ -32,10 +32,14 @@ def read_visa(
     if not csv_path.is_file():
         raise DatasetError(f"VisA split file {csv_path} does not exist; check root and split_csv")
     with open(csv_path, newline="", encoding="utf-8-sig") as file:  # -sig: a byte-order mark (Excel's "CSV UTF-8")
-        rows = list(csv.DictReader(file))
-    missing = set(COLUMNS) - set(rows[0] if rows else ())
+        reader = csv.DictReader(file)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or ()]  # "object, split, ..." too
+        rows = list(reader)
+    missing = set(COLUMNS) - set(reader.fieldnames)
     if missing:
         raise DatasetError(f"VisA split file {csv_path} lacks the columns {sorted(missing)}; it needs {list(COLUMNS)}")
+    if not rows:
+        raise DatasetError(f"VisA split file {csv_path} has a header but no rows")
     records = []
     for line, row in enumerate(rows, start=2):
         if None in row.values():  # csv.DictReader fills a short row with None
