@@ -467,7 +467,14 @@ def _build_model(root: Path, meta: Mapping[str, Any]):
         augment = AugmentConfig.from_dict(meta["augment"] or {})
     with _checked(source, "head"):
         head = _exactly(meta["head"], ("name", "hyperparams"))
-        head = load_head(HEADS.get(head["name"]), head["hyperparams"], _read_arrays(root / "head.safetensors"), tiling)
+        head_class = HEADS.get(head["name"])
+    try:
+        head = load_head(head_class, head["hyperparams"], _read_arrays(root / "head.safetensors"), tiling)
+    except ArtifactError as error:  # the head's own check names the array; this names the file
+        raise ArtifactError(f"{root / 'head.safetensors'}: {error}") from None
+    except (ConfigError, TypeError, ValueError) as error:  # the hyperparameters of model.json
+        raise ArtifactError(f"{source}: 'head' is invalid: {error}; the artifact was modified or written by an "
+                            "incompatible anomax — save the model again") from None
     preprocess = _preprocess_params(root, meta)
     with _checked(source):
         model = AnomalyModel(preprocess, backbone, adaptor, head, adaptor_params=adaptor_params, tiling=tiling,

@@ -365,6 +365,12 @@ def _rehashed(path: Path, name: str, edit) -> None:
     (lambda m: m["thresholds"].update(segmentation="2.0"), MJ + r"'thresholds' is invalid"),
     (lambda m: m["thresholds"].pop("segmentation"), MJ + r"'thresholds' is invalid"),
     (lambda m: m["thresholds"]["estimates"].pop("split"), MJ + r"'thresholds' is invalid: .*split"),
+    # the estimates anomax-evaluate reads: refused when the model loads, not after the test split is scored
+    (lambda m: m["thresholds"]["estimates"].update(largest_good="abc"),
+     MJ + r"'thresholds' is invalid: largest_good must be a finite number, got 'abc'"),
+    (lambda m: m["thresholds"]["estimates"].update(intermediate=float("nan")), MJ + r"'thresholds' .*intermediate"),
+    (lambda m: m["thresholds"]["estimates"].update(split=3), MJ + r"'thresholds' is invalid: .*split"),
+    (lambda m: m["thresholds"]["estimates"].update(num_good=-5), MJ + r"'thresholds' is invalid: num_good"),
     (lambda m: m.pop("batch_size"), MJ + r"'batch_size' is missing"),
     (lambda m: m.update(batch_size=0), MJ + r"'batch_size' is invalid: .*integer >= 1"),
     (lambda m: m.update(batch_size=None), MJ + r"'batch_size' is invalid"),
@@ -388,7 +394,8 @@ def _rehashed(path: Path, name: str, edit) -> None:
     # the sections must fit together: PaDiM's per-position Gaussians are for the saved size's grid
     (lambda m: m["preprocess"].update(width=2 * m["preprocess"]["width"]), MJ + r"'preprocess' is invalid"),
     (lambda m: m["tiling"].update(tile_size=40, stride=40), MJ + r"'tiling' is invalid: .*multiple of 32"),
-], ids=["nan-threshold", "string-threshold", "one-threshold", "estimates-key", "no-batch-size", "batch-size-0",
+], ids=["nan-threshold", "string-threshold", "one-threshold", "estimates-key", "string-estimate", "nan-estimate",
+    "number-split", "negative-count", "no-batch-size", "batch-size-0",
     "batch-size-null", "unknown-key", "unknown-head", "no-hyperparams", "string-eps", "unknown-hyperparam",
     "unknown-backbone", "absurd-width", "string-width", "negative-width", "unknown-tap", "projection-dim",
     "even-pool-size", "preprocess-list", "negative-image-width", "unknown-preprocess-key", "other-image-size",
@@ -413,8 +420,10 @@ def _rehashed_arrays(path: Path, name: str, edit) -> None:
     (lambda a: a["mean"].__setitem__((0, 0, 0), np.nan), r"head 'padim' state \['mean'\] holds NaN"),
     (lambda a: a.update(whitening=np.full_like(a["whitening"], np.inf)), r"\['whitening'\] holds NaN, infinite"),
     (lambda a: a.update(mean=a["mean"][:1]), r"'mean' \(1, .*\) and 'whitening' .* do not fit together"),
-    (lambda a: a.pop("whitening"), r"head 'padim' state lacks \['whitening'\]"),
-], ids=["nan", "inf", "shapes", "missing"])
+    (lambda a: a.pop("whitening"), r"head\.safetensors: head 'padim' state lacks \['whitening'\]"),
+    (lambda a: a.update(mean=a["mean"].astype(np.float16)), r"head\.safetensors: .*\['mean \(float16\)'\] is not of the type"),
+    (lambda a: a.update(mean=a["mean"].astype(np.int32)), r"\['mean \(int32\)'\] is not of the type the head saves \(float32"),
+], ids=["nan", "inf", "shapes", "missing", "float16", "int32"])
 def test_loader_validates_rehashed_head_arrays(copy, edit, message):
     """Refused when the artifact loads, naming the array, not later in apply as a NaN score or a
     broadcasting error."""

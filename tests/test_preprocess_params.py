@@ -216,3 +216,13 @@ def test_dict_round_trip_is_json_and_hashable():
     assert restored == original and hash(restored) == hash(original)
     robust = params(normalization_type="all_channels", stretch_percentile=1.0)
     assert PreprocessParams.from_dict(json.loads(json.dumps(robust.to_dict()))).stretch_percentile == 1.0
+
+
+def test_a_domain_mask_may_be_given_as_a_path(tmp_path):
+    from PIL import Image
+
+    from anomax.preprocess.params import create_dl_preprocess_param
+
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "domain.png")
+    by_path = create_dl_preprocess_param(domain_handling="crop_domain", domain=tmp_path / "domain.png")
+    assert by_path == create_dl_preprocess_param(domain_handling="crop_domain", domain=str(tmp_path / "domain.png"))

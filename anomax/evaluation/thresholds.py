@@ -45,7 +45,20 @@ class AnomalyThresholds:
 
     @classmethod
     def from_dict(cls, values: dict) -> "AnomalyThresholds":
-        return cls(**values)
+        """What to_dict wrote, checked (a saved model's estimates): a wrong value is a ValueError naming it."""
+        thresholds = cls(**values)
+        for name in ("segmentation", *CLASSIFICATION_RULES, "f1_image", "f1_pixel", "std_factor"):
+            value = getattr(thresholds, name)
+            if not (value is None and name.startswith("f1_")) and not is_finite_number(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if thresholds.std_factor < 0 or not isinstance(thresholds.split, str):
+            raise ValueError(f"std_factor must be >= 0 and split a split's name, got {thresholds.std_factor!r} and "
+                             f"{thresholds.split!r}")
+        for name in ("num_good", "num_defective"):
+            value = getattr(thresholds, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        return thresholds
 
 
 def compute_dl_anomaly_thresholds(

@@ -156,9 +156,12 @@ class Head:
         return rows[0], (rows[1] if need_features else None)
 
 
-def stored_state(head: str, state: Mapping[str, Any], keys: Iterable[str]) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of a stored head state, each present and finite: a corrupt or modified
-    artifact is refused when it loads, naming the key, instead of scoring NaN or failing in apply."""
+def stored_state(head: str, state: Mapping[str, Any], keys: Iterable[str],
+                 integer_keys: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a stored head state, each present, finite and float32 (``integer_keys``:
+    int32): a corrupt or modified artifact is refused when it loads, naming the key, instead of
+    scoring NaN, differently, or failing in apply."""
+    integer_keys = tuple(integer_keys)
     missing = sorted(set(keys) - set(state))
     if missing:
         raise ArtifactError(f"head '{head}' state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}; the "
@@ -169,4 +172,10 @@ def stored_state(head: str, state: Mapping[str, Any], keys: Iterable[str]) -> di
     if broken:
         raise ArtifactError(f"head '{head}' state {broken[:5]} holds NaN, infinite or non-numeric values; the "
                             "artifact is corrupt or was modified — save the model again")
+    # heads store float32 (int32 sizes): another type would load and score differently
+    retyped = [f"{key} ({value.dtype})" for key, value in arrays.items()
+               if value.dtype != (np.int32 if key in integer_keys else np.float32)]
+    if retyped:
+        raise ArtifactError(f"head '{head}' state {retyped[:5]} is not of the type the head saves (float32; int32 "
+                            f"for {list(integer_keys)}); the artifact was modified — save the model again")
     return arrays

@@ -272,7 +272,7 @@ class EfficientAD(Head):
         if "geometry" not in state:
             raise ArtifactError("the efficientad head state lacks 'geometry'; the artifact is incomplete — re-train")
         head._build(np.asarray(state["geometry"]))
-        head._state = stored_state(cls.name, state, head.state_keys)
+        head._state = stored_state(cls.name, state, head.state_keys, integer_keys=("geometry",))
         return head
 
     # ---- maps ---------------------------------------------------------------------------

@@ -66,6 +66,8 @@ class PreprocessParams(Settings):
 
 def create_dl_preprocess_param(**kwargs) -> PreprocessParams:
     """Preprocess parameters from keyword arguments; an unknown key is a ConfigError."""
+    if isinstance(kwargs.get("domain"), os.PathLike):  # a mask file, given as a Path
+        kwargs["domain"] = os.fspath(kwargs["domain"])
     return PreprocessParams.from_dict(kwargs)
 
 
