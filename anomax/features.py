@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anomax.errors import ConfigError, InputError
-from anomax.settings import Settings, setting
+from anomax.settings import MAX_SEED, Settings, setting
 
 
 def random_projection(seed: int, in_dim: int, out_dim: int) -> np.ndarray:
@@ -55,7 +55,7 @@ class AdaptorConfig(Settings):
     projection_dim: int | None = setting(None, ge=1)
     projection: Literal["random", "subset"] = "random"
     resize: Literal["bilinear", "nearest"] = "bilinear"
-    seed: int = setting(0, ge=0)
+    seed: int = setting(0, ge=0, le=MAX_SEED)
     grid_tap: str | None = None
 
     def check(self) -> None:

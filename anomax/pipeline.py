@@ -34,11 +34,12 @@ from anomax.evaluation import (AnomalyThresholds, compute_dl_anomaly_thresholds,
 from anomax.evaluation.config import EvaluateConfig
 from anomax.evaluation.metrics import auroc
 from anomax.features import AdaptorConfig, FeatureAdaptor
+from anomax.kernels.maps import blur_radius
 from anomax.files import claim_run_dir, write_json_atomic
 from anomax.model import AnomalyModel, border_under_tiling, fit_summary
 from anomax.preprocess.params import PreprocessParams, create_dl_preprocess_param, crop_to_domain
 from anomax.registry import DATASET_FORMATS, HEADS
-from anomax.settings import Settings, setting
+from anomax.settings import MAX_SEED, Settings, setting
 from anomax.tiling import TilingConfig, check_tileable, native_mask
 from anomax.training import TrainConfig
 
@@ -76,7 +77,7 @@ class RunConfig(Settings):
     compiled batch, the preprocessed-cache folder (null: preprocess on the fly), progress bars."""
 
     section: ClassVar[str] = "anomax-train"
-    seed: int = setting(0, ge=0)
+    seed: int = setting(0, ge=0, le=MAX_SEED)
     batch_size: int = setting(16, ge=1)
     cache_dir: str | None = None
     progress: bool = True
@@ -437,6 +438,12 @@ def validate_config(cfg: Mapping[str, Any], members: Sequence[Mapping[str, Any]]
         augment=AugmentConfig.from_dict(cfg.get("augment")), tiling=tiling,
         distributed=DistributedConfig.from_dict(cfg.get("distributed")),
         ensemble=EnsembleConfig.from_dict(cfg.get("ensemble")))
+    sigma = getattr(settings.head, "sigma", 0.0)
+    radius, map_side = blur_radius(sigma), tiling.tile_size or min(params.height, params.width)
+    if radius >= map_side:  # else found when the first map is drawn, after the fit
+        raise ConfigError(f"model.head.sigma = {sigma}: its Gaussian's radius, {radius} pixels, needs maps "
+                          f"larger than that, and the {'tiles' if tiling.enabled else 'model inputs'} are {map_side} "
+                          "pixels; lower model.head.sigma")
     if settings.tiling.enabled and getattr(settings.head, "border", 0):  # fit refuses it too (the API's path)
         raise ConfigError(border_under_tiling(settings.head.border))
     if settings.tiling.enabled and settings.export.onnx:

@@ -22,6 +22,10 @@ from anomax.errors import ConfigError
 __all__ = ["Settings", "setting"]
 
 
+# Seeds are 32-bit (jax.random.key(2**32) is key(0)); efficientad derives seed + 1 and seed + 2.
+MAX_SEED = 2**32 - 3
+
+
 def setting(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, odd: bool = False) -> Any:
     """A dataclass field with bounds: ge/gt/le/lt for numbers; odd for integers that must be odd."""

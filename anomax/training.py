@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from anomax import parallel
 from anomax.errors import ConfigError, DatasetError, InputError
-from anomax.settings import Settings, setting
+from anomax.settings import MAX_SEED, Settings, setting
 
 
 logger = logging.getLogger("anomax")
@@ -43,7 +43,7 @@ class TrainConfig(Settings):
     weight_decay: float = setting(0.0001, ge=0)  # adamw only
     momentum: float = setting(0.9, ge=0, lt=1)  # sgd only
     batch_size: int = setting(8, ge=1)
-    seed: int = setting(0, ge=0)
+    seed: int = setting(0, ge=0, le=MAX_SEED)
 
     def optimizer_for(self, steps_per_epoch: int) -> optax.GradientTransformation:
         learning_rate = self.learning_rate

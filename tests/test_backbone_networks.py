@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 from safetensors.numpy import save_file
 
 from anomax.backbones import backbone_requirements, build_backbone
@@ -133,3 +134,32 @@ def test_depthwise_shortcut_equals_grouped_convolution(stride, padding):
     expected = lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=6, precision="highest")
     np.testing.assert_allclose(depthwise_conv(x, kernel, stride, padding), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_with_impossible_values_name_the_file_and_tensor(tmp_path):
+    """A modified checkpoint whose tensors fit by name and shape, but not as weights: NaN values and a
+    negative BatchNorm variance gave NaN features (a trained head then blamed the learning rate);
+    integer tensors silently gave another network."""
+    backbone = build_backbone("resnet18", pretrained=None, width_multiplier=0.25)
+    from anomax.backbones._layers import _TORCH_FIELDS
+
+    state = {}
+    for prefix, layer in BACKBONES.get("resnet18").torch_layers(nnx.merge(backbone.graphdef, backbone.params)):
+        for suffix, attribute, transpose in _TORCH_FIELDS[type(layer)]:
+            variable = getattr(layer, attribute, None)
+            if variable is not None:
+                shape = variable.shape if transpose is None else tuple(np.transpose(np.empty(variable.shape),
+                                                                                    np.argsort(transpose)).shape)
+                state[f"{prefix}.{suffix}"] = np.ones(shape, np.float32)
+    save_file(state, tmp_path / "fine.safetensors")
+    build_backbone("resnet18", pretrained=tmp_path / "fine.safetensors", width_multiplier=0.25)
+    for name, edit, problem in [
+        ("nan", lambda s: s["conv1.weight"].__setitem__((0, 0, 0, 0), np.nan), r"conv1.weight \(NaN or infinite"),
+        ("variance", lambda s: s["bn1.running_var"].__setitem__(0, -1.0), r"bn1.running_var \(negative variances\)"),
+        ("int8", lambda s: s.update({"fc.bias": s["fc.bias"].astype(np.int8)}), r"fc.bias \(int8, not floating"),
+    ]:
+        edited = {key: value.copy() for key, value in state.items()}
+        edit(edited)
+        save_file(edited, tmp_path / f"{name}.safetensors")
+        with pytest.raises(WeightsError, match=rf"{name}.safetensors: .*unusable {problem}"):
+            build_backbone("resnet18", pretrained=tmp_path / f"{name}.safetensors", width_multiplier=0.25)

@@ -172,6 +172,10 @@ def test_missing_or_misshapen_backbone_tensors_are_refused_by_name(tmp_path, tin
     tensors["backbone.embeddings.register_tokens"] = np.zeros((1, 4, 24), np.float32)  # DINOv2 with registers
     with pytest.raises(WeightsError, match=r"registers.onnx.*unused embeddings.register_tokens"):
         build_backbone(NAME, pretrained=write_onnx(tmp_path / "registers.onnx", tensors, nodes), width_multiplier=TINY)
+    tensors, nodes = onnx_export_of(tiny_state)
+    tensors["backbone.embeddings.cls_token"] = np.full_like(tensors["backbone.embeddings.cls_token"], np.inf)
+    with pytest.raises(WeightsError, match=r"inf.onnx.*unusable embeddings.cls_token \(NaN or infinite values\)"):
+        build_backbone(NAME, pretrained=write_onnx(tmp_path / "inf.onnx", tensors, nodes), width_multiplier=TINY)
 
 
 # ---- network -----------------------------------------------------------------------------------------

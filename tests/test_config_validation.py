@@ -169,6 +169,21 @@ def test_a_wrong_top_level_seed_is_named_itself_not_a_key_interpolating_it():
     assert str(failure.value).startswith("seed = -1 is invalid"), str(failure.value)
 
 
+def test_a_seed_beyond_32_bits_and_a_sigma_the_maps_cannot_take_are_refused():
+    """Seed 2**32 was seed 0 again (a sweep's runs silently repeated), 2**64 an OverflowError; a sigma
+    whose Gaussian is wider than the maps failed when the first map was drawn, after the fit."""
+    for key in ("seed", "train.seed", "model.head.adaptor.seed"):
+        with pytest.raises(ConfigError, match=rf"{key} = 4294967296 is invalid"):
+            validated(f"{key}={2**32}")
+    validated(f"seed={2**32 - 3}")
+    with pytest.raises(ConfigError, match=r"model.head.sigma = 8.0: its Gaussian's radius, 32 pixels, .* the model "
+                                          r"inputs are 32 pixels"):
+        validated("model/head=padim", "model.head.sigma=8", "preprocess.height=32", "preprocess.width=32")
+    with pytest.raises(ConfigError, match=r"model.head.sigma = 1000000000.0: .*tiles are 64 pixels"):
+        validated("model.head.sigma=1e9", "tiling=default", "tiling.tile_size=64", "tiling.stride=64")
+    validated("model/head=padim", "model.head.sigma=7.8", "preprocess.height=32", "preprocess.width=32")
+
+
 @pytest.mark.parametrize("override, named", [
     ("model.backbone.seed=-1", "model.backbone.seed must be an integer >= 0"),
     ("model.backbone.width_multiplier=0", "model.backbone.width_multiplier must be a number > 0"),

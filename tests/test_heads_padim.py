@@ -65,3 +65,15 @@ def test_reloaded_head_scores_identically(fitted):
 def test_bad_hyperparameters_are_refused(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         HEADS.get("padim")(**bad)
+
+
+def test_an_ill_conditioned_covariance_is_not_blamed_on_the_features():
+    """Finite features of a large scale from 3 images: float32's Cholesky fails; the message says what
+    helps (eps, more images, normalised inputs), not that the features hold NaN."""
+    from anomax.errors import InputError
+
+    features = (np.random.default_rng(0).standard_normal((3, 1, 1, 256)) * 50).astype(np.float32)
+    with pytest.raises(InputError, match=r"too ill-conditioned .* raise model.head.eps \(now 0.01\)"):
+        HEADS.get("padim")(eps=0.01, sigma=0.0).fit(batches_of(features))
+    with pytest.raises(InputError, match="the training features contain NaN or inf"):
+        HEADS.get("padim")(eps=0.01, sigma=0.0).fit(batches_of(np.where(features > 0, features, np.nan)))

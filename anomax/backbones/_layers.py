@@ -5,6 +5,7 @@ from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -119,7 +120,7 @@ def assign_torch_weights(layers: Iterable[tuple[str, nnx.Module]], state_dict: M
     Raises WeightsError naming every missing, unused or misshapen tensor.
     """
     unused = set(state_dict)
-    missing, misshapen = [], []
+    missing, misshapen, unusable = [], [], []
     for prefix, layer in layers:
         if isinstance(layer, nnx.BatchNorm):
             unused.discard(f"{prefix}.num_batches_tracked")  # training counter, meaningless here
@@ -137,14 +138,33 @@ def assign_torch_weights(layers: Iterable[tuple[str, nnx.Module]], state_dict: M
                 misshapen.append(f"{key} {tuple(state_dict[key].shape)} (network expects "
                                  f"{tuple(variable.shape) if transpose is None else _untransposed(variable.shape, transpose)})")
                 continue
-            variable.set_value(np.asarray(value, np.float32))  # moved to the device in one go by the caller
+            value, problem = weight_value(key, value)
+            if problem:
+                unusable.append(problem)
+                continue
+            variable.set_value(value)  # moved to the device in one go by the caller
     problems = [f"missing {_listing(missing)}" if missing else "",
                 f"unused {_listing(sorted(unused))}" if unused else "",
-                f"wrong shape {_listing(misshapen)}" if misshapen else ""]
+                f"wrong shape {_listing(misshapen)}" if misshapen else "",
+                f"unusable {_listing(unusable)}" if unusable else ""]
     if any(problems):
         raise WeightsError(f"{source}: the weights do not fit the network: "
                            + "; ".join(p for p in problems if p)
                            + ". Check that the file belongs to this backbone and width.")
+
+
+def weight_value(key: str, value: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """``value`` as the float32 weight ``key``, or why it cannot be one: an integer or bool tensor,
+    a NaN, infinite or float32-overflowing value, a negative BatchNorm variance (a modified file
+    would otherwise give a network whose features are NaN, or silently another network)."""
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16):
+        return value, f"{key} ({value.dtype}, not floating point)"
+    value = np.asarray(value, np.float32)
+    if not np.isfinite(value).all():
+        return value, f"{key} (NaN or infinite values)"
+    if key.endswith("running_var") and (value < 0).any():
+        return value, f"{key} (negative variances)"
+    return value, None
 
 
 def _untransposed(shape, transpose) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from anomax.backbones import IMAGENET_REQUIREMENTS, BackboneSpec, load_state_dict
-from anomax.backbones._layers import FeatureNetwork
+from anomax.backbones._layers import FeatureNetwork, weight_value
 from anomax.backbones._onnx import read_onnx_weights
 from anomax.backbones._weights import WeightsSource
 from anomax.errors import WeightsError
@@ -208,7 +208,7 @@ def dinov2_state_from_onnx(weights: dict[str, np.ndarray]) -> dict[str, np.ndarr
 def assign_hf_weights(net: VisionTransformer, state: dict[str, np.ndarray], source: str) -> None:
     """Copy a Hugging Face Dinov2 state dict into ``net``; WeightsError naming every missing, unused or
     misshapen tensor."""
-    missing, misshapen, used = [], [], set(UNUSED_HF)
+    missing, misshapen, unusable, used = [], [], [], set(UNUSED_HF)
     for name, variable, transpose in hf_variables(net):
         if name not in state:
             missing.append(name)
@@ -218,10 +218,15 @@ def assign_hf_weights(net: VisionTransformer, state: dict[str, np.ndarray], sour
         if value.shape != variable.shape:
             misshapen.append(f"{name} {tuple(state[name].shape)}")
             continue
-        variable.set_value(np.asarray(value, np.float32))
+        value, problem = weight_value(name, value)
+        if problem:
+            unusable.append(problem)
+            continue
+        variable.set_value(value)
     unused = sorted(set(state) - used)
     problems = [f"{label} {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-                for label, names in (("missing", missing), ("unused", unused), ("wrong shape", misshapen)) if names]
+                for label, names in (("missing", missing), ("unused", unused), ("wrong shape", misshapen),
+                                     ("unusable", unusable)) if names]
     if problems:
         raise WeightsError(f"{source}: the weights do not fit vit_small_patch14 (Hugging Face Dinov2 names): "
                            + "; ".join(problems) + ". Check that the file holds a DINOv2-small backbone.")

@@ -78,8 +78,12 @@ class Padim(Head):
             raise DatasetError(f"padim.fit needs at least 2 training images to estimate a covariance, got {count}")
         state = {"mean": np.asarray(moments.mean).reshape(grid),
                  "whitening": np.asarray(whitening(moments, self.config.eps)).reshape(*grid, grid[-1])}
-        if not all(np.isfinite(v).all() for v in state.values()):
+        if not np.isfinite(state["mean"]).all():
             raise InputError("padim.fit: the training features contain NaN or inf; check the images and backbone")
+        if not np.isfinite(state["whitening"]).all():  # float32's Cholesky of cov + eps I failed: features finite
+            raise InputError(f"padim.fit: the covariance is too ill-conditioned to whiten in float32 (features of a "
+                             f"large scale, few images); raise model.head.eps (now {self.config.eps}), add training "
+                             "images, or normalise the inputs")
         self._state = state
         return {"num_images": count}
 

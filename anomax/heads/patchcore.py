@@ -27,7 +27,7 @@ from anomax.kernels.coreset import greedy_coreset, sharded_greedy_coreset
 from anomax.kernels.neighbors import nearest_neighbors, sharded_nearest_neighbors
 from anomax.parallel import data_mesh, gather, gather_rows, local_rows
 from anomax.registry import HEADS
-from anomax.settings import setting
+from anomax.settings import MAX_SEED, setting
 
 log = logging.getLogger("anomax")
 
@@ -83,7 +83,7 @@ class PatchCoreConfig(HeadConfig):
     projection_dim: int | None = setting(128, ge=1)
     chunk_size: int = setting(4096, ge=1)
     max_patches_per_image: int | None = setting(None, ge=1)
-    seed: int = setting(0, ge=0)
+    seed: int = setting(0, ge=0, le=MAX_SEED)
 
 
 @HEADS.register("patchcore")

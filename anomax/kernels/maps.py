@@ -13,14 +13,19 @@ from anomax.errors import InputError
 def gaussian_kernel(sigma: float) -> np.ndarray:
     """Normalised 1-D Gaussian of size 2*int(4*sigma + 0.5) + 1, the window of anomalib's
     GaussianBlur2d and of scipy.ndimage.gaussian_filter's default truncate=4."""
-    radius = int(4.0 * sigma + 0.5)
+    radius = blur_radius(sigma)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-0.5 * (x / sigma) ** 2)
     return (kernel / kernel.sum()).astype(np.float32)
 
 
+def blur_radius(sigma: float) -> int:
+    """Half the width of gaussian_kernel(sigma) (0: no smoothing); a map must be larger than it."""
+    return int(4.0 * sigma + 0.5) if sigma > 0 else 0
+
+
 def _check_blur_size(where: str, shape: tuple[int, ...], sigma: float) -> None:
-    radius = len(gaussian_kernel(sigma)) // 2 if sigma > 0 else 0
+    radius = blur_radius(sigma)
     if sigma > 0 and min(shape) <= radius:
         raise InputError(f"{where}: maps of size {tuple(shape)} are too small for sigma={sigma} "
                          f"(reflect padding needs more than {radius} pixels); lower sigma or enlarge the input")
